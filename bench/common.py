@@ -1,0 +1,63 @@
+"""Shared timing and reporting helpers for the benchmarks in bench/.
+
+Every benchmark times its candidate and its baseline in the same process with ``measure``, prints
+medians with their spread and the ratio, and appends a dated row to bench/RESULTS.md with
+``append_results``. Absolute times mean something only on a quiet GPU; ratios are what we compare.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def _sync(device) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, *, reps: int = 5, warmup: int = 1, device=None) -> dict:
+    """Run ``fn()`` ``warmup`` times untimed, then ``reps`` times; return seconds as
+    ``{"median", "min", "max", "spread"}`` where spread = (max - min) / median."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"median": med, "min": min(times), "max": max(times),
+            "spread": (max(times) - min(times)) / med if med > 0 else 0.0}
+
+
+def fmt_time(stats: dict) -> str:
+    """'12.3 ms ±4%' style text for a ``measure`` result."""
+    med = stats["median"]
+    unit, scale = ("s", 1.0) if med >= 1 else ("ms", 1e3) if med >= 1e-3 else ("µs", 1e6)
+    return f"{med * scale:.3g} {unit} ±{100 * stats['spread'] / 2:.0f}%"
+
+
+def machine() -> str:
+    """A short description of where the numbers were taken."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return (f"CPU {platform.machine()} × {os.cpu_count()} cores ({torch.get_num_threads()} threads), "
+            f"torch {torch.__version__}")
+
+
+def append_results(title: str, lines: list[str], path: Path = RESULTS) -> None:
+    """Append a dated section (markdown lines, e.g. a table) to bench/RESULTS.md."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = [f"\n### {title} — {stamp}\n", f"Machine: {machine()}\n", ""] + lines + [""]
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("\n".join(block) + "\n")

@@ -1,0 +1,15 @@
+"""clipforget_fast: training-free, data-free class and domain unlearning for CLIP models.
+
+    spec  = ForgetSpec(classes, domains, forget_classes=["dog"])
+    patch = forget(model, tokenizer, spec)          # the model is not modified
+    patch.apply(model); ...; patch.revert(model)
+"""
+from ._version import __version__
+from .config import ForgetConfig
+from .evaluate import AccuracyMatrix, evaluate
+from .forget import forget
+from .patch import Patch, PatchEntry
+from .spec import ForgetSpec
+
+__all__ = ["ForgetConfig", "ForgetSpec", "Patch", "PatchEntry", "AccuracyMatrix", "forget",
+           "evaluate", "__version__"]

@@ -1,0 +1,141 @@
+"""Capture: stream the input features of every targeted layer into per-layer second moments.
+
+For each layer l and each group g ∈ {F, R} (cells to forget, cells to keep) we keep
+
+    G_g[l] = Σ_x x xᵀ     fp32 [d_in, d_in]
+
+folded batch by batch inside forward hooks, so memory is O(d_in²) per layer whatever the number of
+prompts, prototypes or tokens (DESIGN §2.4). Which tokens of a block layer count is
+``token_policy``: "pooled" keeps the token the tower pools (CLS, or the text EOT token), "all" keeps
+every real token (text tokens after EOT are padding and never count). The raw projections
+(`visual.proj`, `text_projection`) have no module to hook: their input is the tower's output with
+the projection taken off for the duration of the pass.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .layers import Layer
+
+GROUPS = ("F", "R")
+
+
+@contextlib.contextmanager
+def without_projection(owner: nn.Module, attr: str):
+    """Temporarily set ``owner.attr`` (a raw projection Parameter) to None, so the tower returns
+    the projection's input."""
+    saved = getattr(owner, attr)
+    setattr(owner, attr, None)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, saved)
+
+
+class GramCapture:
+    """Forward hooks that fold each targeted layer's input into G_F / G_R.
+
+    Use as a context manager; call ``text(tokens, group)`` and ``images(x, group)``; read ``grams``
+    ({layer name: {"F": [d, d], "R": [d, d]}}) and ``counts`` ({layer name: {"F": n, "R": n}}).
+    """
+
+    def __init__(self, model: nn.Module, layers: list[Layer], token_policy: str = "pooled",
+                 device: torch.device | None = None):
+        self.model = model
+        self.layers = layers
+        self.policy = token_policy
+        dev = device or next(model.parameters()).device
+        self.grams = {l.name: {g: torch.zeros(l.d_in, l.d_in, device=dev, dtype=torch.float32)
+                               for g in GROUPS} for l in layers}
+        self.counts = {l.name: {g: 0 for g in GROUPS} for l in layers}
+        self._group = None
+        self._eot = None            # [B] EOT positions of the current text batch
+        self._handles = []
+        self._vis_pool_tok = getattr(model.visual, "pool_type", "tok") == "tok"
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def __enter__(self):
+        for layer in self.layers:
+            if layer.tap is not None:
+                self._handles.append(layer.tap.register_forward_pre_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: Layer):
+        def hook(module, args):
+            if self._group is not None:
+                self._fold(layer, self._select(layer, args[0]))
+        return hook
+
+    def _select(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        """The rows of x ([B, L, D], [L, B, D] or [B, D]) that count, as [n, D]."""
+        if x.dim() == 2:
+            return x
+        if not layer.batch_first:
+            x = x.transpose(0, 1)
+        if layer.tower == "text":
+            if self.policy == "pooled":
+                return x[torch.arange(x.shape[0], device=x.device), self._eot]
+            keep = torch.arange(x.shape[1], device=x.device)[None, :] <= self._eot[:, None]
+            return x[keep]
+        if self.policy == "pooled":
+            return x[:, 0] if self._vis_pool_tok else x.mean(dim=1)
+        return x.reshape(-1, x.shape[-1])
+
+    def _fold(self, layer: Layer, rows: torch.Tensor) -> None:
+        rows = rows.float()
+        self.grams[layer.name][self._group].addmm_(rows.t(), rows)
+        self.counts[layer.name][self._group] += rows.shape[0]
+
+    # ---- passes -------------------------------------------------------------------------------
+    def _raw_proj(self, tower: str) -> Layer | None:
+        for l in self.layers:
+            if l.kind == "proj" and l.tower == tower and l.tap is None:
+                return l
+        return None
+
+    @torch.no_grad()
+    def text(self, tokens: torch.Tensor, group: str) -> None:
+        """Run the text tower on ``tokens`` [B, ctx] (long) and fold its features into ``group``."""
+        assert group in GROUPS
+        self._group, self._eot = group, eot_positions(self.model, tokens)
+        try:
+            proj = self._raw_proj("text")
+            if proj is None:
+                self.model.encode_text(tokens)
+            else:
+                with without_projection(self.model, "text_projection"):
+                    self._fold(proj, self.model.encode_text(tokens))
+        finally:
+            self._group, self._eot = None, None
+
+    @torch.no_grad()
+    def images(self, images: torch.Tensor, group: str) -> None:
+        """Run the image tower on ``images`` [B, 3, H, W] and fold its features into ``group``."""
+        assert group in GROUPS
+        self._group = group
+        try:
+            proj = self._raw_proj("visual")
+            if proj is None:
+                self.model.encode_image(images)
+            else:
+                with without_projection(self.model.visual, "proj"):
+                    self._fold(proj, self.model.encode_image(images))
+        finally:
+            self._group = None
+
+
+def eot_positions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """[B] index of the token the text tower pools (open_clip: argmax token id = EOT, or the first
+    EOT id when the model names one)."""
+    eos = getattr(model, "text_eos_id", None)
+    if eos is not None and getattr(model, "text_pool_type", "argmax") == "eos":
+        return (tokens == eos).int().argmax(dim=-1)
+    return tokens.argmax(dim=-1)

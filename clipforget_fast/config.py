@@ -1,0 +1,87 @@
+"""ForgetConfig: every knob of an edit in one frozen, validated dataclass.
+
+Defaults are the choices measured best on the proving ground (see README, "Choosing the defaults",
+and bench/RESULTS.md). Field names are the public contract; benchmarks and saved patches record them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+TARGET_PRESETS = ("proj", "proj+mlp", "proj+mlp+attn", "mlp")
+TOKEN_POLICIES = ("pooled", "all")
+SOLVERS = ("auto", "exact", "randomized")
+DTYPES = (None, "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ForgetConfig:
+    # --- prototype synthesis (DESIGN §2.3) ---
+    prototypes_per_cell: int = 4        # P images synthesized per (class, domain) cell; 0 = text only
+    steps: int = 150                    # maximum gradient-ascent steps per prototype batch
+    step_size: float = 0.1              # RMS-normalized step, in normalized-pixel units
+    pixel_decay: float = 0.01           # L2 pull of pixels towards 0 (the mean image), per step × step_size
+    jitter: int = 2                     # maximum random shift (pixels) of the encoder input each step
+    blur_every: int = 4                 # blur the prototypes every n steps (0 = never)
+    accept_prob: float = 0.9            # a prototype is accepted (and frozen) once p(target cell) ≥ this
+    batch_size: int = 128               # images per encoder pass (synthesis and capture)
+    # --- which features define the edit (DESIGN §2.4) ---
+    use_text: bool = True               # edit text-tower layers from the prompts' features
+    use_prototypes: bool = True         # edit image-tower layers from the prototypes' features
+    targets: str = "proj"               # layer preset, one of TARGET_PRESETS
+    last_blocks: int = 2                # blocks (from the end, per tower) that "+mlp"/"+attn" presets edit
+    token_policy: str = "pooled"        # tokens that feed the Grams of block layers: "pooled" or "all"
+    # --- nullspace (DESIGN §2.5) ---
+    retain_energy: float = 0.99         # 1 - ε: energy of G_R that the kept subspace U_R must hold
+    forget_energy: float = 0.95         # energy of the R-free forget moment that U_F must hold
+    max_rank: int = 32                  # cap on k = rank of U_F per layer
+    solver: str = "auto"                # "exact" eigh, "randomized" range finder, "auto" by d_in
+    oversample: int = 10                # randomized range finder: extra columns beyond the rank
+    power_iters: int = 2                # randomized range finder: subspace iterations
+    alpha: float = 1.0                  # 1 = project the forget directions out fully, 0.5 = halve them
+    # --- execution ---
+    seed: int = 0                       # seeds noise, jitter and random sketches
+    device: str | None = None           # None = the model's device
+    dtype: str | None = None            # autocast dtype; None = bfloat16 on CUDA, float32 on CPU
+
+    def __post_init__(self):
+        def need(cond, field, why):
+            if not cond:
+                raise ValueError(f"ForgetConfig.{field}={getattr(self, field)!r}: {why}")
+
+        for f in ("prototypes_per_cell", "steps", "jitter", "blur_every", "max_rank", "oversample",
+                  "power_iters", "last_blocks", "seed"):
+            v = getattr(self, f)
+            need(isinstance(v, int) and not isinstance(v, bool), f, "must be an int")
+            need(v >= 0, f, "must be ≥ 0")
+        need(self.batch_size >= 1 if isinstance(self.batch_size, int) else False, "batch_size",
+             "must be an int ≥ 1")
+        need(self.max_rank >= 1, "max_rank", "must be ≥ 1")
+        need(self.last_blocks >= 1, "last_blocks", "must be ≥ 1")
+        need(self.steps >= 1 or self.prototypes_per_cell == 0, "steps", "must be ≥ 1")
+        need(self.step_size > 0, "step_size", "must be > 0")
+        need(self.pixel_decay >= 0, "pixel_decay", "must be ≥ 0")
+        need(0 < self.accept_prob <= 1, "accept_prob", "must be in (0, 1]")
+        need(0 < self.retain_energy <= 1, "retain_energy", "must be in (0, 1]")
+        need(0 < self.forget_energy <= 1, "forget_energy", "must be in (0, 1]")
+        need(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
+        need(self.targets in TARGET_PRESETS, "targets", f"must be one of {TARGET_PRESETS}")
+        need(self.token_policy in TOKEN_POLICIES, "token_policy", f"must be one of {TOKEN_POLICIES}")
+        need(self.solver in SOLVERS, "solver", f"must be one of {SOLVERS}")
+        need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        need(self.use_text or self.use_prototypes, "use_text", "use_text and use_prototypes are both off")
+
+    def replace(self, **changes) -> "ForgetConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ForgetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ForgetConfig: unknown fields {unknown}")
+        return cls(**d)

@@ -1,0 +1,127 @@
+"""Evaluation: zero-shot top-1 accuracy per (class, domain) cell, before and after an edit
+(DESIGN §2.8).
+
+The classifier has one row per class: the normalized mean embedding of the class's prompts. With
+``prompts="agnostic"`` (default) a class's prompts are every template × every domain phrase (the
+usual prompt ensemble, blind to the image's domain); with ``prompts="domain_aware"`` an image of
+domain d is scored against the prompts of domain d only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .spec import DEFAULT_TEMPLATES, DOMAIN_PHRASES, ForgetSpec
+from .text import class_embeddings
+
+
+@dataclass
+class AccuracyMatrix:
+    correct: torch.Tensor     # [C, D] long, correct predictions per cell
+    total: torch.Tensor       # [C, D] long, images per cell
+    classes: tuple[str, ...]
+    domains: tuple[str, ...]
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        """[C, D] fp32 accuracy per cell (NaN where a cell has no image)."""
+        return self.correct.float() / self.total.float()
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / len(self.classes)
+
+    def _mean(self, cells) -> float:
+        ci = {c: i for i, c in enumerate(self.classes)}
+        di = {d: i for i, d in enumerate(self.domains)}
+        idx = [(ci[c], di[d]) for c, d in cells if c in ci and d in di]
+        if not idx:
+            return float("nan")
+        acc = self.accuracy
+        vals = torch.stack([acc[i, j] for i, j in idx])
+        return float(vals[~vals.isnan()].mean())
+
+    def cell(self, cls: str, domain: str) -> float:
+        return float(self.accuracy[self.classes.index(cls), self.domains.index(domain)])
+
+    def forget_accuracy(self, spec: ForgetSpec) -> float:
+        """Mean accuracy over the spec's forgotten cells."""
+        return self._mean(spec.forget_cells)
+
+    def retain_accuracy(self, spec: ForgetSpec) -> float:
+        """Mean accuracy over the spec's kept cells."""
+        return self._mean(spec.retain_cells)
+
+    def per_domain(self) -> dict[str, float]:
+        """Accuracy over all images of each domain."""
+        c, t = self.correct.sum(0).float(), self.total.sum(0).float()
+        return {d: float(c[j] / t[j]) for j, d in enumerate(self.domains)}
+
+    def mean(self) -> float:
+        return float(self.correct.sum()) / max(1, int(self.total.sum()))
+
+    def table(self, width: int = 6) -> str:
+        """The matrix as text: one row per class, one column per domain, in percent."""
+        acc = self.accuracy * 100
+        name_w = max(len(c) for c in self.classes) + 1
+        head = " " * name_w + "".join(f"{d[:width]:>{width + 1}}" for d in self.domains)
+        rows = [head]
+        for i, c in enumerate(self.classes):
+            rows.append(f"{c:<{name_w}}" + "".join(f"{acc[i, j]:>{width + 1}.0f}" for j in range(len(self.domains))))
+        return "\n".join(rows)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch.Tensor,
+             domain_idx: torch.Tensor, classes, domains, templates=None, prompts: str = "agnostic",
+             domain_phrases: dict | None = None, batch_size: int = 256) -> AccuracyMatrix:
+    """Zero-shot accuracy of ``model`` per cell.
+
+    images:     [N, 3, H, W] normalized for the model.
+    class_idx:  [N] long, index into ``classes`` of each image's true class.
+    domain_idx: [N] long, index into ``domains`` of each image's domain.
+    templates:  prompt templates with {cls} and optionally {domain} (default: the spec's bank).
+    """
+    classes, domains = tuple(classes), tuple(domains)
+    if prompts not in ("agnostic", "domain_aware"):
+        raise ValueError(f"prompts={prompts!r} must be 'agnostic' or 'domain_aware'")
+    n = images.shape[0]
+    if images.dim() != 4 or class_idx.shape != (n,) or domain_idx.shape != (n,):
+        raise ValueError(f"images must be [N, 3, H, W] with class_idx and domain_idx [N]; got "
+                         f"{tuple(images.shape)}, {tuple(class_idx.shape)}, {tuple(domain_idx.shape)}")
+    if n and (int(class_idx.max()) >= len(classes) or int(domain_idx.max()) >= len(domains)
+              or int(class_idx.min()) < 0 or int(domain_idx.min()) < 0):
+        raise ValueError("class_idx / domain_idx hold an index outside classes / domains")
+    templates = tuple(templates or DEFAULT_TEMPLATES)
+    phrases = {d: DOMAIN_PHRASES.get(d, d.replace("_", " ")) for d in domains}
+    phrases.update(domain_phrases or {})
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        if prompts == "agnostic":
+            sets = [[t.format(cls=c, domain=phrases[d]) for d in domains for t in templates] for c in classes]
+            clf = class_embeddings(model, tokenizer, sets, device, batch_size)[None]           # [1, C, D]
+        else:
+            sets = [[t.format(cls=c, domain=phrases[d]) for t in templates] for d in domains for c in classes]
+            clf = class_embeddings(model, tokenizer, sets, device, batch_size).view(len(domains), len(classes), -1)
+        preds = []
+        for i in range(0, n, batch_size):
+            f = torch.nn.functional.normalize(model.encode_image(images[i:i + batch_size].to(device)).float(), dim=-1)
+            w = clf[0] if prompts == "agnostic" else None
+            if w is not None:
+                preds.append((f @ w.t()).argmax(-1).cpu())
+            else:
+                dj = domain_idx[i:i + batch_size].to(device)
+                preds.append(torch.einsum("nd,ncd->nc", f, clf[dj]).argmax(-1).cpu())
+        pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    finally:
+        model.train(was_training)
+    hit = (pred == class_idx.cpu()).long()
+    flat = class_idx.cpu() * len(domains) + domain_idx.cpu()
+    size = len(classes) * len(domains)
+    correct = torch.zeros(size, dtype=torch.long).index_add_(0, flat, hit).view(len(classes), len(domains))
+    total = torch.bincount(flat, minlength=size).view(len(classes), len(domains))
+    return AccuracyMatrix(correct, total, classes, domains)

@@ -1,0 +1,135 @@
+"""forget(): the whole training-free, data-free edit, stage by stage (DESIGN §2).
+
+    spec ──> prompt bank ──> text features ─┐
+      └────> prototype synthesis ──> images ┴─> Gram capture (F, R) ─> nullspace ─> Patch
+
+The model is not modified: the returned Patch is applied with ``patch.apply(model)``. Patches
+already applied to the model (by this process) are taken into account: the new forget directions
+are kept orthogonal to theirs, so earlier forgetting is not undone (DESIGN §2.6, "composable").
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from .capture import GramCapture
+from .config import ForgetConfig
+from .layers import Layer, find_layers
+from .nullspace import forget_basis
+from .patch import Patch, PatchEntry, applied_patches, tensor_hash
+from .spec import ForgetSpec
+from .synthesis import autocast_dtype, frozen, synthesize
+from .text import class_embeddings, tokenize
+
+log = logging.getLogger(__name__)
+
+
+def _prior_directions(model: nn.Module, name: str) -> torch.Tensor | None:
+    mats = [e.B for p in applied_patches(model) for e in p.entries if e.name == name]
+    return torch.cat(mats, dim=1) if mats else None
+
+
+def _patch_entry(layer: Layer, U: torch.Tensor, alpha: float) -> PatchEntry:
+    W = layer.weight_out_in().detach().float()            # [d_out, d_in]
+    U = U.to(W.device, torch.float32)
+    A = -alpha * (W @ U)                                   # [d_out, k]
+    return PatchEntry(layer.name, layer.layout, A.cpu(), U.cpu(), tensor_hash(layer.param))
+
+
+def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig = ForgetConfig()) -> Patch:
+    """Compute the patch that makes ``model`` forget ``spec.forget_cells`` and keep ``retain_cells``.
+
+    model:     an open_clip ``CLIP`` with a VisionTransformer image tower (not modified).
+    tokenizer: the model's tokenizer (``open_clip.get_tokenizer(name)``).
+    Returns a Patch whose ``info`` holds per-layer ranks, synthesis statistics and per-stage
+    ``timings`` (seconds).
+    """
+    if not isinstance(spec, ForgetSpec):
+        raise TypeError(f"spec must be a ForgetSpec, got {type(spec).__name__}")
+    if not isinstance(config, ForgetConfig):
+        raise TypeError(f"config must be a ForgetConfig, got {type(config).__name__}")
+    layers = find_layers(model, config.targets, config.last_blocks)
+    layers = [l for l in layers if (l.tower == "text" and config.use_text)
+              or (l.tower == "visual" and config.use_prototypes and config.prototypes_per_cell > 0)]
+    if not layers:
+        raise ValueError(f"config selects no layer: targets={config.targets!r}, use_text="
+                         f"{config.use_text}, use_prototypes={config.use_prototypes}, "
+                         f"prototypes_per_cell={config.prototypes_per_cell}")
+    device = torch.device(config.device) if config.device else next(model.parameters()).device
+    timings: dict[str, float] = {}
+    info: dict = {"layers": {}}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    cells = spec.cells                                    # F first, then R
+    n_f = len(spec.forget_cells)
+    groups = ["F"] * n_f + ["R"] * (len(cells) - n_f)
+    amp = autocast_dtype(config, device)
+    autocast = dict(device_type=device.type, dtype=amp, enabled=amp != torch.float32)
+
+    with frozen(model):
+        # 1. prompt bank and text features
+        t = time.perf_counter()
+        prompts = [spec.prompts(c) for c in cells]
+        tokens = [tokenize(tokenizer, ps, device) for ps in prompts]
+        with torch.autocast(**autocast):
+            cell_text = class_embeddings(model, tokenizer, prompts, device, config.batch_size)
+        sync()
+        timings["prompts"] = time.perf_counter() - t
+
+        # 2. prototype synthesis (only when an image-tower layer is edited)
+        images = None
+        if any(l.tower == "visual" for l in layers):
+            P = config.prototypes_per_cell
+            target = torch.arange(len(cells), device=device).repeat_interleave(P)
+            res = synthesize(model, cell_text, target, config, device)
+            images, img_groups = res.images, [groups[i] for i in target.tolist()]
+            info["synthesis"] = res.stats()
+            timings["synthesis"] = res.seconds
+            if not res.accepted.any():
+                log.warning("no prototype reached p(target) ≥ %.2f; using the unaccepted ones",
+                            config.accept_prob)
+
+        # 3. capture: streaming Grams of every targeted layer's input, F and R
+        t = time.perf_counter()
+        with GramCapture(model, layers, config.token_policy, device) as cap, torch.autocast(**autocast):
+            for g in ("F", "R"):
+                tok = [tk for tk, gg in zip(tokens, groups) if gg == g]
+                if tok and any(l.tower == "text" for l in layers):
+                    tok = torch.cat(tok)
+                    for i in range(0, len(tok), config.batch_size):
+                        cap.text(tok[i:i + config.batch_size], g)
+                if images is not None:
+                    sel = torch.tensor([gg == g for gg in img_groups], device=device)
+                    imgs = images[sel]
+                    for i in range(0, len(imgs), config.batch_size):
+                        cap.images(imgs[i:i + config.batch_size], g)
+        sync()
+        timings["capture"] = time.perf_counter() - t
+
+        # 4. nullspace per layer, 5. patch entries
+        t = time.perf_counter()
+        gen = torch.Generator(device=device).manual_seed(config.seed)
+        entries = []
+        for layer in layers:
+            G = cap.grams[layer.name]
+            U, linfo = forget_basis(G["F"], G["R"], retain_energy=config.retain_energy,
+                                    forget_energy=config.forget_energy, max_rank=config.max_rank,
+                                    prior=_prior_directions(model, layer.name), solver=config.solver,
+                                    oversample=config.oversample, power_iters=config.power_iters,
+                                    generator=gen)
+            linfo.update(samples_F=cap.counts[layer.name]["F"], samples_R=cap.counts[layer.name]["R"])
+            info["layers"][layer.name] = linfo
+            if U.shape[1]:
+                entries.append(_patch_entry(layer, U, config.alpha))
+        sync()
+        timings["nullspace"] = time.perf_counter() - t
+    if not entries:
+        log.warning("no forget direction survived the keep set's subspace; the patch is empty")
+    info["timings"] = timings
+    return Patch(entries, spec.to_dict(), config.to_dict(), info)

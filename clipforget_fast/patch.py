@@ -1,0 +1,189 @@
+"""Patch: a small, reversible, composable low-rank edit of a CLIP model (DESIGN §2.6–2.7).
+
+For a layer y = W x (W: [d_out, d_in]) and orthonormal forget directions U_F [d_in, k]:
+
+    W' = W (I - α U_F U_Fᵀ) = W + A Bᵀ,     A = -α W U_F  [d_out, k],   B = U_F  [d_in, k]
+
+A raw projection P ([d_in, d_out], y = x P) is W = Pᵀ, so P' = P + B Aᵀ. ``apply`` adds every entry
+in one dispatch call (one kernel launch on GPU), ``revert`` subtracts it. A patch records a SHA-256 of
+each base tensor and refuses a model whose tensors differ, unless forced; it is saved as safetensors
+with its spec, config and library version in the metadata.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import dispatch
+from ._version import __version__
+
+_STACK_ATTR = "_clipforget_stack"    # on the model: applied patches, oldest first
+_FORMAT = "clipforget_fast.patch/1"
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class PatchEntry:
+    name: str            # parameter name in model.named_parameters()
+    layout: str          # "linear" ([d_out, d_in]) or "in_out" ([d_in, d_out])
+    A: torch.Tensor      # [d_out, k] fp32
+    B: torch.Tensor      # [d_in, k] fp32, orthonormal columns (the forget directions)
+    base_hash: str       # tensor_hash of the weight the patch was computed on
+
+    @property
+    def rank(self) -> int:
+        return self.B.shape[1]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, R) with param += L Rᵀ for this entry's storage layout."""
+        return (self.A, self.B) if self.layout == "linear" else (self.B, self.A)
+
+
+@dataclass
+class Patch:
+    entries: list[PatchEntry]
+    spec: dict = field(default_factory=dict)       # ForgetSpec.to_dict()
+    config: dict = field(default_factory=dict)     # ForgetConfig.to_dict()
+    info: dict = field(default_factory=dict)       # per-layer ranks, synthesis stats, timings
+    version: str = __version__
+
+    @property
+    def timings(self) -> dict:
+        return self.info.get("timings", {})
+
+    def __repr__(self) -> str:
+        ranks = ", ".join(f"{e.name}: k={e.rank}" for e in self.entries)
+        return f"Patch({len(self.entries)} layers; {ranks})"
+
+    # ---- apply / revert ---------------------------------------------------------------------
+    def _params(self, model: nn.Module) -> list[torch.Tensor]:
+        params = dict(model.named_parameters())
+        out = []
+        for e in self.entries:
+            p = params.get(e.name)
+            if p is None:
+                raise ValueError(f"patch targets {e.name!r}, which this model does not have")
+            want = (e.A.shape[0], e.B.shape[0]) if e.layout == "linear" else (e.B.shape[0], e.A.shape[0])
+            if tuple(p.shape) != want:
+                raise ValueError(f"patch entry {e.name!r} expects shape {want}, model has {tuple(p.shape)}")
+            out.append(p)
+        return out
+
+    def _update(self, params: list[torch.Tensor], scale: float) -> None:
+        lefts, rights = [], []
+        for e, p in zip(self.entries, params):
+            L, R = e.factors()
+            lefts.append(L.to(p.device))
+            rights.append(R.to(p.device))
+        with torch.no_grad():
+            dispatch.lowrank_update_([p.data for p in params], lefts, rights, scale)
+
+    def apply(self, model: nn.Module, force: bool = False) -> nn.Module:
+        """Add the patch to ``model``'s weights in place; returns the model.
+
+        Raises ValueError if a targeted tensor is missing, has another shape, or (unless ``force``)
+        differs from the one the patch was computed on.
+        """
+        params = self._params(model)
+        if not force:
+            for e, p in zip(self.entries, params):
+                if tensor_hash(p) != e.base_hash:
+                    raise ValueError(f"model tensor {e.name!r} is not the one this patch was computed "
+                                     "on (hash mismatch); pass force=True to apply anyway")
+        self._update(params, 1.0)
+        stack = getattr(model, _STACK_ATTR, None)
+        if stack is None:
+            stack = []
+            object.__setattr__(model, _STACK_ATTR, stack)
+        stack.append(self)
+        return model
+
+    def revert(self, model: nn.Module, force: bool = False) -> nn.Module:
+        """Subtract the patch from ``model``'s weights; patches revert in reverse order of apply.
+
+        Restores the base weights up to one rounding to the weight dtype per apply/revert.
+        """
+        stack = getattr(model, _STACK_ATTR, [])
+        if not force:
+            if not stack or stack[-1] is not self:
+                raise ValueError("this patch is not the last one applied to the model: revert the "
+                                 "later patches first (or pass force=True)")
+        params = self._params(model)
+        self._update(params, -1.0)
+        if self in stack:
+            stack.remove(self)
+        return model
+
+    # ---- save / load --------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write the patch as safetensors (A::name, B::name) with JSON metadata, atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"patch path {str(path)!r} must end in .safetensors")
+        if not path.parent.is_dir():
+            raise ValueError(f"directory {str(path.parent)!r} does not exist")
+        tensors, meta = {}, []
+        for e in self.entries:
+            tensors[f"A::{e.name}"] = e.A.detach().float().contiguous().cpu()
+            tensors[f"B::{e.name}"] = e.B.detach().float().contiguous().cpu()
+            meta.append({"name": e.name, "layout": e.layout, "base_hash": e.base_hash})
+        header = {"format": _FORMAT, "version": self.version, "entries": meta, "spec": self.spec,
+                  "config": self.config, "info": self.info}
+        fd, tmp = tempfile.mkstemp(prefix=".patch-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"clipforget": json.dumps(header)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Patch":
+        """Read a patch written by ``save``; ValueError if the file is not one."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"no patch file at {str(path)!r}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if "clipforget" not in meta:
+                    raise ValueError(f"{str(path)!r} is a safetensors file but not a clipforget patch")
+                header = json.loads(meta["clipforget"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors raises its own error types on corrupt files
+            raise ValueError(f"cannot read patch {str(path)!r}: {e}") from e
+        if header.get("format") != _FORMAT:
+            raise ValueError(f"{str(path)!r}: unknown patch format {header.get('format')!r}")
+        entries = []
+        for m in header["entries"]:
+            entries.append(PatchEntry(m["name"], m["layout"], tensors[f"A::{m['name']}"],
+                                      tensors[f"B::{m['name']}"], m["base_hash"]))
+        return cls(entries, header.get("spec", {}), header.get("config", {}), header.get("info", {}),
+                   header.get("version", "?"))
+
+
+def applied_patches(model: nn.Module) -> list[Patch]:
+    """Patches applied to ``model`` (oldest first) by this process."""
+    return list(getattr(model, _STACK_ATTR, []))

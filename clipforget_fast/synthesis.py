@@ -1,0 +1,145 @@
+"""Prototype synthesis: images made from noise that the image encoder places on a cell's text
+embedding, so an edit of the image tower needs no real images (DESIGN §2.3).
+
+Recipe of Kravets & Namboodiri (WACV 2025), batched over all prototypes of all cells:
+
+    x ~ N(0, σ²) clamped to the valid pixel range
+    repeat up to ``steps`` times:
+        x_in  = roll(x, random jitter)                     (encoder input)
+        loss  = Σ_i CE(s · ê(x_in_i) · T̂ᵀ, target_i)       (T̂: every cell's text embedding)
+        x     = clamp(x (1 - η λ) - η ∇x / rms(∇x), range)  (+ a 3×3 blur every n steps)
+        a prototype whose p(target) ≥ threshold is accepted and stops moving
+
+Model parameters are frozen (``requires_grad_(False)``) for the duration, so autograd computes pixel
+gradients only; on CUDA the encoder runs under bf16 autocast. The update itself is one dispatch call
+(the fused Triton kernel on GPU). When fewer than half the batch is still active, the batch is
+compacted so accepted prototypes cost no more encoder passes.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dispatch
+from .config import ForgetConfig
+from .layers import image_geometry
+
+# Standard deviation of the initial noise in normalized-pixel units: about a third of the valid range.
+INIT_STD = 0.5
+
+
+@dataclass
+class SynthesisResult:
+    images: torch.Tensor      # [N, 3, H, W] fp32, normalized pixels
+    target: torch.Tensor      # [N] long, index of each prototype's cell
+    accepted: torch.Tensor    # [N] bool, p(target) reached the threshold
+    steps: torch.Tensor       # [N] long, steps taken (to acceptance, or the maximum)
+    final_prob: torch.Tensor  # [N] fp32, p(target) at the last evaluation
+    seconds: float
+
+    def stats(self) -> dict:
+        acc = self.accepted
+        return {"prototypes": int(acc.numel()), "accepted": int(acc.sum()),
+                "acceptance_rate": float(acc.float().mean()) if acc.numel() else 0.0,
+                "mean_steps_to_accept": float(self.steps[acc].float().mean()) if acc.any() else None,
+                "seconds": self.seconds}
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Eval mode and no parameter gradients for the duration; restores both afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def autocast_dtype(config: ForgetConfig, device: torch.device) -> torch.dtype:
+    if config.dtype is not None:
+        return getattr(torch, config.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def synthesize(model: nn.Module, cell_text: torch.Tensor, target: torch.Tensor,
+               config: ForgetConfig, device=None) -> SynthesisResult:
+    """Synthesize one prototype per entry of ``target``.
+
+    cell_text: [n_cells, D] L2-normalized text embeddings, the classifier the prototypes are
+               optimized against (one row per cell of the request).
+    target:    [N] long, the cell each prototype must land on.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    (H, W), mean, std = image_geometry(model)
+    lo, hi = ((0 - mean) / std).to(device), ((1 - mean) / std).to(device)
+    cell_text = cell_text.to(device, torch.float32)
+    target = target.to(device)
+    n = target.numel()
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+    amp = autocast_dtype(config, device)
+
+    out_x = torch.empty(n, 3, H, W, device=device)
+    out_acc = torch.zeros(n, dtype=torch.bool, device=device)
+    out_steps = torch.full((n,), config.steps, dtype=torch.long, device=device)
+    out_prob = torch.zeros(n, device=device)
+    t0 = time.perf_counter()
+    with frozen(model):
+        for c0 in range(0, n, config.batch_size):
+            idx = torch.arange(c0, min(n, c0 + config.batch_size), device=device)
+            x = (torch.randn(len(idx), 3, H, W, generator=gen) * INIT_STD).to(device)
+            x = torch.maximum(torch.minimum(x, hi.view(1, -1, 1, 1)), lo.view(1, -1, 1, 1))
+            shift = _shift(rng, config.jitter)
+            x_in = torch.roll(x, shift, dims=(2, 3))
+            for step in range(config.steps):
+                x_in.requires_grad_(True)
+                with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+                    feats = model.encode_image(x_in)
+                logits = scale * F.normalize(feats.float(), dim=-1) @ cell_text.t()
+                tgt = target[idx]
+                loss = F.cross_entropy(logits, tgt, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, x_in)
+                with torch.no_grad():
+                    prob = logits.softmax(-1).gather(1, tgt[:, None]).squeeze(1)
+                    was = out_acc[idx]
+                    out_prob[idx[~was]] = prob[~was]
+                    new = (prob >= config.accept_prob) & ~was
+                    if new.any():
+                        out_acc[idx[new]] = True
+                        out_steps[idx[new]] = step + 1
+                        out_x[idx[new]] = x[new]
+                    done = was | new
+                    active = ~done
+                    if not active.any():
+                        break
+                    nxt = _shift(rng, config.jitter)
+                    blur = config.blur_every > 0 and (step + 1) % config.blur_every == 0
+                    x, x_in = dispatch.synth_update(x, grad, active, lr=config.step_size,
+                                                    decay=config.pixel_decay, lo=lo, hi=hi,
+                                                    in_shift=shift, out_shift=nxt, blur=blur)
+                    shift = nxt
+                    if int(active.sum()) * 2 <= len(idx):       # compact: drop accepted items
+                        idx, x, x_in = idx[active], x[active].contiguous(), x_in[active].contiguous()
+            with torch.no_grad():
+                left = ~out_acc[idx]
+                out_x[idx[left]] = x[left]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return SynthesisResult(out_x, target, out_acc, out_steps, out_prob, time.perf_counter() - t0)
+
+
+def _shift(rng: random.Random, jitter: int) -> tuple[int, int]:
+    return (rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) if jitter else (0, 0)

@@ -1,0 +1,40 @@
+"""Text side helpers: tokenize prompt banks once and embed them in batches.
+
+The tokenizer is the model's own (open_clip's ``get_tokenizer(name)`` or any callable mapping a
+list of strings to a LongTensor [n, context_length]).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    """LongTensor [n, ctx] on ``device``; TypeError if the tokenizer returns something else."""
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be callable (open_clip.get_tokenizer(...)), got {tokenizer!r}")
+    tokens = tokenizer(list(prompts))
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise TypeError("tokenizer must return a 2-D LongTensor [n, context_length]")
+    return tokens.to(device)
+
+
+@torch.no_grad()
+def encode_tokens(model: nn.Module, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalized text embeddings [n, D] (fp32) of ``tokens`` [n, ctx]."""
+    out = [model.encode_text(tokens[i:i + batch_size]).float() for i in range(0, len(tokens), batch_size)]
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+
+@torch.no_grad()
+def class_embeddings(model: nn.Module, tokenizer, prompt_sets: list[list[str]], device,
+                     batch_size: int = 256) -> torch.Tensor:
+    """One classifier row per prompt set: the normalized mean of its prompts' normalized
+    embeddings (the usual prompt ensemble). Returns [len(prompt_sets), D] fp32."""
+    flat = [p for ps in prompt_sets for p in ps]
+    emb = encode_tokens(model, tokenize(tokenizer, flat, device), batch_size)
+    rows, i = [], 0
+    for ps in prompt_sets:
+        rows.append(emb[i:i + len(ps)].mean(dim=0))
+        i += len(ps)
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
