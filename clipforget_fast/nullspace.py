@@ -107,6 +107,14 @@ def forget_basis(G_F: torch.Tensor, G_R: torch.Tensor, *, retain_energy: float, 
 
 
 def principal_angles(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """Principal angles (radians, ascending) between the column spans of orthonormal U and V."""
-    s = torch.linalg.svdvals(U.double().t() @ V.double()).clamp(-1, 1)
-    return torch.arccos(s).flip(0)
+    """Principal angles (radians, ascending) between the column spans of U [d, p] and V [d, q].
+
+    Both are re-orthonormalized in fp64; small angles come from the sines (svd of V - U UᵀV),
+    large ones from the cosines (svd of UᵀV), as arccos alone loses small angles to rounding
+    (Knyazev & Argentati 2002).
+    """
+    U, _ = torch.linalg.qr(U.double())
+    V, _ = torch.linalg.qr(V.double())
+    cos = torch.linalg.svdvals(U.t() @ V).clamp(0, 1)                 # descending = angles ascending
+    sin = torch.linalg.svdvals(V - U @ (U.t() @ V)).clamp(0, 1).flip(0)[:cos.numel()]
+    return torch.where(cos * cos < 0.5, torch.arccos(cos), torch.arcsin(sin))

@@ -36,7 +36,7 @@ def tensor_hash(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-@dataclass
+@dataclass(eq=False)
 class PatchEntry:
     name: str            # parameter name in model.named_parameters()
     layout: str          # "linear" ([d_out, d_in]) or "in_out" ([d_in, d_out])
@@ -53,7 +53,7 @@ class PatchEntry:
         return (self.A, self.B) if self.layout == "linear" else (self.B, self.A)
 
 
-@dataclass
+@dataclass(eq=False)
 class Patch:
     entries: list[PatchEntry]
     spec: dict = field(default_factory=dict)       # ForgetSpec.to_dict()
@@ -124,8 +124,10 @@ class Patch:
                                  "later patches first (or pass force=True)")
         params = self._params(model)
         self._update(params, -1.0)
-        if self in stack:
-            stack.remove(self)
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is self:
+                del stack[i]
+                break
         return model
 
     # ---- save / load --------------------------------------------------------------------------

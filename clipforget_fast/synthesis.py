@@ -89,7 +89,7 @@ def synthesize(model: nn.Module, cell_text: torch.Tensor, target: torch.Tensor,
     n = target.numel()
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     rng = random.Random(config.seed)
-    scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+    scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
     amp = autocast_dtype(config, device)
 
     out_x = torch.empty(n, 3, H, W, device=device)
@@ -100,8 +100,7 @@ def synthesize(model: nn.Module, cell_text: torch.Tensor, target: torch.Tensor,
     with frozen(model):
         for c0 in range(0, n, config.batch_size):
             idx = torch.arange(c0, min(n, c0 + config.batch_size), device=device)
-            x = (torch.randn(len(idx), 3, H, W, generator=gen) * INIT_STD).to(device)
-            x = torch.maximum(torch.minimum(x, hi.view(1, -1, 1, 1)), lo.view(1, -1, 1, 1))
+            x = initial_noise(len(idx), (H, W), lo, hi, gen)
             shift = _shift(rng, config.jitter)
             x_in = torch.roll(x, shift, dims=(2, 3))
             for step in range(config.steps):
@@ -139,6 +138,14 @@ def synthesize(model: nn.Module, cell_text: torch.Tensor, target: torch.Tensor,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return SynthesisResult(out_x, target, out_acc, out_steps, out_prob, time.perf_counter() - t0)
+
+
+def initial_noise(n: int, size: tuple[int, int], lo: torch.Tensor, hi: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+    """[n, 3, H, W] Gaussian noise (std INIT_STD, drawn on the CPU generator so every device
+    starts from the same images) clamped to [lo, hi] per channel, on lo's device."""
+    x = (torch.randn(n, 3, *size, generator=generator) * INIT_STD).to(lo.device)
+    return torch.maximum(torch.minimum(x, hi.view(1, -1, 1, 1)), lo.view(1, -1, 1, 1))
 
 
 def _shift(rng: random.Random, jitter: int) -> tuple[int, int]:

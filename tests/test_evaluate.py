@@ -1,0 +1,65 @@
+"""Accuracy bookkeeping, on a stand-in model whose predictions are known exactly."""
+import pytest
+import torch
+from torch import nn
+
+from clipforget_fast import ForgetSpec, evaluate
+
+CLASSES, DOMAINS = ["dog", "cat", "car"], ["photo", "sketch"]
+
+
+class OneHotModel(nn.Module):
+    """encode_text: one-hot of the class named in the prompt; encode_image: the image's pixels,
+    which the test sets to the one-hot of the class it wants predicted."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def encode_text(self, tokens):
+        return nn.functional.one_hot(tokens[:, 0], len(CLASSES)).float()
+
+    def encode_image(self, images):
+        return images.flatten(1)
+
+
+def tokenizer(prompts):
+    return torch.tensor([[next(i for i, c in enumerate(CLASSES) if f" {c}" in p)] for p in prompts])
+
+
+def _images(pred):
+    return nn.functional.one_hot(torch.tensor(pred), len(CLASSES)).float().view(-1, len(CLASSES), 1, 1)
+
+
+def test_accuracy_matrix_counts_per_cell():
+    class_idx = torch.tensor([0, 0, 1, 1, 2, 2, 0, 0])
+    domain_idx = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    pred = [0, 1, 1, 1, 2, 0, 2, 2]      # dog/photo 1 of 2, cat/photo 2/2, car/photo 1/2, dog/sketch 0/2
+    acc = evaluate(OneHotModel(), tokenizer, _images(pred), class_idx, domain_idx, CLASSES, DOMAINS,
+                   templates=["a {domain} of a {cls}."], batch_size=3)
+    assert acc.cell("dog", "photo") == 0.5 and acc.cell("cat", "photo") == 1.0
+    assert acc.cell("dog", "sketch") == 0.0 and torch.isnan(acc.accuracy[1, 1])
+    spec = ForgetSpec(CLASSES, DOMAINS, forget_classes=["dog"])
+    assert acc.forget_accuracy(spec) == pytest.approx(0.25)
+    assert acc.retain_accuracy(spec) == pytest.approx(0.75)
+    assert acc.per_domain() == {"photo": pytest.approx(4 / 6), "sketch": 0.0}
+    assert acc.chance == pytest.approx(1 / 3) and acc.mean() == pytest.approx(4 / 8)
+    assert "dog" in acc.table()
+
+
+def test_domain_aware_prompts_agree_here():
+    pred = [0, 1, 2]
+    acc = evaluate(OneHotModel(), tokenizer, _images(pred), torch.tensor([0, 1, 2]), torch.tensor([1, 1, 0]),
+                   CLASSES, DOMAINS, prompts="domain_aware")
+    assert acc.mean() == 1.0
+
+
+def test_bad_arguments():
+    imgs = _images([0, 1])
+    with pytest.raises(ValueError, match="outside"):
+        evaluate(OneHotModel(), tokenizer, imgs, torch.tensor([0, 5]), torch.tensor([0, 0]), CLASSES, DOMAINS)
+    with pytest.raises(ValueError, match=r"\[N\]"):
+        evaluate(OneHotModel(), tokenizer, imgs, torch.tensor([0]), torch.tensor([0, 0]), CLASSES, DOMAINS)
+    with pytest.raises(ValueError, match="prompts"):
+        evaluate(OneHotModel(), tokenizer, imgs, torch.tensor([0, 1]), torch.tensor([0, 0]), CLASSES, DOMAINS,
+                 prompts="mixed")

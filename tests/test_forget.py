@@ -1,0 +1,87 @@
+"""End to end on a tiny random open_clip model: all three modes, composition, bad inputs."""
+import pytest
+import torch
+from torch import nn
+
+from clipforget_fast import ForgetConfig, ForgetSpec, Patch, forget
+
+FAST = ForgetConfig(prototypes_per_cell=2, steps=8, batch_size=64)
+
+
+@pytest.mark.parametrize("kw", [dict(forget_classes=["dog"]),
+                                dict(forget_classes=["dog"], forget_domains=["sketch"]),
+                                dict(forget_domains=["sketch"])])
+@pytest.mark.parametrize("targets", ["proj", "proj+mlp"])
+def test_forget_all_modes(tiny_clip, tokenizer, vocab, kw, targets):
+    spec = ForgetSpec(*vocab, **kw)
+    state = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    patch = forget(tiny_clip, tokenizer, spec, FAST.replace(targets=targets))
+    for k, v in tiny_clip.state_dict().items():
+        assert torch.equal(v, state[k]), f"forget() modified {k}"
+    assert patch.entries, "no layer got a forget direction"
+    assert set(patch.timings) == {"prompts", "synthesis", "capture", "nullspace"}
+    assert patch.spec["mode"] == spec.mode and patch.config["targets"] == targets
+    for e in patch.entries:
+        torch.testing.assert_close(e.B.t() @ e.B, torch.eye(e.rank), atol=1e-4, rtol=0)
+    # the patched model's kept-cell text features change little; forget-cell features lose the
+    # directions the patch removed (checked through the patch's own basis on the projection)
+    patch.apply(tiny_clip)
+    patch.revert(tiny_clip)
+    for k, v in tiny_clip.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=1e-5)
+
+
+def test_text_only_and_prototypes_only(tiny_clip, tokenizer, vocab):
+    spec = ForgetSpec(*vocab, forget_classes=["cat"])
+    text_only = forget(tiny_clip, tokenizer, spec, FAST.replace(use_prototypes=False))
+    assert {e.name for e in text_only.entries} == {"text_projection"}
+    assert "synthesis" not in text_only.timings
+    protos = forget(tiny_clip, tokenizer, spec, FAST.replace(use_text=False))
+    assert {e.name for e in protos.entries} == {"visual.proj"}
+
+
+def test_sequential_requests_compose(tiny_clip, tokenizer, vocab):
+    cfg = FAST.replace(use_prototypes=False)
+    pa = forget(tiny_clip, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"]), cfg)
+    pa.apply(tiny_clip)
+    pb = forget(tiny_clip, tokenizer, ForgetSpec(*vocab, forget_classes=["car"]), cfg)
+    pb.apply(tiny_clip)                                   # hashes: computed on the patched model
+    W = tiny_clip.text_projection.detach()                # [d_in, d_out], y = x W
+    Ba = pa.entries[0].B
+    Bb = pb.entries[0].B
+    assert (Ba.t() @ Bb).abs().max() < 1e-4               # B's directions keep clear of A's
+    assert torch.linalg.norm(Ba.t() @ W) <= 1e-5 * torch.linalg.norm(W)   # A still forgotten
+    assert torch.linalg.norm(Bb.t() @ W) <= 1e-5 * torch.linalg.norm(W)
+    pb.revert(tiny_clip)
+    pa.revert(tiny_clip)
+
+
+def test_patch_round_trip_through_disk_applies(tmp_path, tiny_clip, tokenizer, vocab):
+    patch = forget(tiny_clip, tokenizer, ForgetSpec(*vocab, forget_domains=["photo"]), FAST)
+    loaded = Patch.load(patch.save(tmp_path / "forget_photo.safetensors"))
+    assert ForgetSpec.from_dict(loaded.spec).forget_cells == {(c, "photo") for c in vocab[0]}
+    assert ForgetConfig.from_dict(loaded.config) == FAST
+    loaded.apply(tiny_clip)
+
+
+def test_bad_inputs(tiny_clip, tokenizer, vocab):
+    spec = ForgetSpec(*vocab, forget_classes=["dog"])
+    with pytest.raises(TypeError, match="open_clip"):
+        forget(nn.Linear(3, 3), tokenizer, spec)
+    with pytest.raises(TypeError, match="ForgetSpec"):
+        forget(tiny_clip, tokenizer, {"forget": "dog"})
+    with pytest.raises(TypeError, match="ForgetConfig"):
+        forget(tiny_clip, tokenizer, spec, {"alpha": 1})
+    with pytest.raises(TypeError, match="tokenizer"):
+        forget(tiny_clip, "not a tokenizer", spec)
+    with pytest.raises(ValueError, match="selects no layer"):
+        forget(tiny_clip, tokenizer, spec, FAST.replace(use_text=False, prototypes_per_cell=0))
+
+
+def test_resnet_image_tower_is_refused(tokenizer):
+    import open_clip
+
+    m = open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, layers=[1, 1, 1, 1], width=8),
+                             text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=1))
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        forget(m, tokenizer, ForgetSpec(["a", "b"], ["photo"], forget_classes=["a"]))

@@ -1,0 +1,139 @@
+"""Patch mathematics, reversibility, persistence and refusal of the wrong model."""
+import pytest
+import torch
+
+from clipforget_fast import Patch, PatchEntry
+from clipforget_fast.forget import _patch_entry
+from clipforget_fast.layers import find_layers
+from clipforget_fast.patch import tensor_hash
+
+from conftest import make_tiny_clip
+
+
+def _random_patch(model, targets="proj+mlp+attn", k=3, alpha=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    entries = []
+    for layer in find_layers(model, targets, last_blocks=1):
+        U, _ = torch.linalg.qr(torch.randn(layer.d_in, k, generator=g))
+        entries.append(_patch_entry(layer, U, alpha))
+    return Patch(entries)
+
+
+def test_all_three_layouts_annihilate_the_forget_directions(tiny_clip):
+    m = tiny_clip
+    layers = find_layers(m, "proj+mlp+attn", last_blocks=1)
+    assert {l.layout for l in layers} == {"linear", "in_out"}
+    assert {l.kind for l in layers} == {"proj", "mlp", "attn_in"}
+    before = {l.name: l.weight_out_in().detach().clone() for l in layers}
+    patch = _random_patch(m)
+    patch.apply(m)
+    for e, layer in zip(patch.entries, layers):
+        W0, W1 = before[layer.name], layer.weight_out_in().detach()
+        assert torch.linalg.norm(W1 @ e.B) <= 1e-5 * torch.linalg.norm(W0)
+        # directions orthogonal to B are untouched
+        v = torch.randn(layer.d_in)
+        v = v - e.B @ (e.B.t() @ v)
+        assert torch.linalg.norm(W1 @ v - W0 @ v) <= 1e-5 * torch.linalg.norm(W0 @ v)
+
+
+def test_half_alpha_halves(tiny_clip):
+    layer = find_layers(tiny_clip, "proj")[0]
+    W0 = layer.weight_out_in().detach().clone()
+    patch = _random_patch(tiny_clip, "proj", alpha=0.5)
+    patch.apply(tiny_clip)
+    B = patch.entries[0].B
+    torch.testing.assert_close(layer.weight_out_in().detach() @ B, 0.5 * (W0 @ B), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 2 ** -10), (torch.bfloat16, 2 ** -7)])
+def test_apply_revert_restores_within_dtype_rounding(dtype, tol):
+    m = make_tiny_clip().to(dtype)
+    patch = _random_patch(m)
+    names = [e.name for e in patch.entries]
+    params = dict(m.named_parameters())
+    before = {n: params[n].detach().clone() for n in names}
+    patch.apply(m)
+    assert any(not torch.equal(params[n], before[n]) for n in names)
+    patch.revert(m)
+    for n in names:
+        w0, w1 = before[n].float(), params[n].detach().float()
+        # one rounding per apply and per revert: |error| ≤ 2 ulp of the larger of the weight and the update
+        upd = (patch.entries[names.index(n)].A.abs().max() * 1.0).item()
+        bound = 2 * tol * (w0.abs() + upd) + 1e-7
+        assert ((w1 - w0).abs() <= bound).all(), n
+
+
+def test_save_load_round_trip(tmp_path, tiny_clip):
+    patch = _random_patch(tiny_clip)
+    patch.spec, patch.config, patch.info = {"mode": "global"}, {"alpha": 1.0}, {"timings": {"capture": 0.1}}
+    path = patch.save(tmp_path / "p.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+    again = Patch.load(path)
+    assert [e.name for e in again.entries] == [e.name for e in patch.entries]
+    for a, b in zip(again.entries, patch.entries):
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+        assert a.layout == b.layout and a.base_hash == b.base_hash
+    assert again.spec == patch.spec and again.config == patch.config and again.timings == {"capture": 0.1}
+    again.apply(tiny_clip)                        # hashes match the model it was computed on
+
+
+def test_refuses_other_weights_unless_forced(tiny_clip):
+    patch = _random_patch(tiny_clip)
+    other = make_tiny_clip(seed=1)
+    with pytest.raises(ValueError, match="hash mismatch"):
+        patch.apply(other)
+    p = dict(other.named_parameters())[patch.entries[0].name]
+    before = p.detach().clone()
+    with pytest.raises(ValueError):
+        patch.apply(other)
+    assert torch.equal(p, before)                 # nothing half-applied
+    patch.apply(other, force=True)
+    assert not torch.equal(p, before)
+
+
+def test_refuses_wrong_shapes_and_missing_layers(tiny_clip):
+    patch = _random_patch(tiny_clip)
+    bigger = make_tiny_clip(width=96)
+    with pytest.raises(ValueError, match="expects shape"):
+        patch.apply(bigger, force=True)
+    bad = Patch([PatchEntry("visual.nope", "linear", torch.zeros(2, 1), torch.zeros(2, 1), "x")])
+    with pytest.raises(ValueError, match="visual.nope"):
+        bad.apply(tiny_clip)
+
+
+def test_revert_order_is_enforced(tiny_clip):
+    p1 = _random_patch(tiny_clip, seed=1)
+    p1.apply(tiny_clip)
+    p2 = _random_patch(tiny_clip, seed=2)         # computed on the patched model
+    p2.apply(tiny_clip)
+    with pytest.raises(ValueError, match="last one applied"):
+        p1.revert(tiny_clip)
+    p2.revert(tiny_clip)
+    p1.revert(tiny_clip)
+
+
+def test_bad_paths_and_files(tmp_path, tiny_clip):
+    patch = _random_patch(tiny_clip, "proj")
+    with pytest.raises(ValueError, match="safetensors"):
+        patch.save(tmp_path / "p.bin")
+    with pytest.raises(ValueError, match="does not exist"):
+        patch.save(tmp_path / "missing" / "p.safetensors")
+    with pytest.raises(ValueError, match="no patch file"):
+        Patch.load(tmp_path / "none.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read"):
+        Patch.load(junk)
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a clipforget patch"):
+        Patch.load(tmp_path / "plain.safetensors")
+
+
+def test_hash_sees_dtype_shape_and_values():
+    a = torch.arange(6.0).view(2, 3)
+    assert tensor_hash(a) == tensor_hash(a.clone())
+    assert tensor_hash(a) != tensor_hash(a.view(3, 2))
+    assert tensor_hash(a) != tensor_hash(a.half())
+    b = a.clone(); b[0, 0] = 1e-8
+    assert tensor_hash(a) != tensor_hash(b)
