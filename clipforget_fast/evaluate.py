@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .spec import DEFAULT_TEMPLATES, DOMAIN_PHRASES, ForgetSpec
+from .spec import DEFAULT_TEMPLATES, DOMAIN_PHRASES, ForgetSpec, phrases_for
 from .text import class_embeddings
 
 
@@ -76,13 +76,15 @@ class AccuracyMatrix:
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch.Tensor,
              domain_idx: torch.Tensor, classes, domains, templates=None, prompts: str = "agnostic",
-             domain_phrases: dict | None = None, batch_size: int = 256) -> AccuracyMatrix:
+             domain_phrases: dict | None = None, class_phrases: dict | None = None,
+             batch_size: int = 256) -> AccuracyMatrix:
     """Zero-shot accuracy of ``model`` per cell.
 
     images:     [N, 3, H, W] normalized for the model.
     class_idx:  [N] long, index into ``classes`` of each image's true class.
     domain_idx: [N] long, index into ``domains`` of each image's domain.
     templates:  prompt templates with {cls} and optionally {domain} (default: the spec's bank).
+    domain_phrases, class_phrases: words for the names in prompts (default: '_' read as a space).
     """
     classes, domains = tuple(classes), tuple(domains)
     if prompts not in ("agnostic", "domain_aware"):
@@ -95,17 +97,17 @@ def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch
               or int(class_idx.min()) < 0 or int(domain_idx.min()) < 0):
         raise ValueError("class_idx / domain_idx hold an index outside classes / domains")
     templates = tuple(templates or DEFAULT_TEMPLATES)
-    phrases = {d: DOMAIN_PHRASES.get(d, d.replace("_", " ")) for d in domains}
-    phrases.update(domain_phrases or {})
+    phrases = phrases_for(domains, domain_phrases, "domain", DOMAIN_PHRASES)
+    cph = phrases_for(classes, class_phrases, "class", {})
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         if prompts == "agnostic":
-            sets = [[t.format(cls=c, domain=phrases[d]) for d in domains for t in templates] for c in classes]
+            sets = [[t.format(cls=cph[c], domain=phrases[d]) for d in domains for t in templates] for c in classes]
             clf = class_embeddings(model, tokenizer, sets, device, batch_size)[None]           # [1, C, D]
         else:
-            sets = [[t.format(cls=c, domain=phrases[d]) for t in templates] for d in domains for c in classes]
+            sets = [[t.format(cls=cph[c], domain=phrases[d]) for t in templates] for d in domains for c in classes]
             clf = class_embeddings(model, tokenizer, sets, device, batch_size).view(len(domains), len(classes), -1)
         preds = []
         for i in range(0, n, batch_size):

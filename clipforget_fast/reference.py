@@ -2,7 +2,7 @@
 CPU fallback.
 
 Each function here has exactly the signature of its Triton launcher in ``clipforget_fast.kernels``;
-``clipforget_fast.dispatch`` chooses between them. The math follows ../docs/design.md:
+``clipforget_fast.dispatch`` chooses between them. The math follows docs/design.md:
 
 * ``lowrank_update_``: ``W_l += scale * L_l R_lᵀ`` for every layer of a patch, fp32 arithmetic,
   rounded once to the weight's dtype (DESIGN §2.6–2.7).

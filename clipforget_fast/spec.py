@@ -53,6 +53,18 @@ def _unique_names(values, arg: str) -> tuple[str, ...]:
     return out
 
 
+def phrases_for(names, given, what: str, known: dict) -> dict:
+    """Phrase of each name: ``given`` first, then ``known``, else the name with '_' as a space."""
+    out = {n: known.get(n, n.replace("_", " ")) for n in names}
+    for n, p in dict(given or {}).items():
+        if n not in out:
+            raise ValueError(f"{what}_phrases: unknown {what} {n!r}")
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{what}_phrases[{n!r}] = {p!r} is not a phrase")
+        out[n] = p
+    return out
+
+
 def _check_templates(templates) -> tuple[str, ...]:
     out = tuple(DEFAULT_TEMPLATES if templates is None else _unique_names(templates, "templates"))
     if not out:
@@ -76,9 +88,10 @@ class ForgetSpec:
     mode: str = field(init=False)
     templates: tuple[str, ...] = field(init=False)
     domain_phrases: dict = field(init=False, compare=False)
+    class_phrases: dict = field(init=False, compare=False)
 
     def __init__(self, classes, domains, forget_classes=None, forget_domains=None, templates=None,
-                 domain_phrases=None):
+                 domain_phrases=None, class_phrases=None):
         classes = _unique_names(classes, "classes")
         domains = _unique_names(domains, "domains")
         if not classes:
@@ -102,11 +115,11 @@ class ForgetSpec:
         mode = ("global" if forget_domains is None else
                 "domain-complete" if forget_classes is None else "domain")
         forget = frozenset((c, d) for c in fc for d in fd)
-        self._fill(classes, domains, forget, None, mode, templates, domain_phrases)
+        self._fill(classes, domains, forget, None, mode, templates, domain_phrases, class_phrases)
 
     @classmethod
     def from_cells(cls, classes, domains, forget_cells, retain_cells=None, templates=None,
-                   domain_phrases=None) -> "ForgetSpec":
+                   domain_phrases=None, class_phrases=None) -> "ForgetSpec":
         """A spec given cell by cell: F = forget_cells, R = retain_cells (default: all other cells)."""
         self = object.__new__(cls)
         classes = _unique_names(classes, "classes")
@@ -122,7 +135,7 @@ class ForgetSpec:
             both = sorted(forget & retain)
             if both:
                 raise ValueError(f"cells in both forget_cells and retain_cells: {both[:5]}")
-        self._fill(classes, domains, forget, retain, "cells", templates, domain_phrases)
+        self._fill(classes, domains, forget, retain, "cells", templates, domain_phrases, class_phrases)
         return self
 
     @staticmethod
@@ -142,15 +155,9 @@ class ForgetSpec:
             out.append(cell)
         return frozenset(out)
 
-    def _fill(self, classes, domains, forget, retain, mode, templates, domain_phrases):
-        phrases = {d: DOMAIN_PHRASES.get(d, d.replace("_", " ")) for d in domains}
-        if domain_phrases is not None:
-            for d, p in dict(domain_phrases).items():
-                if d not in domains:
-                    raise ValueError(f"domain_phrases: unknown domain {d!r}")
-                if not isinstance(p, str) or not p.strip():
-                    raise ValueError(f"domain_phrases[{d!r}] = {p!r} is not a phrase")
-                phrases[d] = p
+    def _fill(self, classes, domains, forget, retain, mode, templates, domain_phrases, class_phrases):
+        phrases = phrases_for(domains, domain_phrases, "domain", DOMAIN_PHRASES)
+        cphrases = phrases_for(classes, class_phrases, "class", {})
         if retain is None:
             retain = frozenset((c, d) for c in classes for d in domains) - forget
         object.__setattr__(self, "classes", classes)
@@ -160,6 +167,7 @@ class ForgetSpec:
         object.__setattr__(self, "mode", mode)
         object.__setattr__(self, "templates", _check_templates(templates))
         object.__setattr__(self, "domain_phrases", phrases)
+        object.__setattr__(self, "class_phrases", cphrases)
 
     # ---- derived views -------------------------------------------------------------------------
     @property
@@ -171,18 +179,21 @@ class ForgetSpec:
     def prompts(self, cell: tuple[str, str], templates=None) -> list[str]:
         """The prompt bank of one cell: every template filled with the class and domain phrase."""
         c, d = cell
-        return [t.format(cls=c, domain=self.domain_phrases[d]) for t in (templates or self.templates)]
+        return [t.format(cls=self.class_phrases[c], domain=self.domain_phrases[d])
+                for t in (templates or self.templates)]
 
     def to_dict(self) -> dict:
         return {"classes": list(self.classes), "domains": list(self.domains), "mode": self.mode,
                 "forget_cells": sorted(map(list, self.forget_cells)),
                 "retain_cells": sorted(map(list, self.retain_cells)),
-                "templates": list(self.templates), "domain_phrases": dict(self.domain_phrases)}
+                "templates": list(self.templates), "domain_phrases": dict(self.domain_phrases),
+                "class_phrases": dict(self.class_phrases)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ForgetSpec":
         spec = cls.from_cells(d["classes"], d["domains"], [tuple(c) for c in d["forget_cells"]],
-                              [tuple(c) for c in d["retain_cells"]], d["templates"], d["domain_phrases"])
+                              [tuple(c) for c in d["retain_cells"]], d["templates"], d["domain_phrases"],
+                              d.get("class_phrases"))
         object.__setattr__(spec, "mode", d["mode"])
         return spec
 
