@@ -61,3 +61,57 @@ def append_results(title: str, lines: list[str], path: Path = RESULTS) -> None:
     block = [f"\n### {title} — {stamp}\n", f"Machine: {machine()}\n", ""] + lines + [""]
     with open(path, "a", encoding="utf-8") as fh:
         fh.write("\n".join(block) + "\n")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _mmap_large_blocks() -> None:
+    """Make glibc serve blocks ≥ 1 MiB by mmap and unmap them when freed, so the resident set
+    rises and falls with large temporaries (by default glibc keeps freed blocks resident and
+    reuses them, which hides a temporary from an RSS measurement)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)    # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn, *, device=None, interval: float = 5e-4) -> int:
+    """Bytes by which ``fn()`` raises memory above its starting level at its peak (CPU: Linux).
+
+    CUDA: the caching allocator's peak. CPU (Linux): the process's resident set, sampled every
+    ``interval`` seconds by a thread while ``fn`` runs (torch ops release the GIL), so a temporary
+    that lives shorter than ``interval`` may be missed.
+    """
+    import threading
+
+    if device is not None and torch.device(device).type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    _mmap_large_blocks()
+    base = peak = _rss_bytes()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            done.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak, _rss_bytes()) - base

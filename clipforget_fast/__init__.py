@@ -7,9 +7,9 @@
 from ._version import __version__
 from .config import ForgetConfig
 from .evaluate import AccuracyMatrix, evaluate
-from .forget import forget
+from .forget import forget, synthesize_prototypes
 from .patch import Patch, PatchEntry
 from .spec import ForgetSpec
 
 __all__ = ["ForgetConfig", "ForgetSpec", "Patch", "PatchEntry", "AccuracyMatrix", "forget",
-           "evaluate", "__version__"]
+           "evaluate", "synthesize_prototypes", "__version__"]

@@ -21,8 +21,8 @@ from .layers import Layer, find_layers
 from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
 from .spec import ForgetSpec
-from .synthesis import autocast_dtype, frozen, synthesize
-from .text import class_embeddings, tokenize
+from .synthesis import PrototypeBank, autocast_dtype, frozen, synthesize
+from .text import class_embeddings, mean_embeddings, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,44 @@ def _patch_entry(layer: Layer, U: torch.Tensor, alpha: float) -> PatchEntry:
     return PatchEntry(layer.name, layer.layout, A.cpu(), U.cpu(), tensor_hash(layer.param))
 
 
-def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig = ForgetConfig()) -> Patch:
+def _prototypes(model, cells, cell_text, config, device, bank, info, timings) -> PrototypeBank:
+    """``bank`` completed with freshly synthesized prototypes for the cells it lacks."""
+    P = config.prototypes_per_cell
+    have = {} if bank is None else {c: bank.images[c] for c in cells if c in bank and len(bank.images[c]) >= P}
+    missing = [i for i, c in enumerate(cells) if c not in have]
+    info["synthesis"] = {"reused_cells": len(cells) - len(missing)}
+    if not missing:
+        return bank
+    target = torch.tensor(missing, device=device).repeat_interleave(P)
+    res = synthesize(model, cell_text, target, config, device)
+    info["synthesis"].update(res.stats())
+    timings["synthesis"] = res.seconds
+    if not res.accepted.any():
+        log.warning("no prototype reached p(target) ≥ %.2f; using the unaccepted ones", config.accept_prob)
+    fresh = PrototypeBank.from_result([cells[i] for i in missing], res, P)
+    return PrototypeBank({**have, **fresh.images}, {**({} if bank is None else bank.accepted), **fresh.accepted},
+                         fresh.stats)
+
+
+def synthesize_prototypes(model: nn.Module, tokenizer, spec: ForgetSpec,
+                          config: ForgetConfig = ForgetConfig()) -> PrototypeBank:
+    """Prototypes for every cell of ``spec`` (F and R), to pass to several ``forget`` calls on the
+    same model and vocabulary: synthesis is most of an edit's time, and the cells are the same."""
+    device = torch.device(config.device) if config.device else next(model.parameters()).device
+    amp = autocast_dtype(config, device)
+    with frozen(model), torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+        cell_text = class_embeddings(model, tokenizer, [spec.prompts(c) for c in spec.cells], device,
+                                     config.batch_size)
+    return _prototypes(model, spec.cells, cell_text, config, device, None, {}, {})
+
+
+def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig = ForgetConfig(),
+           prototypes: PrototypeBank | None = None) -> Patch:
     """Compute the patch that makes ``model`` forget ``spec.forget_cells`` and keep ``retain_cells``.
 
-    model:     an open_clip ``CLIP`` with a VisionTransformer image tower (not modified).
-    tokenizer: the model's tokenizer (``open_clip.get_tokenizer(name)``).
+    model:      an open_clip ``CLIP`` with a VisionTransformer image tower (not modified).
+    tokenizer:  the model's tokenizer (``open_clip.get_tokenizer(name)``).
+    prototypes: optional ``synthesize_prototypes`` result to reuse; cells it lacks are synthesized.
     Returns a Patch whose ``info`` holds per-layer ranks, synthesis statistics and per-stage
     ``timings`` (seconds).
     """
@@ -76,9 +109,10 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         # 1. prompt bank and text features
         t = time.perf_counter()
         prompts = [spec.prompts(c) for c in cells]
-        tokens = [tokenize(tokenizer, ps, device) for ps in prompts]
+        all_tokens = tokenize(tokenizer, [p for ps in prompts for p in ps], device)
+        tokens = list(torch.split(all_tokens, [len(ps) for ps in prompts]))
         with torch.autocast(**autocast):
-            cell_text = class_embeddings(model, tokenizer, prompts, device, config.batch_size)
+            cell_text = mean_embeddings(model, all_tokens, [len(ps) for ps in prompts], config.batch_size)
         sync()
         timings["prompts"] = time.perf_counter() - t
 
@@ -86,14 +120,9 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         images = None
         if any(l.tower == "visual" for l in layers):
             P = config.prototypes_per_cell
-            target = torch.arange(len(cells), device=device).repeat_interleave(P)
-            res = synthesize(model, cell_text, target, config, device)
-            images, img_groups = res.images, [groups[i] for i in target.tolist()]
-            info["synthesis"] = res.stats()
-            timings["synthesis"] = res.seconds
-            if not res.accepted.any():
-                log.warning("no prototype reached p(target) ≥ %.2f; using the unaccepted ones",
-                            config.accept_prob)
+            bank = _prototypes(model, cells, cell_text, config, device, prototypes, info, timings)
+            images = torch.cat([bank.images[c][:P].to(device) for c in cells])
+            img_groups = [g for g in groups for _ in range(P)]
 
         # 3. capture: streaming Grams of every targeted layer's input, F and R
         t = time.perf_counter()

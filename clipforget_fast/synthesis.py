@@ -51,6 +51,24 @@ class SynthesisResult:
                 "seconds": self.seconds}
 
 
+@dataclass
+class PrototypeBank:
+    """Synthesized prototypes by cell, reusable across requests on the same model (every request
+    over the same vocabulary synthesizes the same cells against the same classifier)."""
+    images: dict          # {(class, domain): [P, 3, H, W] fp32}
+    accepted: dict        # {(class, domain): [P] bool}
+    stats: dict           # SynthesisResult.stats() of the run that made it
+
+    def __contains__(self, cell) -> bool:
+        return cell in self.images
+
+    @classmethod
+    def from_result(cls, cells: list, res: "SynthesisResult", per_cell: int) -> "PrototypeBank":
+        imgs, acc = res.images.view(len(cells), per_cell, *res.images.shape[1:]), res.accepted.view(len(cells), per_cell)
+        return cls({c: imgs[i] for i, c in enumerate(cells)}, {c: acc[i] for i, c in enumerate(cells)},
+                   res.stats())
+
+
 @contextlib.contextmanager
 def frozen(model: nn.Module):
     """Eval mode and no parameter gradients for the duration; restores both afterwards."""

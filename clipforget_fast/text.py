@@ -32,9 +32,15 @@ def class_embeddings(model: nn.Module, tokenizer, prompt_sets: list[list[str]], 
     """One classifier row per prompt set: the normalized mean of its prompts' normalized
     embeddings (the usual prompt ensemble). Returns [len(prompt_sets), D] fp32."""
     flat = [p for ps in prompt_sets for p in ps]
-    emb = encode_tokens(model, tokenize(tokenizer, flat, device), batch_size)
-    rows, i = [], 0
-    for ps in prompt_sets:
-        rows.append(emb[i:i + len(ps)].mean(dim=0))
-        i += len(ps)
-    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+    return mean_embeddings(model, tokenize(tokenizer, flat, device), [len(ps) for ps in prompt_sets],
+                           batch_size)
+
+
+@torch.no_grad()
+def mean_embeddings(model: nn.Module, tokens: torch.Tensor, sizes: list[int],
+                    batch_size: int = 256) -> torch.Tensor:
+    """Prompt-ensemble rows from already tokenized prompts: ``tokens`` [sum(sizes), ctx] holds
+    consecutive groups of ``sizes[i]`` prompts; returns [len(sizes), D] normalized group means."""
+    emb = encode_tokens(model, tokens, batch_size)
+    rows = torch.stack([g.mean(dim=0) for g in torch.split(emb, sizes)])
+    return torch.nn.functional.normalize(rows, dim=-1)

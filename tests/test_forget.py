@@ -85,3 +85,18 @@ def test_resnet_image_tower_is_refused(tokenizer):
                              text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=1))
     with pytest.raises(TypeError, match="VisionTransformer"):
         forget(m, tokenizer, ForgetSpec(["a", "b"], ["photo"], forget_classes=["a"]))
+
+
+def test_prototype_bank_is_reused(tiny_clip, tokenizer, vocab):
+    from clipforget_fast import synthesize_prototypes
+
+    spec = ForgetSpec(*vocab, forget_classes=["dog"])
+    bank = synthesize_prototypes(tiny_clip, tokenizer, spec, FAST)
+    assert set(bank.images) == set(spec.cells) and all(v.shape[0] == 2 for v in bank.images.values())
+    p1 = forget(tiny_clip, tokenizer, spec, FAST, prototypes=bank)
+    assert "synthesis" not in p1.timings and p1.info["synthesis"]["reused_cells"] == len(spec.cells)
+    # the same seed synthesizes the same prototypes: the bank-fed patch equals one made from scratch
+    p2 = forget(tiny_clip, tokenizer, spec, FAST)
+    vis1 = next(e for e in p1.entries if e.name == "visual.proj")
+    vis2 = next(e for e in p2.entries if e.name == "visual.proj")
+    torch.testing.assert_close(vis1.A @ vis1.B.t(), vis2.A @ vis2.B.t(), rtol=1e-4, atol=1e-5)
