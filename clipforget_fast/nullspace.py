@@ -56,11 +56,46 @@ def randomized_eig(G: torch.Tensor, rank: int, oversample: int = 10, power_iters
     return ev.to(G.dtype), Q @ V.to(G.dtype)
 
 
+def _adaptive_range(G: torch.Tensor, target: float, cap: int, block: int, power_iters: int,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """Orthonormal Q [d, m] whose span holds ``target`` of G's energy (trace(QᵀGQ) ≥ target), or
+    m = cap. Blocks of Gaussian columns are deflated against the Q found so far, refined by
+    ``power_iters`` subspace iterations on (I - QQᵀ) G, and appended (Halko et al. Alg. 4.2 with
+    blocking): no restart when the rank guess was too small."""
+    d = G.shape[0]
+    Q = G.new_zeros(d, 0)
+    captured, extra = 0.0, None
+    while Q.shape[1] < cap:
+        if captured >= target:
+            if extra is not None:
+                break
+            # target reached: one more block of oversampling so the Ritz vectors near the energy
+            # cut-off are accurate too (a quarter of the rank found, at least ``block`` columns)
+            extra = max(block, Q.shape[1] // 4)
+        b = min(extra or block, cap - Q.shape[1])
+        Y = G @ torch.randn(d, b, device=G.device, dtype=G.dtype, generator=generator)
+        for _ in range(power_iters):
+            Y = Y - Q @ (Q.t() @ Y)
+            Y, _ = torch.linalg.qr(Y)
+            Y = G @ Y
+        for _ in range(2):                            # twice is enough (Giraud et al. 2005)
+            Y = Y - Q @ (Q.t() @ Y)
+        Y, _ = torch.linalg.qr(Y)
+        GY = G @ Y
+        captured += float((Y * GY).sum())             # trace(Yᵀ G Y): the block's share of the energy
+        Q = torch.cat([Q, Y], dim=1)
+    return Q
+
+
 def energy_basis(G: torch.Tensor, energy: float, max_rank: int | None = None, solver: str = "auto",
                  oversample: int = 10, power_iters: int = 2,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis U [d, r] of the leading eigenvectors of PSD G that hold ``energy`` of its
-    trace (r ≤ max_rank when given), and their eigenvalues [r]."""
+    trace (r ≤ max_rank when given), and their eigenvalues [r].
+
+    The randomized solver grows an orthonormal range Q block by block until it holds the energy
+    target (or max_rank + oversample columns), then takes the Ritz pairs of QᵀGQ.
+    """
     d = G.shape[0]
     cap = d if max_rank is None else min(d, max_rank)
     total = float(torch.trace(G))
@@ -69,12 +104,13 @@ def energy_basis(G: torch.Tensor, energy: float, max_rank: int | None = None, so
     if solver == "exact" or (solver == "auto" and d < EXACT_BELOW):
         ev, V = exact_eig(G)
     else:
-        r = min(cap, 32)
-        while True:
-            ev, V = randomized_eig(G, r, oversample, power_iters, generator)
-            if ev.sum() >= energy * total or r >= cap:
-                break
-            r = min(cap, 2 * r)
+        limit = min(d, cap + oversample)
+        # with max_rank set, one block of max_rank + oversample columns; else blocks of 64
+        block = limit if max_rank is not None else max(64, oversample)
+        Q = _adaptive_range(G, energy * total, limit, block, power_iters, generator)
+        small = Q.t() @ G @ Q
+        ev, V = torch.linalg.eigh(((small + small.t()) * 0.5).double())
+        ev, V = ev.flip(0).clamp_min(0).to(G.dtype), Q @ V.flip(1).to(G.dtype)
     r = min(_rank_for_energy(ev, total, energy), cap)
     r = min(r, int((ev > REL_FLOOR * ev[0]).sum()))
     return V[:, :r].contiguous(), ev[:r]
@@ -93,9 +129,10 @@ def forget_basis(G_F: torch.Tensor, G_R: torch.Tensor, *, retain_energy: float, 
     U_R, _ = energy_basis(G_R, retain_energy, **kw)
     keep = U_R if prior is None or prior.numel() == 0 else torch.cat([U_R, prior.to(U_R)], dim=1)
     if keep.shape[1]:
-        keep, _ = torch.linalg.qr(keep)
-        P = torch.eye(G_F.shape[0], device=G_F.device, dtype=G_F.dtype) - keep @ keep.t()
-        G_t = P @ G_F @ P
+        K, _ = torch.linalg.qr(keep)                              # [d, r]
+        # (I - KKᵀ) G_F (I - KKᵀ) in O(d² r), without forming the d × d projector
+        GK = G_F @ K                                              # [d, r]
+        G_t = G_F - K @ GK.t() - GK @ K.t() + K @ (K.t() @ GK) @ K.t()
         G_t = (G_t + G_t.t()) * 0.5
     else:
         G_t = G_F

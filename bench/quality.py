@@ -1,0 +1,365 @@
+"""Unlearning quality on the proving ground: every mode against its targets (DESIGN §6), on renders
+and prompt templates the edit never saw.
+
+    python bench/quality.py                 # the target check: 3+ requests per mode, exit 1 on a miss
+    python bench/quality.py --ablations     # baselines and ablations table on one request per mode
+    python bench/quality.py --sequential    # forget A, then B on the patched model
+    python bench/quality.py --probe         # recovery probe on edited image features
+
+Images: fresh renders (seeds ≥ 3·10⁶; training used < 10⁵, its model selection 10⁶). Accuracy is
+zero-shot top-1 over all classes with the domain-agnostic prompt ensemble, once with the edit's own
+templates and once with held-out templates (paraphrases the edit never used). Forgotten cells are
+judged per domain (mean over the forgotten classes in that domain); kept cells by their mean drop.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results  # noqa: E402
+
+from clipforget_fast import ForgetConfig, ForgetSpec, evaluate, forget, synthesize_prototypes  # noqa: E402
+from clipforget_fast import proving_ground as pg  # noqa: E402
+from clipforget_fast.spec import DEFAULT_TEMPLATES  # noqa: E402
+
+HELD_OUT_TEMPLATES = (
+    "an illustration of a {cls}, {domain}.",
+    "a {cls} drawn as a {domain}.",
+    "a {domain} depicting a {cls}.",
+    "my {domain} of a {cls}.",
+    "a picture of a {cls} ({domain}).",
+)
+RENDER_SEED = 3_000_000
+
+# (mode, forget_classes, forget_domains): 1, 3 and 5 classes; one and several domains
+REQUESTS = [
+    ("global", ["fish"], None),
+    ("global", ["house", "star", "key"], None),
+    ("global", ["tree", "cup", "car", "boat", "heart"], None),
+    ("domain", ["house"], ["sketch"]),
+    ("domain", ["star"], ["photo"]),
+    ("domain", ["cup", "key", "umbrella"], ["painting", "pixel_art"]),
+    ("domain-complete", None, ["sketch"]),
+    ("domain-complete", None, ["pixel_art"]),
+    ("domain-complete", None, ["cartoon", "painting"]),
+]
+# targets in accuracy points (DESIGN §6): forgotten ≤ chance + slack; kept drop ≤ limit
+FORGET_SLACK = {"global": 2.0, "domain": 2.0, "domain-complete": 5.0}
+KEEP_DROP = 1.0
+SAME_CLASS_OTHER_DOMAIN_DROP = 2.0
+
+
+@dataclass
+class Scores:
+    forget_by_domain: dict      # domain -> accuracy (%) over the forgotten cells of that domain
+    keep_drop: float            # mean drop (points) over kept cells outside the special group
+    same_class_drop: float      # domain mode: drop over the forgotten classes in the other domains
+    keep_before: float
+    keep_after: float
+
+
+def spec_for(mode, fc, fd) -> ForgetSpec:
+    return ForgetSpec(list(pg.CLASSES), list(pg.DOMAINS), forget_classes=fc, forget_domains=fd,
+                      domain_phrases=pg.DOMAIN_PHRASES, class_phrases=pg.CLASS_PHRASES)
+
+
+def score(spec: ForgetSpec, before, after) -> Scores:
+    fb = {}
+    for d in spec.domains:
+        cells = [(c, dd) for c, dd in spec.forget_cells if dd == d]
+        if cells:
+            fb[d] = 100 * after._mean(cells)
+    same = set()
+    if spec.mode == "domain":
+        fcls = {c for c, _ in spec.forget_cells}
+        same = {cell for cell in spec.retain_cells if cell[0] in fcls}
+    rest = spec.retain_cells - same
+    sd = 100 * (before._mean(same) - after._mean(same)) if same else float("nan")
+    return Scores(fb, 100 * (before._mean(rest) - after._mean(rest)), sd,
+                  100 * before._mean(rest), 100 * after._mean(rest))
+
+
+def misses(spec: ForgetSpec, s: Scores, chance: float) -> list[str]:
+    out = []
+    limit = 100 * chance + FORGET_SLACK[spec.mode]
+    for d, a in s.forget_by_domain.items():
+        if a > limit:
+            out.append(f"forgotten {d} {a:.1f}% > {limit:.1f}%")
+    if s.keep_drop > KEEP_DROP:
+        out.append(f"kept drop {s.keep_drop:.2f} > {KEEP_DROP}")
+    if spec.mode == "domain" and s.same_class_drop > SAME_CLASS_OTHER_DOMAIN_DROP:
+        out.append(f"same classes, other domains drop {s.same_class_drop:.2f} > {SAME_CLASS_OTHER_DOMAIN_DROP}")
+    return out
+
+
+class Harness:
+    def __init__(self, per_cell: int, config: ForgetConfig):
+        self.model, self.tok, _ = pg.load()
+        self.config = config
+        self.images, self.ci, self.di = pg.render(list(pg.CLASSES), list(pg.DOMAINS), per_cell, seed=RENDER_SEED)
+        self.ev = dict(classes=list(pg.CLASSES), domains=list(pg.DOMAINS), domain_phrases=pg.DOMAIN_PHRASES,
+                       class_phrases=pg.CLASS_PHRASES)
+        self.before = {name: self._eval(t) for name, t in (("edit", DEFAULT_TEMPLATES), ("held-out", HELD_OUT_TEMPLATES))}
+        self.banks = {}
+
+    def _eval(self, templates):
+        return evaluate(self.model, self.tok, self.images, self.ci, self.di, templates=templates, **self.ev)
+
+    def bank(self, config: ForgetConfig):
+        key = (config.prototypes_per_cell, config.steps, config.step_size, config.pixel_decay, config.jitter,
+               config.blur_every, config.accept_prob, config.seed)
+        if config.use_prototypes and key not in self.banks:
+            self.banks[key] = synthesize_prototypes(self.model, self.tok, spec_for("global", ["fish"], None), config)
+        return self.banks.get(key)
+
+    def run(self, spec: ForgetSpec, config: ForgetConfig | None = None, edit=None):
+        """Edit, evaluate with both template sets, revert. ``edit`` overrides forget() (baselines)."""
+        config = config or self.config
+        t = time.perf_counter()
+        patch = edit(self, spec) if edit else forget(self.model, self.tok, spec, config, prototypes=self.bank(config))
+        secs = time.perf_counter() - t
+        patch.apply(self.model)
+        try:
+            after = {name: self._eval(t) for name, t in (("edit", DEFAULT_TEMPLATES), ("held-out", HELD_OUT_TEMPLATES))}
+        finally:
+            patch.revert(self.model)
+        return {name: score(spec, self.before[name], after[name]) for name in after}, patch, secs
+
+
+def fmt_forget(s: Scores) -> str:
+    return " ".join(f"{d[:5]}:{a:.1f}" for d, a in s.forget_by_domain.items())
+
+
+def check_targets(h: Harness, record: bool) -> int:
+    chance = h.before["edit"].chance
+    lines = [f"held-out renders: {h.images.shape[0]} images; chance {100 * chance:.1f}%; config: default ForgetConfig",
+             "", "| mode | forget | templates | forgotten acc. per domain (%) | kept before → after (drop) | same class other domains drop | edit s | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    failed = 0
+    for mode, fc, fd in REQUESTS:
+        spec = spec_for(mode, fc, fd)
+        res, patch, secs = h.run(spec)
+        what = f"{','.join(fc or ['*'])} @ {','.join(fd or ['*'])}"
+        for name, s in res.items():
+            miss = misses(spec, s, chance)
+            failed += bool(miss)
+            sd = "" if s.same_class_drop != s.same_class_drop else f"{s.same_class_drop:.2f}"
+            lines.append(f"| {mode} | {what} | {name} | {fmt_forget(s)} | {s.keep_before:.1f} → {s.keep_after:.1f} "
+                         f"({s.keep_drop:.2f}) | {sd} | {secs:.1f} | {'ok' if not miss else 'MISS: ' + '; '.join(miss)} |")
+        print(lines[-2], lines[-1], sep="\n", flush=True)
+    lines.append("")
+    lines.append(f"{failed} of {2 * len(REQUESTS)} request × template-set rows miss a target")
+    print(lines[-1])
+    if record:
+        append_results("quality: targets per mode (proving ground)", lines)
+    return 1 if failed else 0
+
+
+# ---- baselines ---------------------------------------------------------------------------------
+def redirect_edit(h: Harness, spec: ForgetSpec, lam: float = 1e-2, rank: int = 32):
+    """Closed-form "redirect" on the two projections (in the spirit of UCE / AlphaEdit): the W' that
+    minimizes Σ_F ‖W'k - W k₀‖² + Σ_R ‖W'k - Wk‖² + λ‖W' - W‖², k₀ a neutral key (the generic
+    prompt "an image." for text, the mean prototype for images), solved as
+    ΔW = W (k₀ s_Fᵀ - G_F)(G_F + G_R + λ tr(G)/d · I)⁻¹ and stored as a rank-``rank`` patch."""
+    from clipforget_fast.capture import without_projection
+    from clipforget_fast.patch import Patch, PatchEntry, tensor_hash
+    from clipforget_fast.text import tokenize
+
+    m, cells = h.model, spec.cells
+    forget_set = spec.forget_cells
+    bank = h.bank(h.config)
+    with torch.no_grad():
+        with without_projection(m, "text_projection"):
+            keys = {c: m.encode_text(tokenize(h.tok, spec.prompts(c), "cpu")) for c in cells}
+            k0_text = m.encode_text(tokenize(h.tok, ["an image."], "cpu"))[0]
+        with without_projection(m.visual, "proj"):
+            vkeys = {c: m.encode_image(bank.images[c]) for c in cells}
+    k0_vis = torch.cat(list(vkeys.values())).mean(0)
+    entries = []
+    for name, P, kd, k0 in (("text_projection", m.text_projection, keys, k0_text), ("visual.proj", m.visual.proj, vkeys, k0_vis)):
+        W = P.detach().t().float()                                   # [d_out, d_in]
+        KF = torch.cat([kd[c] for c in cells if c in forget_set]).float()
+        KR = torch.cat([kd[c] for c in cells if c not in forget_set]).float()
+        GF, GR = KF.t() @ KF, KR.t() @ KR
+        d = GF.shape[0]
+        reg = lam * float(torch.trace(GF + GR)) / d
+        M = torch.linalg.solve((GF + GR + reg * torch.eye(d)).t(), (torch.outer(k0.float(), KF.sum(0)) - GF).t()).t()
+        U, S, Vh = torch.linalg.svd(W @ M)
+        A, B = U[:, :rank] * S[:rank], Vh[:rank].t()
+        entries.append(PatchEntry(name, "in_out", A.contiguous(), B.contiguous(), tensor_hash(P)))
+    return Patch(entries)
+
+
+ABLATION_REQUESTS = [("global", ["fish"], None), ("domain", ["house"], ["sketch"]), ("domain-complete", None, ["sketch"])]
+
+
+def ablations(h: Harness, record: bool) -> None:
+    base = h.config
+    variants = [
+        ("text-only nullspace, proj (CCUP)", base.replace(use_prototypes=False), None),
+        ("prototypes only, proj", base.replace(use_text=False), None),
+        ("multimodal, proj", base, None),
+        ("multimodal, proj+mlp (last 2)", base.replace(targets="proj+mlp"), None),
+        ("multimodal, proj+mlp+attn (last 2)", base.replace(targets="proj+mlp+attn"), None),
+        ("multimodal, proj+mlp, all tokens", base.replace(targets="proj+mlp", token_policy="all"), None),
+        *[(f"multimodal, proj, α={a}", base.replace(alpha=a), None) for a in (0.25, 0.5, 0.75)],
+        ("closed-form redirect, proj", base, redirect_edit),
+    ]
+    chance = h.before["edit"].chance
+    lines = ["Held-out renders and held-out templates; forgotten = mean over forgotten cells (%), "
+             f"kept drop in points; chance {100 * chance:.1f}%.", "",
+             "| variant | " + " | ".join(f"{m} forgotten / kept drop" for m, _, _ in ABLATION_REQUESTS) + " | misses |",
+             "|---|" + "---|" * (len(ABLATION_REQUESTS) + 1)]
+    for name, cfg, edit in variants:
+        cols, miss = [], 0
+        for mode, fc, fd in ABLATION_REQUESTS:
+            spec = spec_for(mode, fc, fd)
+            res, _, _ = h.run(spec, cfg, edit)
+            s = res["held-out"]
+            fa = sum(s.forget_by_domain.values()) / len(s.forget_by_domain)
+            cols.append(f"{fa:.1f} / {s.keep_drop:.2f}")
+            miss += sum(bool(misses(spec, r, chance)) for r in res.values())
+        lines.append(f"| {name} | " + " | ".join(cols) + f" | {miss} |")
+        print(lines[-1], flush=True)
+    if record:
+        append_results("quality: baselines and ablations (proving ground)", lines)
+
+
+def sequential(h: Harness, record: bool) -> int:
+    """Forget A, apply; forget B on the patched model, apply: both forgotten, the rest kept; revert."""
+    sa, sb = spec_for("global", ["fish"], None), spec_for("global", ["house"], None)
+    both = ForgetSpec(list(pg.CLASSES), list(pg.DOMAINS), forget_classes=["fish", "house"],
+                      domain_phrases=pg.DOMAIN_PHRASES, class_phrases=pg.CLASS_PHRASES)
+    state = {k: v.clone() for k, v in h.model.state_dict().items()}
+    pa = forget(h.model, h.tok, sa, h.config, prototypes=h.bank(h.config))
+    pa.apply(h.model)
+    pb = forget(h.model, h.tok, sb, h.config)          # fresh prototypes: the model has changed
+    pb.apply(h.model)
+    after = {name: h._eval(t) for name, t in (("edit", DEFAULT_TEMPLATES), ("held-out", HELD_OUT_TEMPLATES))}
+    pb.revert(h.model)
+    pa.revert(h.model)
+    restored = max(float((h.model.state_dict()[k] - v).abs().max()) for k, v in state.items())
+    chance = h.before["edit"].chance
+    lines = ["Forget fish (global), apply; then forget house (global) on the patched model, apply.", "",
+             "| templates | fish acc. per domain | house acc. per domain | kept before → after (drop) | verdict |",
+             "|---|---|---|---|---|"]
+    failed = 0
+    for name, acc in after.items():
+        s = score(both, h.before[name], acc)
+        f_fish = " ".join(f"{d[:5]}:{100 * acc.cell('fish', d):.0f}" for d in pg.DOMAINS)
+        f_house = " ".join(f"{d[:5]}:{100 * acc.cell('house', d):.0f}" for d in pg.DOMAINS)
+        miss = misses(both, s, chance)
+        failed += bool(miss)
+        lines.append(f"| {name} | {f_fish} | {f_house} | {s.keep_before:.1f} → {s.keep_after:.1f} ({s.keep_drop:.2f}) | "
+                     f"{'ok' if not miss else 'MISS: ' + '; '.join(miss)} |")
+    lines += ["", f"after reverting B then A: max |weight change| = {restored:.2e}"]
+    print("\n".join(lines))
+    if record:
+        append_results("quality: sequential requests (proving ground)", lines)
+    return 1 if failed else 0
+
+
+def recovery_probe(h: Harness, record: bool, train_per_cell: int = 5, steps: int = 300) -> None:
+    """Knowledge retention: a logistic-regression probe on image embeddings, trained on
+    ``train_per_cell`` renders per cell to tell the forgotten class from the rest, tested on the
+    other renders; before and after the edit."""
+    rows = ["| request | probe balanced acc. before | after | zero-shot forgotten acc. after |", "|---|---|---|---|"]
+    for mode, fc, fd in ABLATION_REQUESTS[:2]:
+        spec = spec_for(mode, fc, fd)
+        patch = forget(h.model, h.tok, spec, h.config, prototypes=h.bank(h.config))
+        y = torch.tensor([(pg.CLASSES[c], pg.DOMAINS[d]) in spec.forget_cells for c, d in zip(h.ci.tolist(), h.di.tolist())])
+        rank = torch.zeros_like(h.ci)
+        seen = {}
+        for i, (c, d) in enumerate(zip(h.ci.tolist(), h.di.tolist())):
+            rank[i] = seen.get((c, d), 0)
+            seen[(c, d)] = rank[i].item() + 1
+        train = rank < train_per_cell
+        accs = []
+        for edited in (False, True):
+            if edited:
+                patch.apply(h.model)
+            with torch.no_grad():
+                f = torch.nn.functional.normalize(h.model.encode_image(h.images), dim=-1)
+            if edited:
+                zs = 100 * h._eval(HELD_OUT_TEMPLATES).forget_accuracy(spec)
+                patch.revert(h.model)
+            w = torch.zeros(f.shape[1], requires_grad=True)
+            b = torch.zeros(1, requires_grad=True)
+            opt = torch.optim.Adam([w, b], lr=0.05)
+            pos_w = (~y[train]).sum() / y[train].sum().clamp_min(1)
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    f[train] @ w + b, y[train].float(), pos_weight=pos_w)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                pred = (f[~train] @ w + b) > 0
+                yt = y[~train]
+                accs.append(100 * 0.5 * ((pred[yt]).float().mean() + (~pred[~yt]).float().mean()))
+        rows.append(f"| {mode}: {','.join(fc or ['*'])} @ {','.join(fd or ['*'])} | {accs[0]:.1f} | {accs[1]:.1f} | {zs:.1f} |")
+    print("\n".join(rows))
+    if record:
+        append_results("quality: recovery probe (proving ground)",
+                       [f"Linear probe on image embeddings, {train_per_cell} renders per cell for training, "
+                        "the rest for testing; balanced accuracy, chance 50%.", ""] + rows)
+
+
+def prototype_report(h: Harness, out: Path, record: bool) -> None:
+    """Acceptance rate, steps to acceptance, and a grid PNG of prototypes (one column per domain)."""
+    from PIL import Image
+
+    bank = h.bank(h.config)
+    out.mkdir(parents=True, exist_ok=True)
+    mean, std = torch.tensor(pg.MEAN).view(3, 1, 1), torch.tensor(pg.STD).view(3, 1, 1)
+    tiles = []
+    for c in pg.CLASSES:
+        row = [(bank.images[(c, d)][0] * std + mean).clamp(0, 1) for d in pg.DOMAINS]
+        tiles.append(torch.cat(row, dim=2))
+    grid = (torch.cat(tiles, dim=1).permute(1, 2, 0).numpy() * 255).astype("uint8")
+    path = out / "prototypes_grid.png"
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    st = bank.stats
+    line = (f"{st['prototypes']} prototypes ({h.config.prototypes_per_cell} per cell), accepted "
+            f"{st['accepted']} ({100 * st['acceptance_rate']:.1f}%) at p ≥ {h.config.accept_prob}, mean steps to "
+            f"acceptance {st['mean_steps_to_accept']}, {st['seconds']:.1f} s; grid: {path}")
+    print(line)
+    if record:
+        append_results("quality: prototype synthesis (proving ground)", [line.replace(str(path), path.name)])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--per-cell", type=int, default=20, help="held-out renders per cell")
+    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--ablations", action="store_true", help="baselines and ablations table")
+    ap.add_argument("--sequential", action="store_true", help="forget A then B on the patched model")
+    ap.add_argument("--probe", action="store_true", help="recovery probe (knowledge retention)")
+    ap.add_argument("--prototypes", action="store_true", help="synthesis report and prototype grid PNG")
+    ap.add_argument("--out", default="results/quality", help="folder for PNGs")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    h = Harness(args.per_cell, ForgetConfig())
+    record = not args.no_record
+    rc = 0
+    if args.prototypes:
+        prototype_report(h, Path(args.out), record)
+    if args.ablations:
+        ablations(h, record)
+    if args.sequential:
+        rc |= sequential(h, record)
+    if args.probe:
+        recovery_probe(h, record)
+    if not (args.ablations or args.sequential or args.probe or args.prototypes):
+        rc |= check_targets(h, record)
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
