@@ -8,10 +8,11 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): setup.py requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=23" setuptools wheel
+	$(PY) -m pip install -q setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	CLIPFORGET_BUILD_CPP=1 $(PY) setup.py -q build_ext --inplace || echo "C++ CPU kernel not built: the torch path is used"
 	touch $(STAMP)
 
 demo: $(STAMP)

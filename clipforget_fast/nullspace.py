@@ -137,6 +137,9 @@ def forget_basis(G_F: torch.Tensor, G_R: torch.Tensor, *, retain_energy: float, 
     else:
         G_t = G_F
     U_F, ev = energy_basis(G_t, forget_energy, max_rank=max_rank, **kw)
+    if keep.shape[1] and U_F.shape[1]:
+        # eigenvectors of small eigenvalues carry rounding-level components along K: remove them
+        U_F, _ = torch.linalg.qr(U_F - K @ (K.t() @ U_F))
     tF = float(torch.trace(G_F))
     info = {"rank_R": U_R.shape[1], "rank_F": U_F.shape[1],
             "forget_energy_removed": float(torch.trace(U_F.t() @ G_F @ U_F)) / tF if tF > 0 else 0.0}

@@ -33,6 +33,9 @@ def lowrank_update_(weights: list[torch.Tensor], lefts: list[torch.Tensor],
     for w, left, right in zip(weights, lefts, rights):
         rt = right.to(device=w.device, dtype=torch.float32).t()          # [k, n]
         left = left.to(device=w.device, dtype=torch.float32)             # [m, k]
+        if w.dtype == torch.float32:                                     # in place, no temporary
+            w.addmm_(left, rt, alpha=scale)
+            continue
         for r0 in range(0, w.shape[0], ROW_CHUNK):
             rows = w[r0:r0 + ROW_CHUNK]
             upd = torch.addmm(rows.float(), left[r0:r0 + ROW_CHUNK], rt, alpha=scale)
