@@ -6,6 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run under its CPU interpreter, which Triton reads when it is first
+# imported: set it here, before any test module can import Triton (tests/test_kernels.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
