@@ -102,17 +102,19 @@ class GramCapture:
         return None
 
     @torch.no_grad()
-    def text(self, tokens: torch.Tensor, group: str) -> None:
-        """Run the text tower on ``tokens`` [B, ctx] (long) and fold its features into ``group``."""
+    def text(self, tokens: torch.Tensor, group: str) -> torch.Tensor:
+        """Run the text tower on ``tokens`` [B, ctx] (long), fold its features into ``group``, and
+        return the text embeddings [B, D] (unnormalized), so one pass serves both."""
         assert group in GROUPS
         self._group, self._eot = group, eot_positions(self.model, tokens)
         try:
             proj = self._raw_proj("text")
             if proj is None:
-                self.model.encode_text(tokens)
-            else:
-                with without_projection(self.model, "text_projection"):
-                    self._fold(proj, self.model.encode_text(tokens))
+                return self.model.encode_text(tokens)
+            with without_projection(self.model, "text_projection"):
+                x = self.model.encode_text(tokens)
+            self._fold(proj, x)
+            return x @ proj.param.to(x.dtype)
         finally:
             self._group, self._eot = None, None
 

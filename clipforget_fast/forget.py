@@ -22,7 +22,7 @@ from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
 from .spec import ForgetSpec
 from .synthesis import PrototypeBank, autocast_dtype, frozen, synthesize
-from .text import class_embeddings, mean_embeddings, tokenize
+from .text import class_embeddings, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +105,21 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     amp = autocast_dtype(config, device)
     autocast = dict(device_type=device.type, dtype=amp, enabled=amp != torch.float32)
 
-    with frozen(model):
-        # 1. prompt bank and text features
+    with frozen(model), GramCapture(model, layers, config.token_policy, device) as cap:
+        # 1. prompt bank; one text-tower pass gives both the cells' text embeddings and the text
+        #    layers' Grams (F prompts first, then R, as the cells are ordered)
         t = time.perf_counter()
         prompts = [spec.prompts(c) for c in cells]
+        sizes = [len(ps) for ps in prompts]
         all_tokens = tokenize(tokenizer, [p for ps in prompts for p in ps], device)
-        tokens = list(torch.split(all_tokens, [len(ps) for ps in prompts]))
+        n_f_prompts = sum(sizes[:n_f])
+        emb = []
         with torch.autocast(**autocast):
-            cell_text = mean_embeddings(model, all_tokens, [len(ps) for ps in prompts], config.batch_size)
+            for g, lo, hi in (("F", 0, n_f_prompts), ("R", n_f_prompts, len(all_tokens))):
+                for i in range(lo, hi, config.batch_size):
+                    emb.append(cap.text(all_tokens[i:min(hi, i + config.batch_size)], g).float())
+        emb = torch.nn.functional.normalize(torch.cat(emb), dim=-1)
+        cell_text = torch.nn.functional.normalize(torch.stack([e.mean(0) for e in torch.split(emb, sizes)]), dim=-1)
         sync()
         timings["prompts"] = time.perf_counter() - t
 
@@ -124,18 +131,12 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
             images = torch.cat([bank.images[c][:P].to(device) for c in cells])
             img_groups = [g for g in groups for _ in range(P)]
 
-        # 3. capture: streaming Grams of every targeted layer's input, F and R
+        # 3. capture: the image layers' Grams from the prototypes, F and R
         t = time.perf_counter()
-        with GramCapture(model, layers, config.token_policy, device) as cap, torch.autocast(**autocast):
-            for g in ("F", "R"):
-                tok = [tk for tk, gg in zip(tokens, groups) if gg == g]
-                if tok and any(l.tower == "text" for l in layers):
-                    tok = torch.cat(tok)
-                    for i in range(0, len(tok), config.batch_size):
-                        cap.text(tok[i:i + config.batch_size], g)
-                if images is not None:
-                    sel = torch.tensor([gg == g for gg in img_groups], device=device)
-                    imgs = images[sel]
+        if images is not None:
+            with torch.autocast(**autocast):
+                for g in ("F", "R"):
+                    imgs = images[torch.tensor([gg == g for gg in img_groups], device=device)]
                     for i in range(0, len(imgs), config.batch_size):
                         cap.images(imgs[i:i + config.batch_size], g)
         sync()
