@@ -136,13 +136,13 @@ def fmt_forget(s: Scores) -> str:
     return " ".join(f"{d[:5]}:{a:.1f}" for d, a in s.forget_by_domain.items())
 
 
-def check_targets(h: Harness, record: bool) -> int:
+def check_targets(h: Harness, record: bool, requests=REQUESTS) -> int:
     chance = h.before["edit"].chance
     lines = [f"held-out renders: {h.images.shape[0]} images; chance {100 * chance:.1f}%; config: default ForgetConfig",
              "", "| mode | forget | templates | forgotten acc. per domain (%) | kept before → after (drop) | same class other domains drop | edit s | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     failed = 0
-    for mode, fc, fd in REQUESTS:
+    for mode, fc, fd in requests:
         spec = spec_for(mode, fc, fd)
         res, patch, secs = h.run(spec)
         what = f"{','.join(fc or ['*'])} @ {','.join(fd or ['*'])}"
@@ -154,7 +154,7 @@ def check_targets(h: Harness, record: bool) -> int:
                          f"({s.keep_drop:.2f}) | {sd} | {secs:.1f} | {'ok' if not miss else 'MISS: ' + '; '.join(miss)} |")
         print(lines[-2], lines[-1], sep="\n", flush=True)
     lines.append("")
-    lines.append(f"{failed} of {2 * len(REQUESTS)} request × template-set rows miss a target")
+    lines.append(f"{failed} of {2 * len(requests)} request × template-set rows miss a target")
     print(lines[-1])
     if record:
         append_results("quality: targets per mode (proving ground)", lines)
@@ -343,8 +343,14 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", action="store_true", help="recovery probe (knowledge retention)")
     ap.add_argument("--prototypes", action="store_true", help="synthesis report and prototype grid PNG")
     ap.add_argument("--out", default="results/quality", help="folder for PNGs")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run of the harness itself: 2 renders per cell, 2 prototypes × 10 steps, "
+                         "one request per mode, nothing recorded (its verdicts mean nothing)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.quick:
+        h = Harness(2, ForgetConfig(prototypes_per_cell=2, steps=10))
+        return check_targets(h, False, ABLATION_REQUESTS) and 0
     h = Harness(args.per_cell, ForgetConfig())
     record = not args.no_record
     rc = 0
