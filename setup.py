@@ -4,7 +4,7 @@ optional at run time: without them the pure-torch reference runs."""
 import os
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # Optional C++ CPU kernel for the multi-layer apply (csrc/), built when CLIPFORGET_BUILD_CPP=1 (the
 # Makefile sets it). A failed build only warns: the torch path then runs.
@@ -35,7 +35,7 @@ setup(
     name="clipforget_fast",
     version=version["__version__"],
     description="Training-free, data-free class and domain unlearning for CLIP models",
-    packages=["clipforget_fast", "clipforget_fast.proving_ground", "clipforget_fast.kernels"],
+    packages=find_packages(include=["clipforget_fast", "clipforget_fast.*"]) + ["clipforget_fast.kernels"],
     package_dir={"clipforget_fast.kernels": "kernels"},
     package_data={"clipforget_fast.proving_ground": ["*.json", "*.md", "weights/*.safetensors"]},
     python_requires=">=3.10",
