@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         f"| apply | {apply_s:.3f} |",
         f"| revert | {revert_s:.3f} |",
         "",
-        f"synthesis: {n_img * args.steps / tm.get("synthesis", float("nan")):.3g} image-steps/s; "
+        f"synthesis: {n_img * args.steps / tm.get('synthesis', float('nan')):.3g} image-steps/s; "
         f"memory: {'GPU allocated' if args.device == 'cuda' else 'peak RSS'} {base_mem:.2f} GB with the model, "
         f"{peak:.2f} GB peak during the edit (+{peak - base_mem:.2f} GB)",
     ]
