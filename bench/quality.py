@@ -239,7 +239,9 @@ def sequential(h: Harness, record: bool) -> int:
     state = {k: v.clone() for k, v in h.model.state_dict().items()}
     pa = forget(h.model, h.tok, sa, h.config, prototypes=h.bank(h.config))
     pa.apply(h.model)
-    pb = forget(h.model, h.tok, sb, h.config)          # fresh prototypes: the model has changed
+    # B's Grams are captured on the patched model; its prototypes come from the bank (synthesized on
+    # the base model: the edit changed only the targeted layers)
+    pb = forget(h.model, h.tok, sb, h.config, prototypes=h.bank(h.config))
     pb.apply(h.model)
     after = {name: h._eval(t) for name, t in (("edit", DEFAULT_TEMPLATES), ("held-out", HELD_OUT_TEMPLATES))}
     pb.revert(h.model)
