@@ -1,0 +1,66 @@
+"""The proving-ground model: open_clip's own `CLIP` class with a small registered ViT config.
+
+The architecture is the JSON file next to this module, in open_clip's `model_configs/` format; its stem
+is the model name, registered with `open_clip.add_model_config`, so `open_clip.create_model(MODEL_NAME)`
+and `open_clip.get_tokenizer(MODEL_NAME)` work as for any built-in model. The trained weights are
+stored in fp16 under `weights/` (see MODEL_CARD.md for how they were made) and loaded as fp32.
+"""
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import load_file
+
+from .render import MEAN, STD
+
+_HERE = Path(__file__).resolve().parent
+MODEL_NAME = "ProvingGround-ViT-48"
+CONFIG_PATH = _HERE / f"{MODEL_NAME}.json"
+WEIGHTS_PATH = _HERE / "weights" / "proving_ground_vit48.safetensors"
+
+_registered = False
+
+
+def register():
+    """Register the config with open_clip (idempotent); returns the config dict."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_PATH)
+        _registered = True
+    return json.loads(CONFIG_PATH.read_text())
+
+
+def build_model():
+    """A randomly initialised proving-ground CLIP (fp32, train mode)."""
+    register()
+    return open_clip.create_model(MODEL_NAME, pretrained=None, device="cpu")
+
+
+def get_tokenizer():
+    """open_clip's SimpleTokenizer (BPE vocab shipped with open_clip) at the config's context length."""
+    register()
+    return open_clip.get_tokenizer(MODEL_NAME)
+
+
+def get_preprocess():
+    """PIL image -> normalized float tensor [3, H, W] for the model."""
+    cfg = register()
+    return open_clip.image_transform(cfg["vision_cfg"]["image_size"], is_train=False, mean=MEAN, std=STD,
+                                     interpolation="bicubic", resize_mode="shortest")
+
+
+def load(device="cpu", weights=None):
+    """Load the committed, trained proving-ground model offline.
+
+    Returns (model in eval mode, fp32, on `device`; tokenizer; preprocess). `weights` overrides the
+    checkpoint path (a safetensors file of this architecture).
+    """
+    path = Path(weights) if weights is not None else WEIGHTS_PATH
+    if not path.is_file():
+        raise ValueError(f"weights file not found: {str(path)!r}")
+    model = build_model()
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state, strict=True)
+    model = model.to(device).eval()
+    return model, get_tokenizer(), get_preprocess()
