@@ -6,6 +6,7 @@ and `open_clip.get_tokenizer(MODEL_NAME)` work as for any built-in model. The tr
 stored in fp16 under `weights/` (see MODEL_CARD.md for how they were made) and loaded as fp32.
 """
 import json
+import logging
 from pathlib import Path
 
 import open_clip
@@ -34,7 +35,15 @@ def register():
 def build_model():
     """A randomly initialised proving-ground CLIP (fp32, train mode)."""
     register()
-    return open_clip.create_model(MODEL_NAME, pretrained=None, device="cpu")
+    # open_clip logs "No pretrained weights loaded ... initialized randomly" for pretrained=None,
+    # which reads as an error when load() fills the weights right after: keep it out of the log.
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return open_clip.create_model(MODEL_NAME, pretrained=None, device="cpu")
+    finally:
+        quiet.setLevel(level)
 
 
 def get_tokenizer():
