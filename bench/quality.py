@@ -136,15 +136,19 @@ def fmt_forget(s: Scores) -> str:
     return " ".join(f"{d[:5]}:{a:.1f}" for d, a in s.forget_by_domain.items())
 
 
-def check_targets(h: Harness, record: bool, requests=REQUESTS) -> int:
+EDITS = ("default", "class-redirect")   # forget() with the default config, or a bench variant
+
+
+def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "default") -> int:
     chance = h.before["edit"].chance
-    lines = [f"held-out renders: {h.images.shape[0]} images; chance {100 * chance:.1f}%; config: default ForgetConfig",
+    lines = [f"held-out renders: {h.images.shape[0]} images; chance {100 * chance:.1f}%; edit: "
+             f"{'default ForgetConfig' if edit == 'default' else edit + ' (bench/quality.py)'}",
              "", "| mode | forget | templates | forgotten acc. per domain (%) | kept before → after (drop) | same class other domains drop | edit s | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     failed = 0
     for mode, fc, fd in requests:
         spec = spec_for(mode, fc, fd)
-        res, patch, secs = h.run(spec)
+        res, patch, secs = h.run(spec, None, None if edit == "default" else class_redirect_edit)
         what = f"{','.join(fc or ['*'])} @ {','.join(fd or ['*'])}"
         for name, s in res.items():
             miss = misses(spec, s, chance)
@@ -157,7 +161,7 @@ def check_targets(h: Harness, record: bool, requests=REQUESTS) -> int:
     lines.append(f"{failed} of {2 * len(requests)} request × template-set rows miss a target")
     print(lines[-1])
     if record:
-        append_results("quality: targets per mode (proving ground)", lines)
+        append_results(f"quality: targets per mode, {edit} edit (proving ground)", lines)
     return 1 if failed else 0
 
 
@@ -196,6 +200,42 @@ def redirect_edit(h: Harness, spec: ForgetSpec, lam: float = 1e-2, rank: int = 3
     return Patch(entries)
 
 
+def class_redirect_edit(h: Harness, spec: ForgetSpec, retain_energy: float = 0.9999, gain: float = 3.0,
+                        retain_weight: float = 1.0, ridge: float = 1e-3, max_rank: int = 32):
+    """Text-side class redirect on ``text_projection`` (an exploratory variant, not yet in the
+    library): detectors U = the R-free forget directions of the prompts' pre-projection features
+    (``forget_basis``), and P' = P + U Aᵀ with A the ridge solution that moves each forgotten prompt's
+    output by -gain × its component along its class's mean output direction, while keeping the
+    kept prompts' outputs (weight ``retain_weight``)."""
+    from clipforget_fast.capture import without_projection
+    from clipforget_fast.nullspace import forget_basis
+    from clipforget_fast.patch import Patch, PatchEntry, tensor_hash
+    from clipforget_fast.text import tokenize
+
+    m, cells = h.model, spec.cells
+    with torch.no_grad(), without_projection(m, "text_projection"):
+        keys = {c: m.encode_text(tokenize(h.tok, spec.prompts(c), "cpu")).float() for c in cells}
+    P = m.text_projection.detach().float()                              # [d_in, d_out]
+    KF = torch.cat([keys[c] for c in cells if c in spec.forget_cells])
+    KR = torch.cat([keys[c] for c in cells if c not in spec.forget_cells])
+    U, _ = forget_basis(KF.t() @ KF, KR.t() @ KR, retain_energy=retain_energy, forget_energy=0.999,
+                        max_rank=max_rank)
+    targets = []
+    for cls in sorted({c for c, _ in spec.forget_cells}):
+        out = torch.cat([keys[c] for c in cells if c in spec.forget_cells and c[0] == cls]) @ P
+        w = torch.nn.functional.normalize(out.mean(0), dim=0)          # the class's output direction
+        targets.append(-gain * (out @ w)[:, None] * w[None, :])
+    D = torch.cat(targets)                                              # [n_F, d_out]
+    KF = torch.cat([keys[c] for cls in sorted({c for c, _ in spec.forget_cells})
+                    for c in cells if c in spec.forget_cells and c[0] == cls])
+    ZF, ZR = KF @ U, KR @ U
+    k = max(1, U.shape[1])
+    M = ZF.t() @ ZF + retain_weight * ZR.t() @ ZR + ridge * float(torch.trace(ZF.t() @ ZF)) / k * torch.eye(U.shape[1])
+    At = torch.linalg.solve(M, ZF.t() @ D)                              # [k, d_out]
+    return Patch([PatchEntry("text_projection", "in_out", At.t().contiguous(), U.contiguous(),
+                             tensor_hash(m.text_projection))])
+
+
 ABLATION_REQUESTS = [("global", ["fish"], None), ("domain", ["house"], ["sketch"]), ("domain-complete", None, ["sketch"])]
 
 
@@ -210,6 +250,7 @@ def ablations(h: Harness, record: bool) -> None:
         ("multimodal, proj+mlp, all tokens", base.replace(targets="proj+mlp", token_policy="all"), None),
         *[(f"multimodal, proj, α={a}", base.replace(alpha=a), None) for a in (0.25, 0.5, 0.75)],
         ("closed-form redirect, proj", base, redirect_edit),
+        ("text-side class redirect (exploratory)", base, class_redirect_edit),
     ]
     chance = h.before["edit"].chance
     lines = ["Held-out renders and held-out templates; forgotten = mean over forgotten cells (%), "
@@ -345,6 +386,8 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", action="store_true", help="recovery probe (knowledge retention)")
     ap.add_argument("--prototypes", action="store_true", help="synthesis report and prototype grid PNG")
     ap.add_argument("--out", default="results/quality", help="folder for PNGs")
+    ap.add_argument("--edit", choices=EDITS, default="default",
+                    help="edit checked against the targets: the library's forget() or a bench variant")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run of the harness itself: 2 renders per cell, 2 prototypes × 10 steps, "
                          "one request per mode, nothing recorded (its verdicts mean nothing)")
@@ -365,7 +408,7 @@ def main(argv=None) -> int:
     if args.probe:
         recovery_probe(h, record)
     if not (args.ablations or args.sequential or args.probe or args.prototypes):
-        rc |= check_targets(h, record)
+        rc |= check_targets(h, record, edit=args.edit)
     return rc
 
 
