@@ -166,6 +166,15 @@ def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "defa
 
 
 # ---- baselines ---------------------------------------------------------------------------------
+def prompt_keys(h: Harness, spec: ForgetSpec) -> dict:
+    """{cell: [n_templates, d_in]} inputs of ``text_projection`` for each cell's prompts."""
+    from clipforget_fast.capture import without_projection
+    from clipforget_fast.text import tokenize
+
+    with torch.no_grad(), without_projection(h.model, "text_projection"):
+        return {c: h.model.encode_text(tokenize(h.tok, spec.prompts(c), "cpu")).float() for c in spec.cells}
+
+
 def redirect_edit(h: Harness, spec: ForgetSpec, lam: float = 1e-2, rank: int = 32):
     """Closed-form "redirect" on the two projections (in the spirit of UCE / AlphaEdit): the W' that
     minimizes Σ_F ‖W'k - W k₀‖² + Σ_R ‖W'k - Wk‖² + λ‖W' - W‖², k₀ a neutral key (the generic
@@ -178,9 +187,9 @@ def redirect_edit(h: Harness, spec: ForgetSpec, lam: float = 1e-2, rank: int = 3
     m, cells = h.model, spec.cells
     forget_set = spec.forget_cells
     bank = h.bank(h.config)
+    keys = prompt_keys(h, spec)
     with torch.no_grad():
         with without_projection(m, "text_projection"):
-            keys = {c: m.encode_text(tokenize(h.tok, spec.prompts(c), "cpu")) for c in cells}
             k0_text = m.encode_text(tokenize(h.tok, ["an image."], "cpu"))[0]
         with without_projection(m.visual, "proj"):
             vkeys = {c: m.encode_image(bank.images[c]) for c in cells}
@@ -207,14 +216,11 @@ def class_redirect_edit(h: Harness, spec: ForgetSpec, retain_energy: float = 0.9
     (``forget_basis``), and P' = P + U Aᵀ with A the ridge solution that moves each forgotten prompt's
     output by -gain × its component along its class's mean output direction, while keeping the
     kept prompts' outputs (weight ``retain_weight``)."""
-    from clipforget_fast.capture import without_projection
     from clipforget_fast.nullspace import forget_basis
     from clipforget_fast.patch import Patch, PatchEntry, tensor_hash
-    from clipforget_fast.text import tokenize
 
     m, cells = h.model, spec.cells
-    with torch.no_grad(), without_projection(m, "text_projection"):
-        keys = {c: m.encode_text(tokenize(h.tok, spec.prompts(c), "cpu")).float() for c in cells}
+    keys = prompt_keys(h, spec)
     P = m.text_projection.detach().float()                              # [d_in, d_out]
     KF = torch.cat([keys[c] for c in cells if c in spec.forget_cells])
     KR = torch.cat([keys[c] for c in cells if c not in spec.forget_cells])
