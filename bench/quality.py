@@ -136,19 +136,19 @@ def fmt_forget(s: Scores) -> str:
     return " ".join(f"{d[:5]}:{a:.1f}" for d, a in s.forget_by_domain.items())
 
 
-EDITS = ("default", "class-redirect")   # forget() with the default config, or a bench variant
+EDITS = ("default", "class-redirect")   # forget() with the default config, or with CLASS_REDIRECT
 
 
 def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "default") -> int:
     chance = h.before["edit"].chance
     lines = [f"held-out renders: {h.images.shape[0]} images; chance {100 * chance:.1f}%; edit: "
-             f"{'default ForgetConfig' if edit == 'default' else edit + ' (bench/quality.py)'}",
+             f"{'default ForgetConfig' if edit == 'default' else 'ForgetConfig(' + repr(CLASS_REDIRECT.edit) + ', use_prototypes=False, retain_energy=0.9999)'}",
              "", "| mode | forget | templates | forgotten acc. per domain (%) | kept before → after (drop) | same class other domains drop | edit s | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     failed = 0
     for mode, fc, fd in requests:
         spec = spec_for(mode, fc, fd)
-        res, patch, secs = h.run(spec, None, None if edit == "default" else class_redirect_edit)
+        res, patch, secs = h.run(spec, None if edit == "default" else CLASS_REDIRECT)
         what = f"{','.join(fc or ['*'])} @ {','.join(fd or ['*'])}"
         for name, s in res.items():
             miss = misses(spec, s, chance)
@@ -209,37 +209,8 @@ def redirect_edit(h: Harness, spec: ForgetSpec, lam: float = 1e-2, rank: int = 3
     return Patch(entries)
 
 
-def class_redirect_edit(h: Harness, spec: ForgetSpec, retain_energy: float = 0.9999, gain: float = 3.0,
-                        retain_weight: float = 1.0, ridge: float = 1e-3, max_rank: int = 32):
-    """Text-side class redirect on ``text_projection`` (an exploratory variant, not yet in the
-    library): detectors U = the R-free forget directions of the prompts' pre-projection features
-    (``forget_basis``), and P' = P + U Aᵀ with A the ridge solution that moves each forgotten prompt's
-    output by -gain × its component along its class's mean output direction, while keeping the
-    kept prompts' outputs (weight ``retain_weight``)."""
-    from clipforget_fast.nullspace import forget_basis
-    from clipforget_fast.patch import Patch, PatchEntry, tensor_hash
-
-    m, cells = h.model, spec.cells
-    keys = prompt_keys(h, spec)
-    P = m.text_projection.detach().float()                              # [d_in, d_out]
-    KF = torch.cat([keys[c] for c in cells if c in spec.forget_cells])
-    KR = torch.cat([keys[c] for c in cells if c not in spec.forget_cells])
-    U, _ = forget_basis(KF.t() @ KF, KR.t() @ KR, retain_energy=retain_energy, forget_energy=0.999,
-                        max_rank=max_rank)
-    targets = []
-    for cls in sorted({c for c, _ in spec.forget_cells}):
-        out = torch.cat([keys[c] for c in cells if c in spec.forget_cells and c[0] == cls]) @ P
-        w = torch.nn.functional.normalize(out.mean(0), dim=0)          # the class's output direction
-        targets.append(-gain * (out @ w)[:, None] * w[None, :])
-    D = torch.cat(targets)                                              # [n_F, d_out]
-    KF = torch.cat([keys[c] for cls in sorted({c for c, _ in spec.forget_cells})
-                    for c in cells if c in spec.forget_cells and c[0] == cls])
-    ZF, ZR = KF @ U, KR @ U
-    k = max(1, U.shape[1])
-    M = ZF.t() @ ZF + retain_weight * ZR.t() @ ZR + ridge * float(torch.trace(ZF.t() @ ZF)) / k * torch.eye(U.shape[1])
-    At = torch.linalg.solve(M, ZF.t() @ D)                              # [k, d_out]
-    return Patch([PatchEntry("text_projection", "in_out", At.t().contiguous(), U.contiguous(),
-                             tensor_hash(m.text_projection))])
+# The class redirect (clipforget_fast.redirect) at the settings measured here.
+CLASS_REDIRECT = ForgetConfig(edit="class-redirect", use_prototypes=False, retain_energy=0.9999)
 
 
 ABLATION_REQUESTS = [("global", ["fish"], None), ("domain", ["house"], ["sketch"]), ("domain-complete", None, ["sketch"])]
@@ -256,7 +227,7 @@ def ablations(h: Harness, record: bool) -> None:
         ("multimodal, proj+mlp, all tokens", base.replace(targets="proj+mlp", token_policy="all"), None),
         *[(f"multimodal, proj, α={a}", base.replace(alpha=a), None) for a in (0.25, 0.5, 0.75)],
         ("closed-form redirect, proj", base, redirect_edit),
-        ("text-side class redirect (exploratory)", base, class_redirect_edit),
+        ("class redirect, text side (edit='class-redirect')", CLASS_REDIRECT, None),
     ]
     chance = h.before["edit"].chance
     lines = ["Held-out renders and held-out templates; forgotten = mean over forgotten cells (%), "

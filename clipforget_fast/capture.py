@@ -43,7 +43,7 @@ class GramCapture:
     """
 
     def __init__(self, model: nn.Module, layers: list[Layer], token_policy: str = "pooled",
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, keep_forget_rows: tuple[str, ...] = ()):
         self.model = model
         self.layers = layers
         self.policy = token_policy
@@ -51,6 +51,8 @@ class GramCapture:
         self.grams = {l.name: {g: torch.zeros(l.d_in, l.d_in, device=dev, dtype=torch.float32)
                                for g in GROUPS} for l in layers}
         self.counts = {l.name: {g: 0 for g in GROUPS} for l in layers}
+        # the F rows themselves, for the layers named (the class redirect needs them)
+        self.forget_rows = {name: [] for name in keep_forget_rows}
         self._group = None
         self._eot = None            # [B] EOT positions of the current text batch
         self._handles = []
@@ -91,6 +93,8 @@ class GramCapture:
 
     def _fold(self, layer: Layer, rows: torch.Tensor) -> None:
         rows = rows.float()
+        if self._group == "F" and layer.name in self.forget_rows:
+            self.forget_rows[layer.name].append(rows.detach().clone())
         self.grams[layer.name][self._group].addmm_(rows.t(), rows)
         self.counts[layer.name][self._group] += rows.shape[0]
 

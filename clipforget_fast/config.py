@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 TARGET_PRESETS = ("proj", "proj+mlp", "proj+mlp+attn", "mlp")
+EDITS = ("project", "class-redirect")
 TOKEN_POLICIES = ("pooled", "all")
 SOLVERS = ("auto", "exact", "randomized")
 DTYPES = (None, "float32", "float16", "bfloat16")
@@ -39,6 +40,9 @@ class ForgetConfig:
     oversample: int = 10                # randomized range finder: extra columns beyond the rank
     power_iters: int = 2                # randomized range finder: subspace iterations
     alpha: float = 1.0                  # 1 = project the forget directions out fully, 0.5 = halve them
+    edit: str = "project"               # "project" the directions out, or "class-redirect" (text side)
+    redirect_gain: float = 3.0          # class-redirect: how far forgotten prompts move against their class
+    retain_weight: float = 1.0          # class-redirect: weight of holding the kept prompts' outputs
     # --- execution ---
     seed: int = 0                       # seeds noise, jitter and random sketches
     device: str | None = None           # None = the model's device
@@ -66,6 +70,11 @@ class ForgetConfig:
         need(0 < self.forget_energy <= 1, "forget_energy", "must be in (0, 1]")
         need(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         need(self.targets in TARGET_PRESETS, "targets", f"must be one of {TARGET_PRESETS}")
+        need(self.edit in EDITS, "edit", f"must be one of {EDITS}")
+        need(self.redirect_gain > 0, "redirect_gain", "must be > 0")
+        need(self.retain_weight >= 0, "retain_weight", "must be ≥ 0")
+        need(self.edit != "class-redirect" or (self.use_text and self.targets.startswith("proj")), "edit",
+             "class-redirect edits the text projection: it needs use_text=True and a 'proj…' targets preset")
         need(self.token_policy in TOKEN_POLICIES, "token_policy", f"must be one of {TOKEN_POLICIES}")
         need(self.solver in SOLVERS, "solver", f"must be one of {SOLVERS}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")

@@ -20,6 +20,7 @@ from .config import ForgetConfig
 from .layers import Layer, find_layers
 from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
+from .redirect import class_redirect_entry
 from .spec import ForgetSpec
 from .synthesis import PrototypeBank, autocast_dtype, frozen, synthesize
 from .text import class_embeddings, tokenize
@@ -87,6 +88,12 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     layers = find_layers(model, config.targets, config.last_blocks)
     layers = [l for l in layers if (l.tower == "text" and config.use_text)
               or (l.tower == "visual" and config.use_prototypes and config.prototypes_per_cell > 0)]
+    redirect = config.edit == "class-redirect"
+    if redirect:
+        layers = [l for l in layers if l.kind == "proj" and l.tower == "text"]
+        if spec.mode != "global":
+            log.warning("edit='class-redirect' changes the text side only: it cannot keep the "
+                        "forgotten classes in other domains (mode %r)", spec.mode)
     if not layers:
         raise ValueError(f"config selects no layer: targets={config.targets!r}, use_text="
                          f"{config.use_text}, use_prototypes={config.use_prototypes}, "
@@ -105,7 +112,8 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     amp = autocast_dtype(config, device)
     autocast = dict(device_type=device.type, dtype=amp, enabled=amp != torch.float32)
 
-    with frozen(model), GramCapture(model, layers, config.token_policy, device) as cap:
+    keep_rows = tuple(l.name for l in layers) if redirect else ()
+    with frozen(model), GramCapture(model, layers, config.token_policy, device, keep_rows) as cap:
         # 1. prompt bank; one text-tower pass gives both the cells' text embeddings and the text
         #    layers' Grams (F prompts first, then R, as the cells are ordered)
         t = time.perf_counter()
@@ -155,7 +163,12 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
                                     generator=gen)
             linfo.update(samples_F=cap.counts[layer.name]["F"], samples_R=cap.counts[layer.name]["R"])
             info["layers"][layer.name] = linfo
-            if U.shape[1]:
+            if U.shape[1] and redirect:
+                row_classes = [cell[0] for cell, n in zip(cells[:n_f], sizes[:n_f]) for _ in range(n)]
+                entries.append(class_redirect_entry(
+                    layer, U, torch.cat(cap.forget_rows[layer.name]), row_classes,
+                    G["F"], G["R"], gain=config.redirect_gain, retain_weight=config.retain_weight))
+            elif U.shape[1]:
                 entries.append(_patch_entry(layer, U, config.alpha))
         sync()
         timings["nullspace"] = time.perf_counter() - t
