@@ -140,6 +140,7 @@ EDITS = ("default", "class-redirect")   # forget() with the default config, or w
 
 
 def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "default") -> int:
+    """Every request against its mode's targets, with ``h.config`` (named ``edit`` in the table)."""
     chance = h.before["edit"].chance
     lines = [f"held-out renders: {h.images.shape[0]} images; chance {100 * chance:.1f}%; edit: "
              f"{'default ForgetConfig' if edit == 'default' else 'ForgetConfig(' + repr(CLASS_REDIRECT.edit) + ', use_prototypes=False, retain_energy=0.9999)'}",
@@ -148,7 +149,7 @@ def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "defa
     failed = 0
     for mode, fc, fd in requests:
         spec = spec_for(mode, fc, fd)
-        res, patch, secs = h.run(spec, None if edit == "default" else CLASS_REDIRECT)
+        res, patch, secs = h.run(spec)
         what = f"{','.join(fc or ['*'])} @ {','.join(fd or ['*'])}"
         for name, s in res.items():
             miss = misses(spec, s, chance)
@@ -266,7 +267,8 @@ def sequential(h: Harness, record: bool) -> int:
     pa.revert(h.model)
     restored = max(float((h.model.state_dict()[k] - v).abs().max()) for k, v in state.items())
     chance = h.before["edit"].chance
-    lines = ["Forget fish (global), apply; then forget house (global) on the patched model, apply.", "",
+    lines = ["Forget fish (global), apply; then forget house (global) on the patched model, apply. "
+             f"Edit: {'default' if h.config == ForgetConfig() else h.config.edit}.", "",
              "| templates | fish acc. per domain | house acc. per domain | kept before → after (drop) | verdict |",
              "|---|---|---|---|---|"]
     failed = 0
@@ -289,7 +291,8 @@ def recovery_probe(h: Harness, record: bool, train_per_cell: int = 5, steps: int
     """Knowledge retention: a logistic-regression probe on image embeddings, trained on
     ``train_per_cell`` renders per cell to tell the forgotten class from the rest, tested on the
     other renders; before and after the edit."""
-    rows = ["| request | probe balanced acc. before | after | zero-shot forgotten acc. after |", "|---|---|---|---|"]
+    rows = [f"Edit: {'default' if h.config == ForgetConfig() else h.config.edit}.", "",
+            "| request | probe balanced acc. before | after | zero-shot forgotten acc. after |", "|---|---|---|---|"]
     for mode, fc, fd in ABLATION_REQUESTS[:2]:
         spec = spec_for(mode, fc, fd)
         patch = forget(h.model, h.tok, spec, h.config, prototypes=h.bank(h.config))
@@ -373,7 +376,7 @@ def main(argv=None) -> int:
     if args.quick:
         h = Harness(2, ForgetConfig(prototypes_per_cell=2, steps=10))
         return check_targets(h, False, ABLATION_REQUESTS) and 0
-    h = Harness(args.per_cell, ForgetConfig())
+    h = Harness(args.per_cell, ForgetConfig() if args.edit == "default" else CLASS_REDIRECT)
     record = not args.no_record
     rc = 0
     if args.prototypes:
