@@ -25,23 +25,23 @@ from common import append_results  # noqa: E402
 
 from clipforget_fast import ForgetConfig, ForgetSpec  # noqa: E402
 from clipforget_fast.layers import image_geometry  # noqa: E402
-from clipforget_fast.reference import _blur3x3  # noqa: E402
-from clipforget_fast.synthesis import INIT_STD, frozen, synthesize  # noqa: E402
+from clipforget_fast import reference  # noqa: E402
+from clipforget_fast.synthesis import frozen, initial_noise, synthesize  # noqa: E402
 from clipforget_fast.text import class_embeddings  # noqa: E402
 
 
 def peer_one_at_a_time(model, cell_text, target, cfg: ForgetConfig, device) -> tuple[int, float]:
     """The peer recipe, one prototype after another; returns (accepted, seconds)."""
     (H, W), mean, std = image_geometry(model)
-    lo, hi = ((0 - mean) / std).to(device).view(1, 3, 1, 1), ((1 - mean) / std).to(device).view(1, 3, 1, 1)
+    lo, hi = ((0 - mean) / std).to(device), ((1 - mean) / std).to(device)
+    keep = torch.ones(1, dtype=torch.bool, device=device)
     scale = float(model.logit_scale.detach().exp())
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     accepted = 0
     t0 = time.perf_counter()
     with frozen(model):
         for tgt in target.tolist():
-            x = (torch.randn(1, 3, H, W, generator=gen) * INIT_STD).to(device)
-            x = torch.maximum(torch.minimum(x, hi), lo)
+            x = initial_noise(1, (H, W), lo, hi, gen)
             y = torch.tensor([tgt], device=device)
             for step in range(cfg.steps):
                 dy, dx = rng.randint(-cfg.jitter, cfg.jitter), rng.randint(-cfg.jitter, cfg.jitter)
@@ -51,12 +51,11 @@ def peer_one_at_a_time(model, cell_text, target, cfg: ForgetConfig, device) -> t
                     accepted += 1
                     break
                 (g,) = torch.autograd.grad(F.cross_entropy(logits, y), xj)
-                with torch.no_grad():
-                    g = torch.roll(g, (-dy, -dx), dims=(2, 3))
-                    x = x * (1 - cfg.step_size * cfg.pixel_decay) - cfg.step_size * g / (g.pow(2).mean().sqrt() + 1e-12)
-                    if cfg.blur_every and (step + 1) % cfg.blur_every == 0:
-                        x = _blur3x3(x)
-                    x = torch.maximum(torch.minimum(x, hi), lo)
+                with torch.no_grad():                    # the same update math, one image at a time
+                    x, _ = reference.synth_update(
+                        x, g, keep, lr=cfg.step_size, decay=cfg.pixel_decay, lo=lo, hi=hi,
+                        in_shift=(dy, dx), out_shift=(0, 0),
+                        blur=bool(cfg.blur_every) and (step + 1) % cfg.blur_every == 0)
     return accepted, time.perf_counter() - t0
 
 

@@ -14,8 +14,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from . import ForgetConfig, ForgetSpec, evaluate, forget, synthesize_prototypes
 from . import proving_ground as pg
 

@@ -23,7 +23,7 @@ from .patch import Patch, PatchEntry, applied_patches, tensor_hash
 from .redirect import class_redirect_entry
 from .spec import ForgetSpec
 from .synthesis import PrototypeBank, autocast_dtype, frozen, synthesize
-from .text import class_embeddings, tokenize
+from .text import class_embeddings, ensemble, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,8 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         with torch.autocast(**autocast):
             for g, lo, hi in (("F", 0, n_f_prompts), ("R", n_f_prompts, len(all_tokens))):
                 for i in range(lo, hi, config.batch_size):
-                    emb.append(cap.text(all_tokens[i:min(hi, i + config.batch_size)], g).float())
-        emb = torch.nn.functional.normalize(torch.cat(emb), dim=-1)
-        cell_text = torch.nn.functional.normalize(torch.stack([e.mean(0) for e in torch.split(emb, sizes)]), dim=-1)
+                    emb.append(cap.text(all_tokens[i:min(hi, i + config.batch_size)], g))
+        cell_text = ensemble(torch.cat(emb), sizes)
         sync()
         timings["prompts"] = time.perf_counter() - t
 

@@ -41,6 +41,12 @@ def mean_embeddings(model: nn.Module, tokens: torch.Tensor, sizes: list[int],
                     batch_size: int = 256) -> torch.Tensor:
     """Prompt-ensemble rows from already tokenized prompts: ``tokens`` [sum(sizes), ctx] holds
     consecutive groups of ``sizes[i]`` prompts; returns [len(sizes), D] normalized group means."""
-    emb = encode_tokens(model, tokens, batch_size)
+    return ensemble(encode_tokens(model, tokens, batch_size), sizes)
+
+
+def ensemble(emb: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """[len(sizes), D]: the normalized mean of each consecutive group of ``sizes[i]`` rows of
+    ``emb`` [sum(sizes), D], each row normalized first."""
+    emb = torch.nn.functional.normalize(emb.float(), dim=-1)
     rows = torch.stack([g.mean(dim=0) for g in torch.split(emb, sizes)])
     return torch.nn.functional.normalize(rows, dim=-1)

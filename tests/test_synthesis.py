@@ -49,7 +49,7 @@ def test_accepted_prototypes_do_not_move(tiny_clip, tokenizer, vocab):
 
 
 @pytest.mark.parametrize("batch_size", [5, 64])
-def test_result_does_not_depend_on_chunking_of_acceptance_flags(tiny_clip, tokenizer, vocab, batch_size):
+def test_acceptance_bookkeeping_for_any_chunking(tiny_clip, tokenizer, vocab, batch_size):
     text, target = _setup(tiny_clip, tokenizer, vocab)
     res = synthesize(tiny_clip, text, target, ForgetConfig(steps=3, batch_size=batch_size, accept_prob=0.5))
     assert res.accepted.shape == target.shape and res.steps.max() <= 3
