@@ -115,12 +115,16 @@ def main():
     ap.add_argument("--log", type=Path, default=None, help="JSON-lines log (default: stdout only)")
     ap.add_argument("--init", type=Path, default=None,
                     help="start from this checkpoint (a second stage with its own schedule)")
+    ap.add_argument("--extra-domain", choices=DOMAINS, default=None,
+                    help="add one more image of every class in this domain to each batch")
     ap.add_argument("--evaluate", type=int, default=0, metavar="N",
                     help="only evaluate --out on N fresh renders per cell and print the table")
     args = ap.parse_args()
     if args.out.suffix != ".safetensors":
         args.out = args.out / WEIGHTS_PATH.name
     torch.set_num_threads(args.threads)
+    if args.extra_domain is not None and args.steps > 50_000:
+        raise ValueError("--extra-domain keeps its render seeds apart for at most 50,000 steps")
     if args.evaluate:
         report(args.out, args.evaluate)
         return
@@ -145,6 +149,13 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.warmup, args.lr, args.min_lr)
         raw, cls, dom, col = render_raw(CLASSES, DOMAINS, args.per_cell, seed=args.seed * 10 ** 5 + step)
+        if args.extra_domain is not None:   # its own seed range, still below EVAL_SEED
+            xr, xc, _, xk = render_raw(CLASSES, [args.extra_domain], 1,
+                                       seed=args.seed * 10 ** 5 + 50_000 + step)
+            raw = np.concatenate([raw, xr])
+            cls = np.concatenate([cls, xc])
+            dom = np.concatenate([dom, np.full_like(xc, DOMAINS.index(args.extra_domain))])
+            col = np.concatenate([col, xk])
         x = to_model_input(raw)
         tokens = tokenizer(captions(cls, dom, col, rng))
         img, txt, scale = model(x, tokens)
