@@ -43,6 +43,8 @@ class ForgetConfig:
     edit: str = "project"               # "project" the directions out, or "class-redirect" (text side)
     redirect_gain: float = 3.0          # class-redirect: how far forgotten prompts move against their class
     retain_weight: float = 1.0          # class-redirect: weight of holding the kept prompts' outputs
+    domain_gain: float = 1.5            # class-redirect, class kept in other domains: its score drop on
+                                        # images of the forgotten domains, in units of its prototypes' margin
     # --- execution ---
     seed: int = 0                       # seeds noise, jitter and random sketches
     device: str | None = None           # None = the model's device
@@ -73,6 +75,7 @@ class ForgetConfig:
         need(self.edit in EDITS, "edit", f"must be one of {EDITS}")
         need(self.redirect_gain > 0, "redirect_gain", "must be > 0")
         need(self.retain_weight >= 0, "retain_weight", "must be ≥ 0")
+        need(self.domain_gain > 0, "domain_gain", "must be > 0")
         need(self.edit != "class-redirect" or (self.use_text and self.targets.startswith("proj")), "edit",
              "class-redirect edits the text projection: it needs use_text=True and a 'proj…' targets preset")
         need(self.token_policy in TOKEN_POLICIES, "token_policy", f"must be one of {TOKEN_POLICIES}")

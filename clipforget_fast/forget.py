@@ -20,7 +20,7 @@ from .config import ForgetConfig
 from .layers import Layer, find_layers
 from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
-from .redirect import class_redirect_entry
+from .redirect import class_targets, domain_detectors, domain_shifts, redirect_entry
 from .spec import ForgetSpec
 from .synthesis import PrototypeBank, autocast_dtype, frozen, synthesize
 from .text import class_embeddings, ensemble, tokenize
@@ -59,6 +59,27 @@ def _prototypes(model, cells, cell_text, config, device, bank, info, timings) ->
                          fresh.stats)
 
 
+@torch.no_grad()
+def _domain_shifts(model, spec, cells, cell_text, images, P, partial, config, autocast):
+    """Δ_c per partly forgotten class (redirect.domain_shifts) from the prototypes' embeddings."""
+    with torch.autocast(**autocast):
+        emb = torch.cat([model.encode_image(images[i:i + config.batch_size])
+                         for i in range(0, len(images), config.batch_size)])
+    emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+    ct = torch.nn.functional.normalize(cell_text.float(), dim=-1)
+    dom_of = torch.tensor([spec.domains.index(d) for _, d in cells], device=emb.device)
+    cls_of = [c for c, _ in cells]
+    domain_text = torch.nn.functional.normalize(torch.stack(
+        [ct[dom_of == j].mean(0) for j in range(len(spec.domains))]), dim=-1)
+    class_emb = torch.nn.functional.normalize(torch.stack(
+        [ct[torch.tensor([c == k for k in cls_of], device=ct.device)].mean(0) for c in spec.classes]), dim=-1)
+    detectors = domain_detectors(emb, dom_of.repeat_interleave(P), domain_text)
+    proto = {cell: emb[i * P:(i + 1) * P] for i, cell in enumerate(cells)}
+    shifts, info = domain_shifts(proto, class_emb, list(spec.classes), detectors, list(spec.domains),
+                                 partial, config.domain_gain)
+    return shifts, {"shifts": info, "partly_forgotten": partial}
+
+
 def synthesize_prototypes(model: nn.Module, tokenizer, spec: ForgetSpec,
                           config: ForgetConfig = ForgetConfig()) -> PrototypeBank:
     """Prototypes for every cell of ``spec`` (F and R), to pass to several ``forget`` calls on the
@@ -89,11 +110,14 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     layers = [l for l in layers if (l.tower == "text" and config.use_text)
               or (l.tower == "visual" and config.use_prototypes and config.prototypes_per_cell > 0)]
     redirect = config.edit == "class-redirect"
+    forgotten_classes = {c for c, _ in spec.forget_cells}
     if redirect:
         layers = [l for l in layers if l.kind == "proj" and l.tower == "text"]
-        if spec.mode != "global":
-            log.warning("edit='class-redirect' changes the text side only: it cannot keep the "
-                        "forgotten classes in other domains (mode %r)", spec.mode)
+        if all(c in forgotten_classes for c, _ in spec.cells):
+            raise ValueError("edit='class-redirect' needs classes that are kept in every domain to hold "
+                             f"the text side in place, and this request (mode {spec.mode!r}) forgets every "
+                             "class somewhere; a text-side shift cannot forget whole domains: use "
+                             "edit='project'")
     if not layers:
         raise ValueError(f"config selects no layer: targets={config.targets!r}, use_text="
                          f"{config.use_text}, use_prototypes={config.use_prototypes}, "
@@ -108,6 +132,19 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
 
     cells = spec.cells                                    # F first, then R
     n_f = len(spec.forget_cells)
+    partial: dict[str, list[str]] = {}                    # class -> domains it is forgotten in
+    if redirect:
+        # the redirect moves every prompt of a forgotten class (M) and holds the other classes' (H)
+        moved = [c for c in cells if c[0] in forgotten_classes]
+        cells, n_f = moved + [c for c in cells if c[0] not in forgotten_classes], len(moved)
+        kept_somewhere = {c for c, _ in spec.retain_cells}
+        for c, d in sorted(spec.forget_cells):
+            if c in kept_somewhere:
+                partial.setdefault(c, []).append(d)
+        if partial and not (config.use_prototypes and config.prototypes_per_cell > 0):
+            raise ValueError("edit='class-redirect' with classes kept in other domains "
+                             f"({sorted(partial)}) needs prototypes: use_prototypes=True and "
+                             "prototypes_per_cell ≥ 1")
     groups = ["F"] * n_f + ["R"] * (len(cells) - n_f)
     amp = autocast_dtype(config, device)
     autocast = dict(device_type=device.type, dtype=amp, enabled=amp != torch.float32)
@@ -130,13 +167,22 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         sync()
         timings["prompts"] = time.perf_counter() - t
 
-        # 2. prototype synthesis (only when an image-tower layer is edited)
+        # 2. prototype synthesis (when an image-tower layer is edited, or the redirect needs the
+        #    image-side domain detectors)
         images = None
-        if any(l.tower == "visual" for l in layers):
+        if any(l.tower == "visual" for l in layers) or partial:
             P = config.prototypes_per_cell
             bank = _prototypes(model, cells, cell_text, config, device, prototypes, info, timings)
             images = torch.cat([bank.images[c][:P].to(device) for c in cells])
             img_groups = [g for g in groups for _ in range(P)]
+        shifts = {}
+        if partial:
+            t = time.perf_counter()
+            shifts, info["redirect"] = _domain_shifts(model, spec, cells, cell_text, images, P, partial,
+                                                      config, autocast)
+            timings["domain_detectors"] = time.perf_counter() - t
+        if not any(l.tower == "visual" for l in layers):
+            images = None
 
         # 3. capture: the image layers' Grams from the prototypes, F and R
         t = time.perf_counter()
@@ -163,10 +209,23 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
             linfo.update(samples_F=cap.counts[layer.name]["F"], samples_R=cap.counts[layer.name]["R"])
             info["layers"][layer.name] = linfo
             if U.shape[1] and redirect:
+                keys = torch.cat(cap.forget_rows[layer.name])
                 row_classes = [cell[0] for cell, n in zip(cells[:n_f], sizes[:n_f]) for _ in range(n)]
-                entries.append(class_redirect_entry(
-                    layer, U, torch.cat(cap.forget_rows[layer.name]), row_classes,
-                    G["F"], G["R"], gain=config.redirect_gain, retain_weight=config.retain_weight))
+                out = keys.float() @ layer.weight_out_in().detach().float().t()
+                targets = torch.empty_like(out)
+                full = torch.tensor([c not in shifts for c in row_classes], device=out.device)
+                if full.any():
+                    targets[full] = class_targets(out[full], [c for c in row_classes if c not in shifts],
+                                                  config.redirect_gain)
+                for cls, delta in shifts.items():
+                    # prompt i moves to n_i + r δ (n_i its normalized output, r = ‖mean n_i‖), so the
+                    # class's normalized mean moves from T_c to T_c + δ_c
+                    rows = torch.tensor([c == cls for c in row_classes], device=out.device)
+                    norms = out[rows].norm(dim=1, keepdim=True)
+                    r = (out[rows] / norms).mean(0).norm()
+                    targets[rows] = norms * r * delta.to(out)[None, :]
+                entries.append(redirect_entry(layer, U, keys, targets, G["F"], G["R"],
+                                              retain_weight=config.retain_weight))
             elif U.shape[1]:
                 entries.append(_patch_entry(layer, U, config.alpha))
         sync()
