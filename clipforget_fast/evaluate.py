@@ -33,7 +33,9 @@ class AccuracyMatrix:
     def chance(self) -> float:
         return 1.0 / len(self.classes)
 
-    def _mean(self, cells) -> float:
+    def cell_mean(self, cells) -> float:
+        """Mean accuracy over the given (class, domain) cells; cells outside the matrix or without
+        images are skipped; nan if none is left."""
         ci = {c: i for i, c in enumerate(self.classes)}
         di = {d: i for i, d in enumerate(self.domains)}
         idx = [(ci[c], di[d]) for c, d in cells if c in ci and d in di]
@@ -48,11 +50,11 @@ class AccuracyMatrix:
 
     def forget_accuracy(self, spec: ForgetSpec) -> float:
         """Mean accuracy over the spec's forgotten cells."""
-        return self._mean(spec.forget_cells)
+        return self.cell_mean(spec.forget_cells)
 
     def retain_accuracy(self, spec: ForgetSpec) -> float:
         """Mean accuracy over the spec's kept cells."""
-        return self._mean(spec.retain_cells)
+        return self.cell_mean(spec.retain_cells)
 
     def per_domain(self) -> dict[str, float]:
         """Accuracy over all images of each domain."""
