@@ -102,10 +102,12 @@ def test_domain_shift_lowers_the_class_in_its_domain_only():
     assert (kept @ new[0]).mean() == pytest.approx(float((kept @ class_emb[0]).mean()), abs=1e-4)
 
 
-def test_domain_redirect_moves_the_class_embedding_as_planned(tiny_clip, tokenizer, vocab):
+def test_domain_redirect_moves_the_class_embedding_as_planned(tiny_clip, tokenizer, vocab, caplog):
     spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
     cfg = ForgetConfig(edit="class-redirect", retain_energy=0.9999, prototypes_per_cell=2, steps=5)
-    patch = forget(tiny_clip, tokenizer, spec, cfg)
+    with caplog.at_level("WARNING"):
+        patch = forget(tiny_clip, tokenizer, spec, cfg)
+    assert "experimental" in caplog.text
     assert patch.info["redirect"]["partly_forgotten"] == {"dog": ["sketch"]}
     sets = [[p for d in spec.domains for p in spec.prompts((c, d))] for c in spec.classes]
     before = _unit(class_embeddings(tiny_clip, tokenizer, sets, "cpu").float())
