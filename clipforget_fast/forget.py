@@ -141,14 +141,14 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         for c, d in sorted(spec.forget_cells):
             if c in kept_somewhere:
                 partial.setdefault(c, []).append(d)
-        if partial:
-            log.warning("edit='class-redirect' on classes kept in other domains (%s) is experimental: how "
-                        "much it forgets depends strongly on the synthesized prototypes (check the result "
-                        "with evaluate())", ", ".join(sorted(partial)))
         if partial and not (config.use_prototypes and config.prototypes_per_cell > 0):
             raise ValueError("edit='class-redirect' with classes kept in other domains "
                              f"({sorted(partial)}) needs prototypes: use_prototypes=True and "
                              "prototypes_per_cell ≥ 1")
+        if partial:
+            log.warning("edit='class-redirect' on classes kept in other domains (%s) is experimental: how "
+                        "much it forgets depends strongly on the synthesized prototypes (check the result "
+                        "with evaluate())", ", ".join(sorted(partial)))
     groups = ["F"] * n_f + ["R"] * (len(cells) - n_f)
     amp = autocast_dtype(config, device)
     autocast = dict(device_type=device.type, dtype=amp, enabled=amp != torch.float32)

@@ -14,11 +14,13 @@ The wanted output changes d_i depend on where the class is forgotten:
 
 - everywhere (``class_targets``): d_i = -g (w_c · W x_i) w_c, w_c the normalized mean output of class
   c's prompts: the class's text embedding turns away from all its images;
-- in some domains only (``domain_shifts``): d_i = ‖W x_i‖ Δ_c with Δ_c = -g Σ_{d forgotten} m_{c,d} u_d,
-  where u_d is a linear detector of domain d on image embeddings (≈ 1 on images of d, ≈ 0 on the
-  others), fitted on the synthesized prototypes inside the span of the domains' text embeddings, and
-  m_{c,d} the score margin by which class c wins on its (c, d) prototypes. The class's score then
-  drops by about g·m on images of the forgotten domains and stays put on the others.
+- in some domains only (``domain_shifts``): d_i = ‖W x_i‖ r_c δ_c (r_c = ‖mean of the class's
+  normalized outputs‖), so that the class's normalized embedding T_c moves to T_c + δ_c, built from
+  Δ_c = -g Σ_{d forgotten} m_{c,d} u_d, where u_d is a linear detector of domain d on image embeddings
+  (≈ 1 on images of d, ≈ 0 on the others), fitted on the synthesized prototypes inside the span of the
+  domains' text embeddings, and m_{c,d} the score margin by which class c wins on its (c, d)
+  prototypes. The class's score drops by about g·m on images of the forgotten domains and, thanks to
+  a compensating term, stays about where it was on the others.
 
 A text-side edit cannot forget every class of a domain (shifting all classes along one domain
 direction leaves their order unchanged): ``domain-complete`` requests need ``edit="project"``.
@@ -130,13 +132,3 @@ def redirect_entry(layer: Layer, U: torch.Tensor, keys: torch.Tensor, targets: t
     At = torch.linalg.solve(M, Z.t() @ targets.to(W.device, torch.float32))   # [k, d_out]
     return PatchEntry(layer.name, layer.layout, At.t().contiguous().cpu(), U.contiguous().cpu(),
                       tensor_hash(layer.param))
-
-
-def class_redirect_entry(layer: Layer, U: torch.Tensor, keys_F: torch.Tensor, classes_F: list[str],
-                         G_F: torch.Tensor, G_R: torch.Tensor, *, gain: float, retain_weight: float,
-                         ridge: float = 1e-3) -> PatchEntry:
-    """``redirect_entry`` with ``class_targets``: every row's class is forgotten everywhere."""
-    W = layer.weight_out_in().detach().float()
-    out = keys_F.to(W.device, torch.float32) @ W.t()
-    return redirect_entry(layer, U, keys_F, class_targets(out, classes_F, gain), G_F, G_R,
-                          retain_weight=retain_weight, ridge=ridge)
