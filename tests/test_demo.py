@@ -1,11 +1,18 @@
 """`make demo` end to end on the embedded proving-ground model, with few held-out renders."""
 import pytest
 
-from clipforget_fast import Patch, demo
+from clipforget_fast import Patch
+
+
+def _demo():
+    # imported here, not at collection: the proving ground imports open_clip, which imports Triton,
+    # and test_kernels.py must be the first to import Triton (under its interpreter) on a CPU machine
+    from clipforget_fast import demo
+    return demo
 
 
 def test_demo_writes_heatmaps_and_patches_that_forget(tmp_path, capsys):
-    assert demo.main(["--out", str(tmp_path), "--per-cell", "2"]) == 0
+    assert _demo().main(["--out", str(tmp_path), "--per-cell", "2"]) == 0
     text = capsys.readouterr().out
     for tag in ("global", "domain"):
         assert (tmp_path / f"{tag}_heatmap.png").stat().st_size > 0
@@ -19,4 +26,4 @@ def test_demo_writes_heatmaps_and_patches_that_forget(tmp_path, capsys):
 
 def test_demo_names_a_bad_class(tmp_path):
     with pytest.raises(SystemExit, match="unknown class 'unicorn'"):
-        demo.main(["--out", str(tmp_path), "--forget-class", "unicorn"])
+        _demo().main(["--out", str(tmp_path), "--forget-class", "unicorn"])
