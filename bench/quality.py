@@ -149,7 +149,7 @@ def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "defa
     """Every request against its mode's targets, with ``h.config`` (named ``edit`` in the table)."""
     chance = h.before["edit"].chance
     lines = [f"held-out renders: {h.images.shape[0]} images; chance {100 * chance:.1f}%; edit: "
-             f"{'default ForgetConfig' if edit == 'default' else config_diff(h.config)}",
+             f"{config_diff(h.config)}",
              "", "| mode | forget | templates | forgotten acc. per domain (%) | kept before → after (drop) | same class other domains drop | edit s | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     failed = 0
@@ -387,6 +387,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/quality", help="folder for PNGs")
     ap.add_argument("--edit", choices=EDITS, default="default",
                     help="edit checked against the targets: the library's forget() or a bench variant")
+    ap.add_argument("--seed", type=int, default=None, help="ForgetConfig.seed (prototype synthesis)")
+    ap.add_argument("--prototypes-per-cell", type=int, default=None, help="ForgetConfig.prototypes_per_cell")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run of the harness itself: 2 renders per cell, 2 prototypes × 10 steps, "
                          "one request per mode, nothing recorded (its verdicts mean nothing)")
@@ -395,7 +397,10 @@ def main(argv=None) -> int:
     if args.quick:
         h = Harness(2, ForgetConfig(prototypes_per_cell=2, steps=10))
         return check_targets(h, False, ABLATION_REQUESTS) and 0
-    h = Harness(args.per_cell, ForgetConfig() if args.edit == "default" else CLASS_REDIRECT)
+    config = ForgetConfig() if args.edit == "default" else CLASS_REDIRECT
+    config = config.replace(**{k: v for k, v in (("seed", args.seed), ("prototypes_per_cell", args.prototypes_per_cell))
+                               if v is not None})
+    h = Harness(args.per_cell, config)
     record = not args.no_record
     rc = 0
     if args.prototypes:

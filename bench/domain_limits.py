@@ -1,0 +1,210 @@
+"""What limits the domain modes on the proving ground: the measurements behind bench/RESULTS.md,
+"quality: exploratory, what limits the domain modes". Nothing here is in the library.
+
+    python bench/domain_limits.py --oracle          # projection edit with real renders as prototypes
+    python bench/domain_limits.py --transfer        # how far prototypes are from real renders
+    python bench/domain_limits.py --image-redirect  # ridge redirect on visual.proj, real vs prototype keys
+
+Real renders stand in for prototypes only here, as an upper bound that uses data (render seed 5·10⁶,
+apart from the held-out evaluation renders at 3·10⁶). Prints the tables; records nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality as q  # noqa: E402
+
+from clipforget_fast import ForgetConfig, forget, synthesize_prototypes  # noqa: E402
+from clipforget_fast import proving_ground as pg  # noqa: E402
+from clipforget_fast.layers import image_geometry  # noqa: E402
+from clipforget_fast.spec import DEFAULT_TEMPLATES  # noqa: E402
+from clipforget_fast.synthesis import PrototypeBank  # noqa: E402
+from clipforget_fast.text import class_embeddings  # noqa: E402
+
+C, D = list(pg.CLASSES), list(pg.DOMAINS)
+REAL_SEED = 5_000_000
+STRONG = dict(accept_prob=0.9999, steps=400, jitter=4)   # the synthesis that carried over best
+
+
+def fmt(s: q.Scores) -> str:
+    f = " ".join(f"{d[:5]}:{a:.1f}" for d, a in s.forget_by_domain.items())
+    same = "" if s.same_class_drop != s.same_class_drop else f", same {s.same_class_drop:.2f}"
+    return f"F {f}, keep {s.keep_drop:.2f}{same}"
+
+
+def real_bank(per_cell: int) -> PrototypeBank:
+    imgs, ci, di = pg.render(C, D, per_cell, seed=REAL_SEED)
+    bank = PrototypeBank({}, {}, {})
+    for i, c in enumerate(C):
+        for j, d in enumerate(D):
+            m = (ci == i) & (di == j)
+            bank.images[(c, d)], bank.accepted[(c, d)] = imgs[m], torch.ones(int(m.sum()), dtype=torch.bool)
+    return bank
+
+
+def oracle(h: q.Harness) -> None:
+    bank = real_bank(8)
+    requests = [("domain", ["house"], ["sketch"]), ("domain-complete", None, ["sketch"]), ("global", ["fish"], None)]
+    print("| targets, retain_energy | " + " | ".join(f"{','.join(fc or ['*'])} @ {','.join(fd or ['*'])}"
+                                                    for _, fc, fd in requests) + " |")
+    print("|---|---|---|---|")
+    for targets, energy, blocks in (("proj", 0.99, 1), ("proj+mlp", 0.999, 4), ("proj+mlp+attn", 0.99, 4)):
+        cfg = ForgetConfig(targets=targets, retain_energy=energy, last_blocks=blocks, use_text=False)
+        cols = []
+        for mode, fc, fd in requests:
+            spec = q.spec_for(mode, fc, fd)
+            patch = forget(h.model, h.tok, spec, cfg, prototypes=bank)
+            patch.apply(h.model)
+            try:
+                after = h._eval(q.HELD_OUT_TEMPLATES)
+            finally:
+                patch.revert(h.model)
+            cols.append(fmt(q.score(spec, h.before["held-out"], after)))
+        print(f"| {targets} (last {blocks}), {energy} | " + " | ".join(cols) + " |", flush=True)
+
+
+def proj_inputs(model, images: torch.Tensor) -> torch.Tensor:
+    """The input of visual.proj (the pooled, normalized image features) for ``images``."""
+    proj = model.visual.proj
+    with torch.no_grad():
+        model.visual.proj = None
+        try:
+            return model.visual(images).float()
+        finally:
+            model.visual.proj = proj
+
+
+def bank_keys(model, bank: PrototypeBank):
+    X, cells = [], []
+    for (c, d), im in bank.images.items():
+        X.append(proj_inputs(model, im))
+        cells += [C.index(c) * len(D) + D.index(d)] * len(im)
+    return torch.cat(X), torch.tensor(cells)
+
+
+def upsampled_prototypes(model, tok, res: int, steps: int = 200, per_cell: int = 4, jitter: int = 3,
+                         lr: float = 0.05) -> PrototypeBank:
+    """Prototypes parametrized as a res×res image upsampled to the model's size, optimized with Adam
+    against the cells' text embeddings (a variant of the library's synthesis, for comparison)."""
+    sets = [[t.format(cls=pg.CLASS_PHRASES.get(c, c), domain=pg.DOMAIN_PHRASES[d]) for t in DEFAULT_TEMPLATES]
+            for c in C for d in D]
+    text = F.normalize(class_embeddings(model, tok, sets, "cpu").float(), dim=-1)
+    (H, W), mean, std = image_geometry(model)
+    lo, hi = ((0 - mean) / std).view(1, 3, 1, 1), ((1 - mean) / std).view(1, 3, 1, 1)
+    target = torch.arange(len(sets)).repeat_interleave(per_cell)
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(len(target), 3, res, res, generator=g) * 0.5).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    scale = model.logit_scale.exp().item()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            x = F.interpolate(z, size=(H, W), mode="bilinear", align_corners=False)
+            dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=g).tolist()
+            x = torch.maximum(torch.minimum(torch.roll(x, (dx, dy), dims=(2, 3)), hi), lo)
+            loss = F.cross_entropy(scale * F.normalize(model.encode_image(x), dim=-1) @ text.t(), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+    with torch.no_grad():
+        x = torch.maximum(torch.minimum(F.interpolate(z, size=(H, W), mode="bilinear", align_corners=False), hi), lo)
+    cells = [(c, d) for c in C for d in D]
+    return PrototypeBank({cell: x[i * per_cell:(i + 1) * per_cell] for i, cell in enumerate(cells)}, {}, {})
+
+
+def transfer(h: q.Harness) -> None:
+    imgs, ci, di = pg.render(C, D, 4, seed=REAL_SEED)
+    Xr, cell_r = proj_inputs(h.model, imgs), ci * len(D) + di
+    print("| synthesis | cell (of 100) | class | domain | seconds |\n|---|---|---|---|---|")
+    variants = [("defaults", lambda: synthesize_prototypes(h.model, h.tok, q.spec_for("global", ["fish"], None), ForgetConfig())),
+                ("p ≥ 0.999, 300 steps", lambda: synthesize_prototypes(
+                    h.model, h.tok, q.spec_for("global", ["fish"], None), ForgetConfig(accept_prob=0.999, steps=300))),
+                ("p ≥ 0.9999, 400 steps, jitter 4", lambda: synthesize_prototypes(
+                    h.model, h.tok, q.spec_for("global", ["fish"], None), ForgetConfig(**STRONG))),
+                ("Adam on 24×24 upsampled, 200 steps", lambda: upsampled_prototypes(h.model, h.tok, 24)),
+                ("Adam on 12×12 upsampled, 200 steps, jitter 4", lambda: upsampled_prototypes(h.model, h.tok, 12, jitter=4))]
+    for name, make in variants:
+        t = time.perf_counter()
+        bank = make()
+        secs = time.perf_counter() - t
+        Xp, cell_p = bank_keys(h.model, bank)
+        means = torch.stack([Xp[cell_p == k].mean(0) for k in range(len(C) * len(D))])
+        pred = torch.cdist(Xr, means).argmin(1)
+        acc = [(pred == cell_r).float().mean(), (pred // len(D) == ci).float().mean(), (pred % len(D) == di).float().mean()]
+        print(f"| {name} | " + " | ".join(f"{100 * float(a):.1f} %" for a in acc) + f" | {secs:.0f} |", flush=True)
+
+
+def ridge_redirect(h: q.Harness, X, cells, spec, gain: float, hold: float, ridge: float):
+    """ΔP on visual.proj moving each forgotten image's output against its class (agnostic text
+    embedding), holding the other images' outputs: min ‖X_F ΔP - T_F‖² + hold ‖X_R ΔP‖² + ridge."""
+    sets = [[t.format(cls=pg.CLASS_PHRASES.get(c, c), domain=pg.DOMAIN_PHRASES[d]) for d in D for t in DEFAULT_TEMPLATES]
+            for c in C]
+    T = F.normalize(class_embeddings(h.model, h.tok, sets, "cpu").float(), dim=-1)
+    proj = h.model.visual.proj
+    forgotten = {C.index(c) * len(D) + D.index(d) for c, d in spec.forget_cells}
+    isF = torch.tensor([int(k) in forgotten for k in cells])
+    Tc = T[cells[isF] // len(D)]
+    V = X[isF] @ proj.detach()
+    target = -gain * (V * Tc).sum(-1, keepdim=True) * Tc
+    M = X[isF].t() @ X[isF] + hold * X[~isF].t() @ X[~isF]
+    M = M + ridge * M.trace() / M.shape[0] * torch.eye(M.shape[0])
+    dP = torch.linalg.solve(M, X[isF].t() @ target)
+    with torch.no_grad():
+        proj.add_(dP)
+        try:
+            after = h._eval(q.HELD_OUT_TEMPLATES)
+        finally:
+            proj.sub_(dP)
+    return q.score(spec, h.before["held-out"], after)
+
+
+def image_redirect(h: q.Harness) -> None:
+    requests = [("domain", ["house"], ["sketch"]), ("domain", ["cup", "key", "umbrella"], ["painting", "pixel_art"])]
+    real = bank_keys(h.model, real_bank(8))
+    protos = bank_keys(h.model, synthesize_prototypes(h.model, h.tok, q.spec_for("global", ["fish"], None),
+                                                      ForgetConfig(prototypes_per_cell=8, **STRONG)))
+    print("| keys | gain, hold, ridge | " + " | ".join(f"{','.join(fc)} @ {','.join(fd)}" for _, fc, fd in requests)
+          + " |\n|---|---|---|---|")
+    grid = [("real renders", real, [(2, 1, 1e-3)]),
+            ("prototypes", protos, list(itertools.product([3, 5], [1, 3], [0.3, 1.0, 3.0])))]
+    for name, (X, cells), settings in grid:
+        for g, rho, lam in settings:
+            cols = [fmt(ridge_redirect(h, X, cells, q.spec_for(m, fc, fd), g, rho, lam)) for m, fc, fd in requests]
+            print(f"| {name} | {g}, {rho}, {lam} | " + " | ".join(cols) + " |", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--per-cell", type=int, default=20, help="held-out renders per cell")
+    ap.add_argument("--oracle", action="store_true")
+    ap.add_argument("--transfer", action="store_true")
+    ap.add_argument("--image-redirect", action="store_true")
+    args = ap.parse_args(argv)
+    if not (args.oracle or args.transfer or args.image_redirect):
+        ap.error("choose at least one of --oracle, --transfer, --image-redirect")
+    torch.manual_seed(0)
+    h = q.Harness(args.per_cell, ForgetConfig())
+    if args.oracle:
+        oracle(h)
+    if args.transfer:
+        transfer(h)
+    if args.image_redirect:
+        image_redirect(h)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
