@@ -35,9 +35,8 @@ STRONG = dict(accept_prob=0.9999, steps=400, jitter=4)   # the synthesis that ca
 
 
 def fmt(s: q.Scores) -> str:
-    f = " ".join(f"{d[:5]}:{a:.1f}" for d, a in s.forget_by_domain.items())
     same = "" if s.same_class_drop != s.same_class_drop else f", same {s.same_class_drop:.2f}"
-    return f"F {f}, keep {s.keep_drop:.2f}{same}"
+    return f"F {q.fmt_forget(s)}, keep {s.keep_drop:.2f}{same}"
 
 
 def real_bank(per_cell: int) -> PrototypeBank:
