@@ -84,7 +84,6 @@ def main(argv=None) -> int:
     # global targets on this model; on the domain request it forgets the cell but also costs the same
     # class some accuracy in the other domains, printed below
     config = ForgetConfig(edit="class-redirect", retain_energy=0.9999)
-    configs = {"global": config, "domain": config}
     # the domain request's detectors need prototypes of every cell of the vocabulary; made once, reusable
     t0 = time.perf_counter()
     bank = synthesize_prototypes(model, tokenizer, requests[0][1], config)
@@ -93,13 +92,13 @@ def main(argv=None) -> int:
           f"{st['accepted']} accepted at p ≥ {config.accept_prob}, {st['mean_steps_to_accept'] or float('nan'):.0f} steps on average")
     for tag, spec in requests:
         t0 = time.perf_counter()
-        patch = forget(model, tokenizer, spec, configs[tag], prototypes=bank)
+        patch = forget(model, tokenizer, spec, config, prototypes=bank)
         secs = time.perf_counter() - t0
         patch.apply(model)
         after = evaluate(model, tokenizer, images, ci, di, **ev)
         patch.revert(model)
         what = sorted(spec.forget_cells)
-        print(f"\n[{tag}] forget {len(what)} cell(s), {describe(what)}, edit={configs[tag].edit!r}: "
+        print(f"\n[{tag}] forget {len(what)} cell(s), {describe(what)}, edit={config.edit!r}: "
               f"edit in {secs:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in patch.timings.items())}); {patch}")
         print(after.table())
         print(f"forgotten cells: {100 * before.forget_accuracy(spec):.1f}% → {100 * after.forget_accuracy(spec):.1f}%"
