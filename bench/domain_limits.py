@@ -25,13 +25,25 @@ import quality as q  # noqa: E402
 from clipforget_fast import ForgetConfig, forget, synthesize_prototypes  # noqa: E402
 from clipforget_fast import proving_ground as pg  # noqa: E402
 from clipforget_fast.layers import image_geometry  # noqa: E402
-from clipforget_fast.spec import DEFAULT_TEMPLATES  # noqa: E402
-from clipforget_fast.synthesis import PrototypeBank  # noqa: E402
+from clipforget_fast.synthesis import PrototypeBank, frozen  # noqa: E402
 from clipforget_fast.text import class_embeddings  # noqa: E402
 
 C, D = list(pg.CLASSES), list(pg.DOMAINS)
 REAL_SEED = 5_000_000
 STRONG = dict(accept_prob=0.9999, steps=400, jitter=4)   # the synthesis that carried over best
+SPEC = q.spec_for("global", ["fish"], None)              # any spec: only its prompts are used here
+
+
+def cell_text(model, tok) -> torch.Tensor:
+    """[classes × domains, D] normalized text embedding of every cell (class-major), the spec's prompts."""
+    return F.normalize(class_embeddings(model, tok, [SPEC.prompts((c, d)) for c in C for d in D], "cpu").float(),
+                       dim=-1)
+
+
+def agnostic_text(model, tok) -> torch.Tensor:
+    """[classes, D] normalized domain-agnostic class embeddings: each class's prompts of every domain."""
+    sets = [[p for d in D for p in SPEC.prompts((c, d))] for c in C]
+    return F.normalize(class_embeddings(model, tok, sets, "cpu").float(), dim=-1)
 
 
 def fmt(s: q.Scores) -> str:
@@ -93,20 +105,15 @@ def upsampled_prototypes(model, tok, res: int, steps: int = 200, per_cell: int =
                          lr: float = 0.05) -> PrototypeBank:
     """Prototypes parametrized as a res×res image upsampled to the model's size, optimized with Adam
     against the cells' text embeddings (a variant of the library's synthesis, for comparison)."""
-    sets = [[t.format(cls=pg.CLASS_PHRASES.get(c, c), domain=pg.DOMAIN_PHRASES[d]) for t in DEFAULT_TEMPLATES]
-            for c in C for d in D]
-    text = F.normalize(class_embeddings(model, tok, sets, "cpu").float(), dim=-1)
+    text = cell_text(model, tok)
     (H, W), mean, std = image_geometry(model)
     lo, hi = ((0 - mean) / std).view(1, 3, 1, 1), ((1 - mean) / std).view(1, 3, 1, 1)
-    target = torch.arange(len(sets)).repeat_interleave(per_cell)
+    target = torch.arange(len(text)).repeat_interleave(per_cell)
     g = torch.Generator().manual_seed(0)
     z = (torch.randn(len(target), 3, res, res, generator=g) * 0.5).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     scale = model.logit_scale.exp().item()
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         for _ in range(steps):
             x = F.interpolate(z, size=(H, W), mode="bilinear", align_corners=False)
             dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=g).tolist()
@@ -115,9 +122,6 @@ def upsampled_prototypes(model, tok, res: int, steps: int = 200, per_cell: int =
             opt.zero_grad()
             loss.backward()
             opt.step()
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
     with torch.no_grad():
         x = torch.maximum(torch.minimum(F.interpolate(z, size=(H, W), mode="bilinear", align_corners=False), hi), lo)
     cells = [(c, d) for c in C for d in D]
@@ -146,12 +150,9 @@ def transfer(h: q.Harness) -> None:
         print(f"| {name} | " + " | ".join(f"{100 * float(a):.1f} %" for a in acc) + f" | {secs:.0f} |", flush=True)
 
 
-def ridge_redirect(h: q.Harness, X, cells, spec, gain: float, hold: float, ridge: float):
-    """ΔP on visual.proj moving each forgotten image's output against its class (agnostic text
-    embedding), holding the other images' outputs: min ‖X_F ΔP - T_F‖² + hold ‖X_R ΔP‖² + ridge."""
-    sets = [[t.format(cls=pg.CLASS_PHRASES.get(c, c), domain=pg.DOMAIN_PHRASES[d]) for d in D for t in DEFAULT_TEMPLATES]
-            for c in C]
-    T = F.normalize(class_embeddings(h.model, h.tok, sets, "cpu").float(), dim=-1)
+def ridge_redirect(h: q.Harness, T, X, cells, spec, gain: float, hold: float, ridge: float):
+    """ΔP on visual.proj moving each forgotten image's output against its class (T: agnostic text
+    embeddings), holding the other images' outputs: min ‖X_F ΔP - T_F‖² + hold ‖X_R ΔP‖² + ridge."""
     proj = h.model.visual.proj
     forgotten = {C.index(c) * len(D) + D.index(d) for c, d in spec.forget_cells}
     isF = torch.tensor([int(k) in forgotten for k in cells])
@@ -175,13 +176,14 @@ def image_redirect(h: q.Harness) -> None:
     real = bank_keys(h.model, real_bank(8))
     protos = bank_keys(h.model, synthesize_prototypes(h.model, h.tok, q.spec_for("global", ["fish"], None),
                                                       ForgetConfig(prototypes_per_cell=8, **STRONG)))
+    T = agnostic_text(h.model, h.tok)
     print("| keys | gain, hold, ridge | " + " | ".join(f"{','.join(fc)} @ {','.join(fd)}" for _, fc, fd in requests)
           + " |\n|---|---|---|---|")
     grid = [("real renders", real, [(2, 1, 1e-3)]),
             ("prototypes", protos, list(itertools.product([3, 5], [1, 3], [0.3, 1.0, 3.0])))]
     for name, (X, cells), settings in grid:
         for g, rho, lam in settings:
-            cols = [fmt(ridge_redirect(h, X, cells, q.spec_for(m, fc, fd), g, rho, lam)) for m, fc, fd in requests]
+            cols = [fmt(ridge_redirect(h, T, X, cells, q.spec_for(m, fc, fd), g, rho, lam)) for m, fc, fd in requests]
             print(f"| {name} | {g}, {rho}, {lam} | " + " | ".join(cols) + " |", flush=True)
 
 

@@ -173,8 +173,8 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
 
         # 2. prototype synthesis (when an image-tower layer is edited, or the redirect needs the
         #    image-side domain detectors)
-        images = None
-        if any(l.tower == "visual" for l in layers) or partial:
+        edits_images = any(l.tower == "visual" for l in layers)
+        if edits_images or partial:
             P = config.prototypes_per_cell
             bank = _prototypes(model, cells, cell_text, config, device, prototypes, info, timings)
             images = torch.cat([bank.images[c][:P].to(device) for c in cells])
@@ -185,12 +185,10 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
             shifts, info["redirect"] = _domain_shifts(model, spec, cells, cell_text, images, P, partial,
                                                       config, autocast)
             timings["domain_detectors"] = time.perf_counter() - t
-        if not any(l.tower == "visual" for l in layers):
-            images = None
 
         # 3. capture: the image layers' Grams from the prototypes, F and R
         t = time.perf_counter()
-        if images is not None:
+        if edits_images:
             with torch.autocast(**autocast):
                 for g in ("F", "R"):
                     imgs = images[torch.tensor([gg == g for gg in img_groups], device=device)]
