@@ -4,6 +4,8 @@
     python bench/domain_limits.py --oracle          # projection edit with real renders as prototypes
     python bench/domain_limits.py --transfer        # how far prototypes are from real renders
     python bench/domain_limits.py --image-redirect  # ridge redirect on visual.proj, real vs prototype keys
+    python bench/domain_limits.py --fitted          # best text-side shift / last-MLP edit, fitted on real
+                                                    # renders vs on prototypes
 
 Real renders stand in for prototypes only here, as an upper bound that uses data (render seed 5·10⁶,
 apart from the held-out evaluation renders at 3·10⁶). Prints the tables; records nothing.
@@ -187,15 +189,123 @@ def image_redirect(h: q.Harness) -> None:
             print(f"| {name} | {g}, {rho}, {lam} | " + " | ".join(cols) + " |", flush=True)
 
 
+REQUESTS = [("domain", ["house"], ["sketch"]), ("domain", ["star"], ["photo"]),
+            ("domain", ["cup", "key", "umbrella"], ["painting", "pixel_art"]),
+            ("domain-complete", None, ["sketch"]), ("domain-complete", None, ["pixel_art"]),
+            ("domain-complete", None, ["cartoon", "painting"])]
+
+
+class LastBlock:
+    """The image tower from the input of the last block's MLP on: caches the residual stream there
+    (every token) so that an edit of the last block's ``mlp.c_proj`` is evaluated without the rest."""
+
+    def __init__(self, model, images: torch.Tensor):
+        v = self.v = model.visual
+        self.blk = v.transformer.resblocks[-1]
+        if v.pool_type != "avg" or v.final_ln_after_pool or v.attn_pool is not None:
+            raise SystemExit("LastBlock assumes average pooling after ln_post, as the proving ground has")
+        store = []
+        hook = self.blk.ln_2.register_forward_hook(lambda m, i, o: store.append(i[0].detach()))
+        try:
+            with torch.no_grad():
+                for i in range(0, len(images), 200):
+                    model.encode_image(images[i:i + 200])
+        finally:
+            hook.remove()
+        self.R = torch.cat(store)                                           # [n, tokens, width]
+        with torch.no_grad():
+            self.H = F.gelu(self.blk.mlp.c_fc(self.blk.ln_2(self.R)))        # [n, tokens, 4·width]
+
+    def embed(self, dW: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """[n, D] normalized image embeddings with mlp.c_proj.weight + dW."""
+        mlp = self.blk.mlp.c_proj
+        x = self.R + F.linear(self.H, mlp.weight + dW, mlp.bias)
+        return F.normalize(self.v.ln_post(x)[:, 1:].mean(1) @ self.v.proj, dim=-1)
+
+
+def forget_keep_loss(E, cls, fm, T, scale, p0, keep_weight):
+    """-log(1 - p(true class)) on the forgotten images + keep_weight · KL(before ‖ after) on the others."""
+    lg = F.log_softmax(scale * E @ F.normalize(T, dim=-1).t(), -1)
+    pc = lg.gather(1, cls[:, None]).squeeze(1).exp()
+    lf = -torch.log1p(-pc[fm].clamp(max=1 - 1e-6)).mean()
+    return lf + keep_weight * F.kl_div(lg[~fm], p0[~fm], log_target=True, reduction="batchmean")
+
+
+def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weight: float = 3.0) -> None:
+    """Upper bounds of two edit families, each fitted by gradient descent on the forget/keep loss:
+    a free shift of the class embeddings (what a text-side edit can do at best: per forgotten class, or
+    every class for domain-complete) and a full-rank change of the last block's mlp.c_proj (image side),
+    fitted on real renders (20 per cell, render seed 5·10⁶) or on prototypes (the library's synthesis,
+    8 per cell); scored on the held-out renders with the held-out templates' class embeddings."""
+    model, scale = h.model, h.model.logit_scale.exp().item()
+    sets = lambda templates: [[p for d in D for p in SPEC.prompts((c, d), templates)] for c in C]
+    with torch.no_grad():
+        T_fit = F.normalize(class_embeddings(model, h.tok, sets(None), "cpu").float(), dim=-1)
+        T_ho = F.normalize(class_embeddings(model, h.tok, sets(q.HELD_OUT_TEMPLATES), "cpu").float(), dim=-1)
+    imgs, ci, di = pg.render(C, D, 20, seed=REAL_SEED)
+    bank = synthesize_prototypes(model, h.tok, SPEC, ForgetConfig(prototypes_per_cell=8))
+    pimgs = torch.cat([bank.images[(c, d)] for c in C for d in D])
+    pci = torch.arange(len(C)).repeat_interleave(len(D) * 8)
+    pdi = torch.arange(len(D)).repeat_interleave(8).repeat(len(C))
+    test = LastBlock(model, h.images)
+    fits = {"real renders": (LastBlock(model, imgs), ci, di), "prototypes": (LastBlock(model, pimgs), pci, pdi)}
+    with torch.no_grad():
+        E_test = test.embed()
+        base = (E_test @ T_ho.t()).argmax(1) == h.ci
+    print(f"held-out zero-shot accuracy, recomputed: {100 * float(base.float().mean()):.1f} % "
+          f"(harness: {100 * h.before['held-out'].cell_mean(SPEC.cells):.1f} %)")
+
+    print("| request | fitted on | text-side class shift | last-block mlp.c_proj |\n|---|---|---|---|")
+    for mode, fc, fd in REQUESTS:
+        spec = q.spec_for(mode, fc, fd)
+        for name, (blk, cls, dom) in fits.items():
+            fm = torch.tensor([(C[c], D[d]) in spec.forget_cells for c, d in zip(cls.tolist(), dom.tolist())])
+            with torch.no_grad():
+                E0 = blk.embed()
+                p0 = F.log_softmax(scale * E0 @ T_fit.t(), -1)
+            free = torch.tensor(sorted({C.index(c) for c, _ in spec.forget_cells}))
+            shift = torch.zeros(len(free), T_fit.shape[1], requires_grad=True)
+            opt = torch.optim.Adam([shift], lr=0.01)
+            for _ in range(steps_text):
+                loss = forget_keep_loss(E0, cls, fm, T_fit.index_add(0, free, shift), scale, p0, keep_weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            T_new = T_ho.index_add(0, free, shift.detach())
+            text_col = fmt(q.score(spec, h.before["held-out"], evaluate_embeddings(E_test, T_new, h)))
+            dW = torch.zeros_like(blk.blk.mlp.c_proj.weight, requires_grad=True)
+            opt = torch.optim.Adam([dW], lr=3e-3)
+            for _ in range(steps_mlp):
+                loss = forget_keep_loss(blk.embed(dW), cls, fm, T_fit, scale, p0, keep_weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                mlp_col = fmt(q.score(spec, h.before["held-out"], evaluate_embeddings(test.embed(dW), T_ho, h)))
+            print(f"| {mode}: {','.join(fc or ['*'])} @ {','.join(fd)} | {name} | {text_col} | {mlp_col} |", flush=True)
+
+
+def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
+    """An AccuracyMatrix of the held-out renders from their embeddings E and class embeddings T."""
+    from clipforget_fast.evaluate import AccuracyMatrix
+
+    pred = (E @ F.normalize(T, dim=-1).t()).argmax(1)
+    idx = h.ci * len(D) + h.di
+    correct = torch.bincount(idx[pred == h.ci], minlength=len(C) * len(D)).view(len(C), len(D))
+    total = torch.bincount(idx, minlength=len(C) * len(D)).view(len(C), len(D))
+    return AccuracyMatrix(correct, total, tuple(C), tuple(D))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-cell", type=int, default=20, help="held-out renders per cell")
     ap.add_argument("--oracle", action="store_true")
     ap.add_argument("--transfer", action="store_true")
     ap.add_argument("--image-redirect", action="store_true")
+    ap.add_argument("--fitted", action="store_true")
     args = ap.parse_args(argv)
-    if not (args.oracle or args.transfer or args.image_redirect):
-        ap.error("choose at least one of --oracle, --transfer, --image-redirect")
+    if not (args.oracle or args.transfer or args.image_redirect or args.fitted):
+        ap.error("choose at least one of --oracle, --transfer, --image-redirect, --fitted")
     torch.manual_seed(0)
     h = q.Harness(args.per_cell, ForgetConfig())
     if args.oracle:
@@ -204,6 +314,8 @@ def main(argv=None) -> int:
         transfer(h)
     if args.image_redirect:
         image_redirect(h)
+    if args.fitted:
+        fitted(h)
     return 0
 
 
