@@ -56,8 +56,9 @@ def main(argv=None) -> int:
     else:
         base_mem = peak_rss_gb()
     spec = ForgetSpec(CLASSES[:args.classes], DOMAINS[:args.domains], forget_classes=CLASSES[:1])
+    # edit="project": every stage (synthesis, capture, nullspace on both towers) is timed
     config = ForgetConfig(prototypes_per_cell=args.protos, steps=args.steps, accept_prob=1.0,
-                          targets=args.targets, batch_size=64)
+                          targets=args.targets, batch_size=64, edit="project")
     n_img = len(spec.cells) * args.protos
     t = time.perf_counter()
     patch = forget(model, tokenizer, spec, config)

@@ -156,6 +156,8 @@ def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "defa
     for mode, fc, fd in requests:
         spec = spec_for(mode, fc, fd)
         what = f"{','.join(fc or ['*'])} @ {','.join(fd or ['*'])}"
+        if h.config.edit == "auto":
+            what += f" ({h.config.edit_for(spec)})"
         try:
             res, patch, secs = h.run(spec)
         except ValueError as e:             # the edit refuses this kind of request: every row misses
@@ -230,7 +232,7 @@ ABLATION_REQUESTS = [("global", ["fish"], None), ("domain", ["house"], ["sketch"
 
 
 def ablations(h: Harness, record: bool) -> None:
-    base = h.config
+    base = h.config.replace(edit="project")             # the projection variants
     variants = [
         ("text-only nullspace, proj (CCUP)", base.replace(use_prototypes=False), None),
         ("prototypes only, proj", base.replace(use_text=False), None),
@@ -241,6 +243,7 @@ def ablations(h: Harness, record: bool) -> None:
         *[(f"multimodal, proj, α={a}", base.replace(alpha=a), None) for a in (0.25, 0.5, 0.75)],
         ("closed-form redirect, proj", base, redirect_edit),
         ("class redirect, text side (edit='class-redirect')", CLASS_REDIRECT, None),
+        (f"the harness's config ({config_diff(h.config)}; edit='auto' picks per request)", h.config, None),
     ]
     chance = h.before["edit"].chance
     lines = ["Held-out renders and held-out templates; forgotten = mean over forgotten cells (%), "
@@ -253,7 +256,7 @@ def ablations(h: Harness, record: bool) -> None:
         for mode, fc, fd in ABLATION_REQUESTS:
             spec = spec_for(mode, fc, fd)
             try:
-                res, _, _ = h.run(spec, cfg, edit)
+                res, patch, _ = h.run(spec, cfg, edit)
             except ValueError:              # the edit refuses this kind of request
                 cols.append("refused")
                 miss += 2
@@ -261,7 +264,8 @@ def ablations(h: Harness, record: bool) -> None:
             s = res["held-out"]
             fa = sum(s.forget_by_domain.values()) / len(s.forget_by_domain)
             sc = "" if s.same_class_drop != s.same_class_drop else f" (same class {s.same_class_drop:.2f})"
-            cols.append(f"{fa:.1f} / {s.keep_drop:.2f}{sc}")
+            picked = f" [{patch.info['edit']}]" if cfg.edit == "auto" and edit is None else ""
+            cols.append(f"{fa:.1f} / {s.keep_drop:.2f}{sc}{picked}")
             miss += sum(bool(misses(spec, r, chance)) for r in res.values())
         lines.append(f"| {name} | " + " | ".join(cols) + f" | {miss} |")
         print(lines[-1], flush=True)

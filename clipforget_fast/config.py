@@ -9,7 +9,9 @@ import dataclasses
 from dataclasses import dataclass
 
 TARGET_PRESETS = ("proj", "proj+mlp", "proj+mlp+attn", "mlp")
-EDITS = ("project", "class-redirect")
+EDITS = ("auto", "project", "class-redirect")
+# retain_energy when it is left at None, per edit (measured on the proving ground: README)
+RETAIN_ENERGY = {"project": 0.99, "class-redirect": 0.9999}
 TOKEN_POLICIES = ("pooled", "all")
 SOLVERS = ("auto", "exact", "randomized")
 DTYPES = (None, "float32", "float16", "bfloat16")
@@ -33,18 +35,22 @@ class ForgetConfig:
     last_blocks: int = 2                # blocks (from the end, per tower) that "+mlp"/"+attn" presets edit
     token_policy: str = "pooled"        # tokens that feed the Grams of block layers: "pooled" or "all"
     # --- nullspace (DESIGN §2.5) ---
-    retain_energy: float = 0.99         # 1 - ε: energy of G_R that the kept subspace U_R must hold
+    retain_energy: float | None = None  # 1 - ε: energy of G_R that the kept subspace U_R must hold;
+                                        # None = per edit: 0.99 for "project", 0.9999 for "class-redirect"
     forget_energy: float = 0.95         # energy of the R-free forget moment that U_F must hold
     max_rank: int = 32                  # cap on k = rank of U_F per layer
     solver: str = "auto"                # "exact" eigh, "randomized" range finder, "auto" by d_in
     oversample: int = 10                # randomized range finder: extra columns beyond the rank
     power_iters: int = 2                # randomized range finder: subspace iterations
     alpha: float = 1.0                  # 1 = project the forget directions out fully, 0.5 = halve them
-    edit: str = "project"               # "project" the directions out, or "class-redirect" (text side)
+    edit: str = "auto"                  # "project" the directions out, "class-redirect" (text side), or
+                                        # "auto": class-redirect when some class is kept in every domain
+                                        # (and the config allows it), project otherwise (domain-complete)
     redirect_gain: float = 3.0          # class-redirect: how far forgotten prompts move against their class
     retain_weight: float = 1.0          # class-redirect: weight of holding the kept prompts' outputs
-    domain_gain: float = 1.5            # class-redirect, class kept in other domains: its score drop on
-                                        # images of the forgotten domains, in units of its prototypes' margin
+    domain_keep_weight: float = 3.0     # class-redirect, class kept in other domains: weight of keeping the
+                                        # other cells' predictions against missing the forgotten cells, in
+                                        # the fit of its embedding's shift
     # --- execution ---
     seed: int = 0                       # seeds noise, jitter and random sketches
     device: str | None = None           # None = the model's device
@@ -68,20 +74,41 @@ class ForgetConfig:
         need(self.step_size > 0, "step_size", "must be > 0")
         need(self.pixel_decay >= 0, "pixel_decay", "must be ≥ 0")
         need(0 < self.accept_prob <= 1, "accept_prob", "must be in (0, 1]")
-        need(0 < self.retain_energy <= 1, "retain_energy", "must be in (0, 1]")
+        need(self.retain_energy is None or (isinstance(self.retain_energy, (int, float))
+                                            and not isinstance(self.retain_energy, bool)
+                                            and 0 < self.retain_energy <= 1),
+             "retain_energy", "must be None or in (0, 1]")
         need(0 < self.forget_energy <= 1, "forget_energy", "must be in (0, 1]")
         need(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         need(self.targets in TARGET_PRESETS, "targets", f"must be one of {TARGET_PRESETS}")
         need(self.edit in EDITS, "edit", f"must be one of {EDITS}")
         need(self.redirect_gain > 0, "redirect_gain", "must be > 0")
         need(self.retain_weight >= 0, "retain_weight", "must be ≥ 0")
-        need(self.domain_gain > 0, "domain_gain", "must be > 0")
+        need(self.domain_keep_weight > 0, "domain_keep_weight", "must be > 0")
         need(self.edit != "class-redirect" or (self.use_text and self.targets.startswith("proj")), "edit",
              "class-redirect edits the text projection: it needs use_text=True and a 'proj…' targets preset")
         need(self.token_policy in TOKEN_POLICIES, "token_policy", f"must be one of {TOKEN_POLICIES}")
         need(self.solver in SOLVERS, "solver", f"must be one of {SOLVERS}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.use_text or self.use_prototypes, "use_text", "use_text and use_prototypes are both off")
+
+    def edit_for(self, spec) -> str:
+        """The edit this config makes on ``spec`` ("project" or "class-redirect"): ``edit`` itself unless
+        it is "auto", which takes the class redirect when some class is kept in every domain (the
+        redirect holds those) and the config can run it (the text projection targeted; prototypes for
+        classes forgotten in some domains only), and the projection otherwise (``domain-complete``)."""
+        if self.edit != "auto":
+            return self.edit
+        forgotten = {c for c, _ in spec.forget_cells}
+        kept_everywhere = {c for c, _ in spec.cells} - forgotten
+        partly = forgotten & {c for c, _ in spec.retain_cells}
+        can = self.use_text and self.targets.startswith("proj") and (
+            not partly or (self.use_prototypes and self.prototypes_per_cell > 0))
+        return "class-redirect" if kept_everywhere and can else "project"
+
+    def retain_energy_for(self, edit: str) -> float:
+        """``retain_energy``, or the measured default of ``edit`` when it is None."""
+        return RETAIN_ENERGY[edit] if self.retain_energy is None else float(self.retain_energy)
 
     def replace(self, **changes) -> "ForgetConfig":
         """A copy with some fields changed (validated again)."""

@@ -20,7 +20,7 @@ from .config import ForgetConfig
 from .layers import Layer, find_layers
 from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
-from .redirect import class_targets, domain_detectors, domain_shifts, redirect_entry
+from .redirect import class_shifts, class_targets, pseudo_images, redirect_entry
 from .spec import ForgetSpec
 from .synthesis import PrototypeBank, autocast_dtype, frozen, synthesize
 from .text import class_embeddings, ensemble, tokenize
@@ -60,24 +60,61 @@ def _prototypes(model, cells, cell_text, config, device, bank, info, timings) ->
 
 
 @torch.no_grad()
-def _domain_shifts(model, spec, cells, cell_text, images, P, partial, config, autocast):
-    """Δ_c per partly forgotten class (redirect.domain_shifts) from the prototypes' embeddings."""
+def _domain_shifts(model, spec, cells, cell_text, images, partial, config, autocast):
+    """δ_c per partly forgotten class (redirect.class_shifts), fitted on pseudo image embeddings: the
+    cells' text embeddings moved by the modality gap that the prototypes' embeddings locate."""
     with torch.autocast(**autocast):
         emb = torch.cat([model.encode_image(images[i:i + config.batch_size])
                          for i in range(0, len(images), config.batch_size)])
     emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+    classes = list(spec.classes)
+    # cells of classes forgotten everywhere take the class_targets redirect and stay out of the fit
+    whole = {c for c, _ in spec.forget_cells} - set(partial)
+    rows = [i for i, (c, _) in enumerate(cells) if c not in whole]
     ct = torch.nn.functional.normalize(cell_text.float(), dim=-1)
-    dom_of = torch.tensor([spec.domains.index(d) for _, d in cells], device=emb.device)
     cls_of = [c for c, _ in cells]
-    domain_text = torch.nn.functional.normalize(torch.stack(
-        [ct[dom_of == j].mean(0) for j in range(len(spec.domains))]), dim=-1)
     class_emb = torch.nn.functional.normalize(torch.stack(
-        [ct[torch.tensor([c == k for k in cls_of], device=ct.device)].mean(0) for c in spec.classes]), dim=-1)
-    detectors = domain_detectors(emb, dom_of.repeat_interleave(P), domain_text)
-    proto = {cell: emb[i * P:(i + 1) * P] for i, cell in enumerate(cells)}
-    shifts, info = domain_shifts(proto, class_emb, list(spec.classes), detectors, list(spec.domains),
-                                 partial, config.domain_gain)
-    return shifts, {"shifts": info, "partly_forgotten": partial}
+        [ct[torch.tensor([c == k for k in cls_of], device=ct.device)].mean(0) for c in classes]), dim=-1)
+    pseudo = pseudo_images(ct, emb)[rows]
+    cell_class = torch.tensor([classes.index(cells[i][0]) for i in rows], device=ct.device)
+    forgotten = torch.tensor([cells[i] in spec.forget_cells for i in rows], device=ct.device)
+    free = sorted(classes.index(c) for c in partial)
+    shifts, info = class_shifts(pseudo, cell_class, forgotten, class_emb, free,
+                                float(model.logit_scale.exp()), config.domain_keep_weight)
+    if info["pseudo_forgotten_acc"] > 0 or info["pseudo_kept_acc"] < info["pseudo_kept_acc_before"]:
+        log.warning("class redirect: no shift of %s's embedding both misses the forgotten cells and keeps the "
+                    "other predictions on the pseudo images (forgotten %.0f%%, kept %.0f%% → %.0f%%); check the "
+                    "result with evaluate()", ", ".join(sorted(partial)), 100 * info["pseudo_forgotten_acc"],
+                    100 * info["pseudo_kept_acc_before"], 100 * info["pseudo_kept_acc"])
+    return {classes[i]: d for i, d in shifts.items()}, {"fit": info, "partly_forgotten": partial}
+
+
+def _realize_shifts(layer, U, keys, out, targets, row_classes, shifts, G, config, rounds: int = 3):
+    """The redirect entry whose class embeddings move by the planned δ_c: the ridge solution moves them
+    the right way but only part of the way (80–90 % on the proving ground), so each partly forgotten
+    class's targets are scaled by planned / realized along δ_c and the entry solved again."""
+    targets = targets.clone()
+    gains = {cls: 1.0 for cls in shifts}
+    rows = {cls: torch.tensor([c == cls for c in row_classes], device=out.device) for cls in shifts}
+
+    def unit_mean(x):
+        return torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=-1).mean(0), dim=0)
+
+    for r in range(rounds + 1):
+        entry = redirect_entry(layer, U, keys, targets, G["F"], G["R"], retain_weight=config.retain_weight)
+        moved = out + (keys.float() @ entry.B.to(out)) @ entry.A.to(out).t()
+        got = {}
+        for cls, delta in shifts.items():
+            d = delta.to(out)
+            change = unit_mean(moved[rows[cls]]) - unit_mean(out[rows[cls]])
+            got[cls] = float(change @ d) / float(d @ d)
+        if r == rounds:
+            break
+        for cls in shifts:
+            step = 1.0 / min(max(got[cls], 0.25), 4.0)
+            gains[cls] *= step
+            targets[rows[cls]] *= step
+    return entry, {cls: {"fraction": round(got[cls], 4), "target_gain": round(gains[cls], 4)} for cls in shifts}
 
 
 def synthesize_prototypes(model: nn.Module, tokenizer, spec: ForgetSpec,
@@ -109,22 +146,24 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     layers = find_layers(model, config.targets, config.last_blocks)
     layers = [l for l in layers if (l.tower == "text" and config.use_text)
               or (l.tower == "visual" and config.use_prototypes and config.prototypes_per_cell > 0)]
-    redirect = config.edit == "class-redirect"
+    edit = config.edit_for(spec)
+    redirect = edit == "class-redirect"
+    retain_energy = config.retain_energy_for(edit)
     forgotten_classes = {c for c, _ in spec.forget_cells}
     if redirect:
         layers = [l for l in layers if l.kind == "proj" and l.tower == "text"]
         if all(c in forgotten_classes for c, _ in spec.cells):
             raise ValueError("edit='class-redirect' needs classes that are kept in every domain to hold "
                              f"the text side in place, and this request (mode {spec.mode!r}) forgets every "
-                             "class somewhere; a text-side shift cannot forget whole domains: use "
-                             "edit='project'")
+                             "class somewhere; the class redirect cannot forget whole domains: use "
+                             "edit='project' (edit='auto' does)")
     if not layers:
         raise ValueError(f"config selects no layer: targets={config.targets!r}, use_text="
                          f"{config.use_text}, use_prototypes={config.use_prototypes}, "
                          f"prototypes_per_cell={config.prototypes_per_cell}")
     device = torch.device(config.device) if config.device else next(model.parameters()).device
     timings: dict[str, float] = {}
-    info: dict = {"layers": {}}
+    info: dict = {"edit": edit, "retain_energy": retain_energy, "layers": {}}
 
     def sync():
         if device.type == "cuda":
@@ -145,10 +184,6 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
             raise ValueError("edit='class-redirect' with classes kept in other domains "
                              f"({sorted(partial)}) needs prototypes: use_prototypes=True and "
                              "prototypes_per_cell ≥ 1")
-        if partial:
-            log.warning("edit='class-redirect' on classes kept in other domains (%s) is experimental: how "
-                        "much it forgets depends strongly on the synthesized prototypes (check the result "
-                        "with evaluate())", ", ".join(sorted(partial)))
     groups = ["F"] * n_f + ["R"] * (len(cells) - n_f)
     amp = autocast_dtype(config, device)
     autocast = dict(device_type=device.type, dtype=amp, enabled=amp != torch.float32)
@@ -182,9 +217,9 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         shifts = {}
         if partial:
             t = time.perf_counter()
-            shifts, info["redirect"] = _domain_shifts(model, spec, cells, cell_text, images, P, partial,
-                                                      config, autocast)
-            timings["domain_detectors"] = time.perf_counter() - t
+            shifts, info["redirect"] = _domain_shifts(model, spec, cells, cell_text, images, partial, config,
+                                                      autocast)
+            timings["domain_fit"] = time.perf_counter() - t
 
         # 3. capture: the image layers' Grams from the prototypes, F and R
         t = time.perf_counter()
@@ -203,7 +238,7 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         entries = []
         for layer in layers:
             G = cap.grams[layer.name]
-            U, linfo = forget_basis(G["F"], G["R"], retain_energy=config.retain_energy,
+            U, linfo = forget_basis(G["F"], G["R"], retain_energy=retain_energy,
                                     forget_energy=config.forget_energy, max_rank=config.max_rank,
                                     prior=_prior_directions(model, layer.name), solver=config.solver,
                                     oversample=config.oversample, power_iters=config.power_iters,
@@ -226,8 +261,11 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
                     norms = out[rows].norm(dim=1, keepdim=True)
                     r = (out[rows] / norms).mean(0).norm()
                     targets[rows] = norms * r * delta.to(out)[None, :]
-                entries.append(redirect_entry(layer, U, keys, targets, G["F"], G["R"],
-                                              retain_weight=config.retain_weight))
+                entry = redirect_entry(layer, U, keys, targets, G["F"], G["R"], retain_weight=config.retain_weight)
+                if shifts:
+                    entry, info["redirect"]["realized"] = _realize_shifts(layer, U, keys, out, targets, row_classes,
+                                                                          shifts, G, config)
+                entries.append(entry)
             elif U.shape[1]:
                 entries.append(_patch_entry(layer, U, config.alpha))
         sync()

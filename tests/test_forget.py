@@ -5,7 +5,8 @@ from torch import nn
 
 from clipforget_fast import ForgetConfig, ForgetSpec, Patch, forget
 
-FAST = ForgetConfig(prototypes_per_cell=2, steps=8, batch_size=64)
+# the projection edit exercises every stage (synthesis, capture, nullspace on both towers)
+FAST = ForgetConfig(prototypes_per_cell=2, steps=8, batch_size=64, edit="project")
 
 
 @pytest.mark.parametrize("kw", [dict(forget_classes=["dog"]),
@@ -29,6 +30,40 @@ def test_forget_all_modes(tiny_clip, tokenizer, vocab, kw, targets):
     patch.revert(tiny_clip)
     for k, v in tiny_clip.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, edit", [(dict(forget_classes=["dog", "car"]), "class-redirect"),
+                                      (dict(forget_classes=["dog"], forget_domains=["sketch"]), "class-redirect"),
+                                      (dict(forget_domains=["sketch"]), "project")])
+def test_auto_edit_follows_the_request(tiny_clip, tokenizer, vocab, kw, edit):
+    spec = ForgetSpec(*vocab, **kw)
+    cfg = FAST.replace(edit="auto")
+    assert cfg.edit_for(spec) == edit
+    patch = forget(tiny_clip, tokenizer, spec, cfg)
+    assert patch.info["edit"] == edit
+    assert patch.info["retain_energy"] == {"project": 0.99, "class-redirect": 0.9999}[edit]
+    if edit == "class-redirect":                          # text projection only
+        assert {e.name for e in patch.entries} == {"text_projection"}
+        # prototypes only where a class is kept in other domains (they place its pseudo images)
+        assert ("synthesis" in patch.timings) == (spec.mode == "domain")
+    else:
+        assert {e.name for e in patch.entries} == {"text_projection", "visual.proj"}
+
+
+def test_auto_edit_falls_back_to_projection(vocab):
+    spec = ForgetSpec(*vocab, forget_classes=["dog"])
+    assert ForgetConfig().edit == "auto" and ForgetConfig().edit_for(spec) == "class-redirect"
+    assert ForgetConfig(use_text=False).edit_for(spec) == "project"       # nothing on the text side
+    assert ForgetConfig(targets="mlp").edit_for(spec) == "project"        # no projection targeted
+    assert ForgetConfig(edit="project").edit_for(spec) == "project"
+    # a class forgotten in some domains only needs prototypes for the redirect
+    cells = ForgetSpec.from_cells(*vocab, [("dog", d) for d in vocab[1]] + [("car", vocab[1][0])])
+    assert ForgetConfig().edit_for(cells) == "class-redirect"
+    assert ForgetConfig(prototypes_per_cell=0).edit_for(cells) == "project"
+    assert ForgetConfig(prototypes_per_cell=0).edit_for(spec) == "class-redirect"
+    # every class forgotten somewhere: nothing holds the text side
+    assert ForgetConfig().edit_for(ForgetSpec(*vocab, forget_domains=["photo"])) == "project"
+    assert ForgetConfig(retain_energy=0.5).retain_energy_for("class-redirect") == 0.5
 
 
 def test_text_only_and_prototypes_only(tiny_clip, tokenizer, vocab):

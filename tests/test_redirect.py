@@ -1,10 +1,10 @@
-"""The class redirect: forgotten prompts turn against their class direction (global) or shift along
-their forgotten domains' image direction (domain), kept prompts hold."""
+"""The class redirect: forgotten prompts turn against their class direction (global) or move by a
+shift fitted on pseudo image embeddings (domain), kept prompts hold."""
 import pytest
 import torch
 
 from clipforget_fast import ForgetConfig, ForgetSpec, forget
-from clipforget_fast.redirect import domain_detectors, domain_shifts
+from clipforget_fast.redirect import class_shifts, pseudo_images
 from clipforget_fast.text import class_embeddings, tokenize
 
 CFG = ForgetConfig(edit="class-redirect", use_prototypes=False, retain_energy=0.9999)
@@ -44,9 +44,9 @@ def test_redirect_validation(tiny_clip, tokenizer, vocab):
         ForgetConfig(edit="class-redirect", targets="mlp")
     with pytest.raises(ValueError, match="edit"):
         ForgetConfig(edit="rewrite")
-    with pytest.raises(ValueError, match="domain_gain"):
-        ForgetConfig(domain_gain=0.0)
-    # a class kept in other domains needs the prototypes' domain detectors
+    with pytest.raises(ValueError, match="domain_keep_weight"):
+        ForgetConfig(domain_keep_weight=0.0)
+    # a class kept in other domains needs prototypes (they place the pseudo images)
     spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
     with pytest.raises(ValueError, match=r"\[.dog.\]\) needs prototypes"):
         forget(tiny_clip, tokenizer, spec, CFG)
@@ -61,54 +61,59 @@ def _unit(x):
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-def test_domain_detectors_respond_to_their_domain():
-    # embeddings = class part + domain part + noise; the domains' text embeddings share the domain parts
-    g = torch.Generator().manual_seed(0)
-    D, n_cls, n_dom, P = 32, 6, 3, 8
-    cls_dir, dom_dir = torch.randn(n_cls, D, generator=g), torch.randn(n_dom, D, generator=g)
-    c = torch.arange(n_cls).repeat_interleave(n_dom * P)
-    d = torch.arange(n_dom).repeat_interleave(P).repeat(n_cls)
-    emb = _unit(cls_dir[c] + dom_dir[d] + 0.1 * torch.randn(len(c), D, generator=g))
-    text = _unit(dom_dir + 0.3 * cls_dir.mean(0))
-    U = domain_detectors(emb, d, text)
-    z = emb @ U.t()                                             # [n, n_dom]
-    for j in range(n_dom):
-        assert z[d == j, j].mean() == pytest.approx(1.0, abs=1e-5)   # scaled to 1 on its domain
-        assert z[d != j, j].abs().mean() < 0.25                     # about 0 elsewhere
-        assert z[d == j, j].min() > z[d != j, j].max()
-
-
-def test_domain_shift_lowers_the_class_in_its_domain_only():
-    g = torch.Generator().manual_seed(1)
-    D, classes, domains, P = 32, ["a", "b", "c", "e"], ["x", "y", "z"], 6
+def _toy(seed=1, D=32, classes=("a", "b", "c", "e"), domains=("x", "y", "z"), P=6, noise=0.1):
+    """Embeddings = class part + domain part + noise, per cell (class-major)."""
+    g = torch.Generator().manual_seed(seed)
     cls_dir, dom_dir = torch.randn(len(classes), D, generator=g), torch.randn(len(domains), D, generator=g)
-    proto = {(ci, di): _unit(cls_dir[i] + dom_dir[j] + 0.1 * torch.randn(P, D, generator=g))
-             for i, ci in enumerate(classes) for j, di in enumerate(domains)}
-    emb = torch.cat(list(proto.values()))
-    dom_idx = torch.tensor([domains.index(dd) for (_, dd) in proto for _ in range(P)])
+    cell_c = torch.arange(len(classes)).repeat_interleave(len(domains))
+    cell_d = torch.arange(len(domains)).repeat(len(classes))
+    imgs = _unit(cls_dir[cell_c].repeat_interleave(P, 0) + dom_dir[cell_d].repeat_interleave(P, 0)
+                 + noise * torch.randn(len(cell_c) * P, D, generator=g))
+    return cls_dir, dom_dir, cell_c, cell_d, imgs
+
+
+def test_pseudo_images_move_the_texts_by_the_modality_gap():
+    g = torch.Generator().manual_seed(0)
+    text = _unit(torch.randn(12, 16, generator=g))
+    gap = torch.zeros(16)
+    gap[0] = 3.0
+    proto = _unit(text[torch.arange(12).repeat(4)] + gap)          # every cell's images sit at text + gap
+    out = pseudo_images(text, proto)
+    assert out.shape == text.shape
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(12))
+    # the pseudo images land where the prototypes' cloud is: their mean is the prototypes' mean direction
+    assert torch.nn.functional.cosine_similarity(out.mean(0), proto.mean(0), dim=0) > 0.999
+    assert (out[:, 0] > text[:, 0]).all()
+
+
+def test_class_shift_misses_the_forgotten_cell_and_keeps_the_rest():
+    cls_dir, dom_dir, cell_c, cell_d, imgs = _toy()
+    P = 6
+    cls_of, dom_of = cell_c.repeat_interleave(P), cell_d.repeat_interleave(P)
     class_emb = _unit(cls_dir)
-    U = domain_detectors(emb, dom_idx, _unit(dom_dir))
-    shifts, info = domain_shifts(proto, class_emb, classes, U, domains, {"a": ["y"]}, gain=2.0)
-    assert set(shifts) == {"a"} and info["a@y"]["margin"] > 0
+    forgotten = (cls_of == 0) & (dom_of == 1)                     # class a in domain y
+    before = (imgs @ class_emb.t()).argmax(1) == cls_of
+    assert before.all()
+    shifts, info = class_shifts(imgs, cls_of, forgotten, class_emb, [0], scale=30.0, keep_weight=3.0)
+    assert set(shifts) == {0} and info["pseudo_forgotten_acc"] == 0
     new = class_emb.clone()
-    new[0] = class_emb[0] + shifts["a"]
+    new[0] = class_emb[0] + shifts[0]
     assert new[0].norm() == pytest.approx(1.0, abs=1e-5)          # still a unit class embedding
-    win = {cell: ((v @ new.t()).argmax(1) == classes.index(cell[0])).float().mean() for cell, v in proto.items()}
-    assert win[("a", "y")] == 0                                   # forgotten in y
-    assert win[("a", "x")] == 1 and win[("a", "z")] == 1          # kept in x and z
-    assert all(win[cell] == 1 for cell in proto if cell[0] != "a")
-    # the compensation keeps class a's mean score on the prototypes of the domains where it is kept
-    kept = torch.cat([v for (cc, dd), v in proto.items() if dd != "y"])
-    assert (kept @ new[0]).mean() == pytest.approx(float((kept @ class_emb[0]).mean()), abs=1e-4)
+    hit = (imgs @ new.t()).argmax(1) == cls_of
+    assert not hit[forgotten].any()                               # forgotten in y
+    assert hit[~forgotten].all()                                  # a kept in x and z, every other class kept
+    # deterministic: the same inputs give the same shift
+    again, _ = class_shifts(imgs, cls_of, forgotten, class_emb, [0], scale=30.0, keep_weight=3.0)
+    torch.testing.assert_close(again[0], shifts[0])
 
 
-def test_domain_redirect_moves_the_class_embedding_as_planned(tiny_clip, tokenizer, vocab, caplog):
+def test_domain_redirect_moves_the_class_embedding_as_planned(tiny_clip, tokenizer, vocab):
     spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
-    cfg = ForgetConfig(edit="class-redirect", retain_energy=0.9999, prototypes_per_cell=2, steps=5)
-    with caplog.at_level("WARNING"):
-        patch = forget(tiny_clip, tokenizer, spec, cfg)
-    assert "experimental" in caplog.text
+    cfg = ForgetConfig(edit="class-redirect", prototypes_per_cell=2, steps=5)
+    patch = forget(tiny_clip, tokenizer, spec, cfg)
     assert patch.info["redirect"]["partly_forgotten"] == {"dog": ["sketch"]}
+    # the targets are scaled until the realized shift is the planned one
+    assert patch.info["redirect"]["realized"]["dog"]["fraction"] == pytest.approx(1.0, abs=0.02)
     sets = [[p for d in spec.domains for p in spec.prompts((c, d))] for c in spec.classes]
     before = _unit(class_embeddings(tiny_clip, tokenizer, sets, "cpu").float())
     patch.apply(tiny_clip)

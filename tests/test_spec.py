@@ -70,7 +70,7 @@ def test_cell_in_both_forget_and_retain_raises():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("alpha", 1.5), ("targets", "everything"), ("retain_energy", 0.0), ("max_rank", 0),
+    ("alpha", 1.5), ("targets", "everything"), ("retain_energy", 0.0), ("retain_energy", True), ("max_rank", 0),
     ("token_policy", "cls"), ("solver", "lanczos"), ("batch_size", 0), ("steps", -1),
     ("accept_prob", 0.0), ("dtype", "int8"), ("prototypes_per_cell", 2.5),
 ])
