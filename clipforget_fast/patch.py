@@ -60,6 +60,8 @@ class Patch:
     config: dict = field(default_factory=dict)     # ForgetConfig.to_dict()
     info: dict = field(default_factory=dict)       # per-layer ranks, synthesis stats, timings
     version: str = __version__
+    # hashes of the weights this patch's last revert left (the base up to rounding): it applies to those too
+    _restored: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def timings(self) -> dict:
@@ -96,12 +98,13 @@ class Patch:
         """Add the patch to ``model``'s weights in place; returns the model.
 
         Raises ValueError if a targeted tensor is missing, has another shape, or (unless ``force``)
-        differs from the one the patch was computed on.
+        differs from the one the patch was computed on (or from the one its own last revert left, which
+        equals it up to the weight dtype's rounding).
         """
         params = self._params(model)
         if not force:
             for e, p in zip(self.entries, params):
-                if tensor_hash(p) != e.base_hash:
+                if tensor_hash(p) not in (e.base_hash, self._restored.get(e.name)):
                     raise ValueError(f"model tensor {e.name!r} is not the one this patch was computed "
                                      "on (hash mismatch); pass force=True to apply anyway")
         self._update(params, 1.0)
@@ -124,6 +127,7 @@ class Patch:
                                  "later patches first (or pass force=True)")
         params = self._params(model)
         self._update(params, -1.0)
+        self._restored = {e.name: tensor_hash(p) for e, p in zip(self.entries, params)}
         for i in range(len(stack) - 1, -1, -1):
             if stack[i] is self:
                 del stack[i]

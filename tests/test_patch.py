@@ -112,6 +112,26 @@ def test_revert_order_is_enforced(tiny_clip):
     p1.revert(tiny_clip)
 
 
+def test_a_reverted_patch_applies_again(tiny_clip):
+    patch = _random_patch(tiny_clip, seed=3)
+    base = {n: p.detach().clone() for n, p in tiny_clip.named_parameters()}
+    for _ in range(2):                            # apply, revert, apply again: no force needed
+        patch.apply(tiny_clip)
+        patch.revert(tiny_clip)
+    other = _random_patch(tiny_clip, seed=4)      # computed on the reverted weights: its own base
+    other.apply(tiny_clip)
+    with pytest.raises(ValueError, match="hash mismatch"):
+        patch.apply(tiny_clip)                    # the weights are neither its base nor its revert's
+    other.revert(tiny_clip)
+    with torch.no_grad():                         # weights changed after the revert: refused
+        name = patch.entries[0].name
+        dict(tiny_clip.named_parameters())[name].add_(1.0)
+        with pytest.raises(ValueError, match="hash mismatch"):
+            patch.apply(tiny_clip)
+        for n, p in tiny_clip.named_parameters():
+            p.copy_(base[n])
+
+
 def test_bad_paths_and_files(tmp_path, tiny_clip):
     patch = _random_patch(tiny_clip, "proj")
     with pytest.raises(ValueError, match="safetensors"):
