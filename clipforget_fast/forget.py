@@ -261,10 +261,12 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
                     norms = out[rows].norm(dim=1, keepdim=True)
                     r = (out[rows] / norms).mean(0).norm()
                     targets[rows] = norms * r * delta.to(out)[None, :]
-                entry = redirect_entry(layer, U, keys, targets, G["F"], G["R"], retain_weight=config.retain_weight)
                 if shifts:
                     entry, info["redirect"]["realized"] = _realize_shifts(layer, U, keys, out, targets, row_classes,
                                                                           shifts, G, config)
+                else:
+                    entry = redirect_entry(layer, U, keys, targets, G["F"], G["R"],
+                                           retain_weight=config.retain_weight)
                 entries.append(entry)
             elif U.shape[1]:
                 entries.append(_patch_entry(layer, U, config.alpha))
