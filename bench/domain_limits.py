@@ -271,7 +271,7 @@ def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weigh
         print(f"held-out renders whose cell is the one of the nearest {what}: {100 * named:.1f} %")
 
     print("| request | fitted on | text-side class shift | last-block mlp.c_proj |\n|---|---|---|---|")
-    for mode, fc, fd in REQUESTS:
+    for mode, fc, fd in REQUESTS + q.MORE_DOMAIN_REQUESTS:
         spec = q.spec_for(mode, fc, fd)
         for name, (blk, cls, dom) in fits.items():
             fm = torch.tensor([(C[c], D[d]) in spec.forget_cells for c, d in zip(cls.tolist(), dom.tolist())])
