@@ -79,8 +79,13 @@ def class_shifts(pseudo: torch.Tensor, cell_class: torch.Tensor, forgotten: torc
     with Adam from Δ = 0 (deterministic). Returns ({class index: δ [D]}, info) with
     δ_c = normalize(T_c + Δ_c) - T_c.
     """
-    T = torch.nn.functional.normalize(class_emb.float(), dim=-1)
-    X = pseudo.float()
+    with torch.inference_mode(False), torch.enable_grad():     # whatever the caller's mode
+        return _fit_shifts(pseudo.float().clone(), cell_class.clone(), forgotten.clone(), class_emb.float().clone(),
+                           free, scale, keep_weight, steps, lr)
+
+
+def _fit_shifts(X, cell_class, forgotten, class_emb, free, scale, keep_weight, steps, lr):
+    T = torch.nn.functional.normalize(class_emb, dim=-1)
     idx = torch.tensor(free, dtype=torch.long, device=T.device)
     keep = ~forgotten
     with torch.no_grad():
@@ -96,12 +101,11 @@ def class_shifts(pseudo: torch.Tensor, cell_class: torch.Tensor, forgotten: torc
         lk = torch.nn.functional.kl_div(lg[keep], p0[keep], log_target=True, reduction="batchmean")
         return lf, lk, lg
 
-    with torch.enable_grad():
-        for _ in range(steps):
-            lf, lk, _ = terms()
-            opt.zero_grad()
-            (lf + keep_weight * lk).backward()
-            opt.step()
+    for _ in range(steps):
+        lf, lk, _ = terms()
+        opt.zero_grad()
+        (lf + keep_weight * lk).backward()
+        opt.step()
     with torch.no_grad():
         lf, lk, lg = terms()
         hit = lg.argmax(1) == cell_class

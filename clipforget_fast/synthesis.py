@@ -98,7 +98,13 @@ def synthesize(model: nn.Module, cell_text: torch.Tensor, target: torch.Tensor,
     cell_text: [n_cells, D] L2-normalized text embeddings, the classifier the prototypes are
                optimized against (one row per cell of the request).
     target:    [N] long, the cell each prototype must land on.
+    Runs with gradients whatever the caller's mode (``torch.no_grad`` or ``torch.inference_mode``).
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _synthesize(model, cell_text.clone(), target.clone(), config, device)
+
+
+def _synthesize(model, cell_text, target, config, device) -> SynthesisResult:
     device = torch.device(device) if device is not None else next(model.parameters()).device
     (H, W), mean, std = image_geometry(model)
     lo, hi = ((0 - mean) / std).to(device), ((1 - mean) / std).to(device)

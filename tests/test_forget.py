@@ -66,6 +66,22 @@ def test_auto_edit_falls_back_to_projection(vocab):
     assert ForgetConfig(retain_energy=0.5).retain_energy_for("class-redirect") == 0.5
 
 
+@pytest.mark.parametrize("edit", ["auto", "project"])
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_forget_under_no_grad_or_inference_mode(tiny_clip, tokenizer, vocab, edit, mode):
+    # synthesis and the class-shift fit need gradients whatever the caller's mode
+    spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
+    cfg = FAST.replace(edit=edit)
+    plain = forget(tiny_clip, tokenizer, spec, cfg)
+    with mode():
+        inside = forget(tiny_clip, tokenizer, spec, cfg)
+    assert [e.name for e in inside.entries] == [e.name for e in plain.entries]
+    for a, b in zip(inside.entries, plain.entries):
+        torch.testing.assert_close(a.A @ a.B.t(), b.A @ b.B.t(), rtol=1e-4, atol=1e-5)
+    inside.apply(tiny_clip)
+    inside.revert(tiny_clip)
+
+
 def test_text_only_and_prototypes_only(tiny_clip, tokenizer, vocab):
     spec = ForgetSpec(*vocab, forget_classes=["cat"])
     text_only = forget(tiny_clip, tokenizer, spec, FAST.replace(use_prototypes=False))
