@@ -91,7 +91,7 @@ def _domain_shifts(model, spec, cells, cell_text, images, partial, config, autoc
 
 def _realize_shifts(layer, U, keys, out, targets, row_classes, shifts, G, config, rounds: int = 3):
     """The redirect entry whose class embeddings move by the planned δ_c: the ridge solution moves them
-    the right way but only part of the way (80–90 % on the proving ground), so each partly forgotten
+    the right way but only part of the way (79–89 % on the proving ground), so each partly forgotten
     class's targets are scaled by planned / realized along δ_c and the entry solved again."""
     targets = targets.clone()
     gains = {cls: 1.0 for cls in shifts}
