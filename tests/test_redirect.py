@@ -123,3 +123,33 @@ def test_domain_redirect_moves_the_class_embedding_as_planned(tiny_clip, tokeniz
     assert moved.norm() > 0.05
     others = (after[1:] - before[1:]).norm(dim=1)
     assert others.max() < 0.1 * moved.norm()                     # the other classes hold
+
+
+@pytest.mark.parametrize("damp, reached", [(0.5, True), (0.01, False)])
+def test_shift_realization_scales_targets_up_to_a_cap(tiny_clip, tokenizer, vocab, monkeypatch, caplog, damp, reached):
+    # a ridge solve that moves the outputs only `damp` of the way: the targets are scaled until the shift is
+    # realized, at most 8× in all; short of 90 % the patch says so
+    import importlib
+
+    from clipforget_fast.patch import PatchEntry
+
+    engine = importlib.import_module("clipforget_fast.forget")
+    solve = engine.redirect_entry
+
+    def damped(*args, **kwargs):
+        e = solve(*args, **kwargs)
+        return PatchEntry(e.name, e.layout, damp * e.A, e.B, e.base_hash)
+
+    monkeypatch.setattr(engine, "redirect_entry", damped)
+    spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
+    with caplog.at_level("WARNING"):
+        patch = forget(tiny_clip, tokenizer, spec, ForgetConfig(edit="class-redirect", prototypes_per_cell=2, steps=5))
+    realized = patch.info["redirect"]["realized"]["dog"]
+    if reached:
+        assert realized["fraction"] == pytest.approx(1.0, abs=0.02)
+        assert realized["target_gain"] > 1.5                # half the way per solve: about 2× needed
+        assert "of the planned shift" not in caplog.text
+    else:
+        assert realized["target_gain"] == pytest.approx(8.0)
+        assert realized["fraction"] < 0.2
+        assert "of the planned shift" in caplog.text
