@@ -27,7 +27,7 @@ import quality as q  # noqa: E402
 from clipforget_fast import ForgetConfig, forget, synthesize_prototypes  # noqa: E402
 from clipforget_fast import proving_ground as pg  # noqa: E402
 from clipforget_fast.layers import image_geometry  # noqa: E402
-from clipforget_fast.redirect import class_shifts, pseudo_images  # noqa: E402
+from clipforget_fast.redirect import class_shifts, forget_keep_terms, pseudo_images  # noqa: E402
 from clipforget_fast.synthesis import PrototypeBank, frozen  # noqa: E402
 from clipforget_fast.text import class_embeddings  # noqa: E402
 
@@ -43,9 +43,10 @@ def cell_text(model, tok) -> torch.Tensor:
                        dim=-1)
 
 
-def agnostic_text(model, tok) -> torch.Tensor:
-    """[classes, D] normalized domain-agnostic class embeddings: each class's prompts of every domain."""
-    sets = [[p for d in D for p in SPEC.prompts((c, d))] for c in C]
+def agnostic_text(model, tok, templates=None) -> torch.Tensor:
+    """[classes, D] normalized domain-agnostic class embeddings: each class's prompts of every domain
+    (the spec's templates, or ``templates``)."""
+    sets = [[p for d in D for p in SPEC.prompts((c, d), templates)] for c in C]
     return F.normalize(class_embeddings(model, tok, sets, "cpu").float(), dim=-1)
 
 
@@ -225,11 +226,9 @@ class LastBlock:
 
 
 def forget_keep_loss(E, cls, fm, T, scale, p0, keep_weight):
-    """-log(1 - p(true class)) on the forgotten images + keep_weight · KL(before ‖ after) on the others."""
-    lg = F.log_softmax(scale * E @ F.normalize(T, dim=-1).t(), -1)
-    pc = lg.gather(1, cls[:, None]).squeeze(1).exp()
-    lf = -torch.log1p(-pc[fm].clamp(max=1 - 1e-6)).mean()
-    return lf + keep_weight * F.kl_div(lg[~fm], p0[~fm], log_target=True, reduction="batchmean")
+    """The library's fit objective (redirect.forget_keep_terms), for any edit of E or T."""
+    lf, lk, _ = forget_keep_terms(E, T, cls, fm, scale, p0)
+    return lf + keep_weight * lk
 
 
 def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weight: float = 3.0) -> None:
@@ -241,10 +240,8 @@ def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weigh
     the held-out renders with the held-out templates' class embeddings, the shifts applied to them as
     planned (the realized edit is measured by bench/quality.py)."""
     model, scale = h.model, h.model.logit_scale.exp().item()
-    sets = lambda templates: [[p for d in D for p in SPEC.prompts((c, d), templates)] for c in C]
     with torch.no_grad():
-        T_fit = F.normalize(class_embeddings(model, h.tok, sets(None), "cpu").float(), dim=-1)
-        T_ho = F.normalize(class_embeddings(model, h.tok, sets(q.HELD_OUT_TEMPLATES), "cpu").float(), dim=-1)
+        T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
     imgs, ci, di = pg.render(C, D, 20, seed=REAL_SEED)
     bank = synthesize_prototypes(model, h.tok, SPEC, ForgetConfig(prototypes_per_cell=8))
     pimgs = torch.cat([bank.images[(c, d)] for c in C for d in D])
@@ -259,8 +256,12 @@ def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weigh
           f"(harness: {100 * h.before['held-out'].cell_mean(SPEC.cells):.1f} %)")
     # the library's stand-ins for image embeddings: the cells' texts moved by the prototypes' modality gap
     CT = cell_text(model, h.tok)                                             # [cells, D], class-major
+    before = {}                             # each fit set's embeddings and log-probabilities before any edit
     with torch.no_grad():
-        E_proto = fits["prototypes"][0].embed()
+        for name, (blk, _, _) in fits.items():
+            E0 = blk.embed()
+            before[name] = (E0, F.log_softmax(scale * E0 @ T_fit.t(), -1))
+    E_proto = before["prototypes"][0]
     pseudo = pseudo_images(CT, E_proto)
     cell_c, cell_d = torch.arange(len(C)).repeat_interleave(len(D)), torch.arange(len(D)).repeat(len(C))
     truth = h.ci * len(D) + h.di
@@ -275,9 +276,7 @@ def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weigh
         spec = q.spec_for(mode, fc, fd)
         for name, (blk, cls, dom) in fits.items():
             fm = torch.tensor([(C[c], D[d]) in spec.forget_cells for c, d in zip(cls.tolist(), dom.tolist())])
-            with torch.no_grad():
-                E0 = blk.embed()
-                p0 = F.log_softmax(scale * E0 @ T_fit.t(), -1)
+            E0, p0 = before[name]
             free = torch.tensor(sorted({C.index(c) for c, _ in spec.forget_cells}))
             shift = torch.zeros(len(free), T_fit.shape[1], requires_grad=True)
             opt = torch.optim.Adam([shift], lr=0.01)

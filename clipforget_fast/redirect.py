@@ -84,6 +84,18 @@ def class_shifts(pseudo: torch.Tensor, cell_class: torch.Tensor, forgotten: torc
                            free, scale, keep_weight, steps, lr)
 
 
+def forget_keep_terms(X: torch.Tensor, T: torch.Tensor, cell_class: torch.Tensor, forgotten: torch.Tensor,
+                      scale: float, p0: torch.Tensor):
+    """The two terms ``class_shifts`` minimizes, for image embeddings X [n, D] against class embeddings
+    T [n_classes, D] (normalized here): mean_forgotten -log(1 - p(true class)) and KL(p0 ‖ p) over the
+    other rows (p0: [n, n_classes] log-probabilities before the edit); also the log-probabilities."""
+    lg = torch.log_softmax(scale * X @ torch.nn.functional.normalize(T, dim=-1).t(), -1)
+    pc = lg.gather(1, cell_class[:, None]).squeeze(1).exp()
+    lf = -torch.log1p(-pc[forgotten].clamp(max=1 - 1e-6)).mean()
+    lk = torch.nn.functional.kl_div(lg[~forgotten], p0[~forgotten], log_target=True, reduction="batchmean")
+    return lf, lk, lg
+
+
 def _fit_shifts(X, cell_class, forgotten, class_emb, free, scale, keep_weight, steps, lr):
     T = torch.nn.functional.normalize(class_emb, dim=-1)
     idx = torch.tensor(free, dtype=torch.long, device=T.device)
@@ -95,11 +107,7 @@ def _fit_shifts(X, cell_class, forgotten, class_emb, free, scale, keep_weight, s
     opt = torch.optim.Adam([delta], lr=lr)
 
     def terms():
-        lg = torch.log_softmax(scale * X @ torch.nn.functional.normalize(T.index_add(0, idx, delta), dim=-1).t(), -1)
-        pc = lg.gather(1, cell_class[:, None]).squeeze(1).exp()
-        lf = -torch.log1p(-pc[forgotten].clamp(max=1 - 1e-6)).mean()
-        lk = torch.nn.functional.kl_div(lg[keep], p0[keep], log_target=True, reduction="batchmean")
-        return lf, lk, lg
+        return forget_keep_terms(X, T.index_add(0, idx, delta), cell_class, forgotten, scale, p0)
 
     for _ in range(steps):
         lf, lk, _ = terms()
