@@ -40,7 +40,7 @@ setup(
     package_data={"clipforget_fast.proving_ground": ["*.json", "*.md", "weights/*.safetensors"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "open_clip_torch>=2.24", "numpy", "safetensors", "pillow", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark"], "hf": ["transformers>=4.40"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

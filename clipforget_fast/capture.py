@@ -18,7 +18,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .layers import Layer
+from .layers import Layer, encode_image, encode_text, pools_first_token, text_pool_positions
 
 GROUPS = ("F", "R")
 
@@ -56,7 +56,7 @@ class GramCapture:
         self._group = None
         self._eot = None            # [B] EOT positions of the current text batch
         self._handles = []
-        self._vis_pool_tok = getattr(model.visual, "pool_type", "tok") == "tok"
+        self._vis_pool_tok = pools_first_token(model)
 
     # ---- hooks --------------------------------------------------------------------------------
     def __enter__(self):
@@ -114,9 +114,9 @@ class GramCapture:
         try:
             proj = self._raw_proj("text")
             if proj is None:
-                return self.model.encode_text(tokens)
+                return encode_text(self.model, tokens)
             with without_projection(self.model, "text_projection"):
-                x = self.model.encode_text(tokens)
+                x = encode_text(self.model, tokens)
             self._fold(proj, x)
             return x @ proj.param.to(x.dtype)
         finally:
@@ -130,18 +130,14 @@ class GramCapture:
         try:
             proj = self._raw_proj("visual")
             if proj is None:
-                self.model.encode_image(images)
+                encode_image(self.model, images)
             else:
                 with without_projection(self.model.visual, "proj"):
-                    self._fold(proj, self.model.encode_image(images))
+                    self._fold(proj, encode_image(self.model, images))
         finally:
             self._group = None
 
 
 def eot_positions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """[B] index of the token the text tower pools (open_clip: argmax token id = EOT, or the first
-    EOT id when the model names one)."""
-    eos = getattr(model, "text_eos_id", None)
-    if eos is not None and getattr(model, "text_pool_type", "argmax") == "eos":
-        return (tokens == eos).int().argmax(dim=-1)
-    return tokens.argmax(dim=-1)
+    """[B] index of the token the text tower pools (``layers.text_pool_positions``)."""
+    return text_pool_positions(model, tokens)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .spec import DEFAULT_TEMPLATES, DOMAIN_PHRASES, ForgetSpec, phrases_for
+from .layers import encode_image
 from .text import class_embeddings
 
 
@@ -113,7 +114,7 @@ def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch
             clf = class_embeddings(model, tokenizer, sets, device, batch_size).view(len(domains), len(classes), -1)
         preds = []
         for i in range(0, n, batch_size):
-            f = torch.nn.functional.normalize(model.encode_image(images[i:i + batch_size].to(device)).float(), dim=-1)
+            f = torch.nn.functional.normalize(encode_image(model, images[i:i + batch_size].to(device)).float(), dim=-1)
             w = clf[0] if prompts == "agnostic" else None
             if w is not None:
                 preds.append((f @ w.t()).argmax(-1).cpu())

@@ -17,7 +17,7 @@ from torch import nn
 
 from .capture import GramCapture
 from .config import ForgetConfig
-from .layers import Layer, find_layers
+from .layers import Layer, context_length, encode_image, find_layers
 from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
 from .redirect import class_shifts, class_targets, pseudo_images, redirect_entry
@@ -64,7 +64,7 @@ def _domain_shifts(model, spec, cells, cell_text, images, partial, config, autoc
     """δ_c per partly forgotten class (redirect.class_shifts), fitted on pseudo image embeddings: the
     cells' text embeddings moved by the modality gap that the prototypes' embeddings locate."""
     with torch.autocast(**autocast):
-        emb = torch.cat([model.encode_image(images[i:i + config.batch_size])
+        emb = torch.cat([encode_image(model, images[i:i + config.batch_size])
                          for i in range(0, len(images), config.batch_size)])
     emb = torch.nn.functional.normalize(emb.float(), dim=-1)
     classes = list(spec.classes)
@@ -139,8 +139,10 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
            prototypes: PrototypeBank | None = None) -> Patch:
     """Compute the patch that makes ``model`` forget ``spec.forget_cells`` and keep ``retain_cells``.
 
-    model:      an open_clip ``CLIP`` with a VisionTransformer image tower (not modified).
-    tokenizer:  the model's tokenizer (``open_clip.get_tokenizer(name)``).
+    model:      an open_clip ``CLIP`` with a VisionTransformer image tower, or a Hugging Face
+                ``CLIPModel`` (not modified).
+    tokenizer:  the model's tokenizer (``open_clip.get_tokenizer(name)``, or the model's Hugging Face
+                ``CLIPTokenizer``).
     prototypes: optional ``synthesize_prototypes`` result to reuse; cells it lacks are synthesized.
     Returns a Patch whose ``info`` holds per-layer ranks, synthesis statistics and per-stage
     ``timings`` (seconds).
@@ -201,7 +203,7 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         t = time.perf_counter()
         prompts = [spec.prompts(c) for c in cells]
         sizes = [len(ps) for ps in prompts]
-        all_tokens = tokenize(tokenizer, [p for ps in prompts for p in ps], device)
+        all_tokens = tokenize(tokenizer, [p for ps in prompts for p in ps], device, context_length(model))
         n_f_prompts = sum(sizes[:n_f])
         emb = []
         with torch.autocast(**autocast):

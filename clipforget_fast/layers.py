@@ -1,5 +1,8 @@
 """The one place that walks a CLIP model's module tree: which weights an edit may touch, their
-layout, and where their input features can be observed.
+layout, where their input features can be observed, and how each tower is run.
+
+Two model families: open_clip ``CLIP`` (VisionTransformer image tower) and Hugging Face
+``transformers.CLIPModel`` (recognized by its attributes; transformers is not imported here).
 
 open_clip stores editable weights in three layouts (DESIGN §2.6):
 
@@ -9,6 +12,13 @@ open_clip stores editable weights in three layouts (DESIGN §2.6):
 Each ``Layer`` names its parameter (as in ``model.named_parameters()``), its tower, its layout and a
 ``tap``: the module whose forward input (or, for the projections, the tower's output with the
 projection removed) is the layer's input ``x``.
+
+A Hugging Face CLIPModel keeps every editable weight in an ``nn.Linear`` ("linear" layout):
+``visual_projection`` and ``text_projection`` (input: the pooled, normalized token),
+``{vision,text}_model.encoder.layers.i.mlp.fc2`` (the MLP output, as open_clip's ``mlp.c_proj``) and the
+separate ``self_attn.{q,k,v}_proj`` (the attention inputs, as open_clip's fused ``in_proj_weight``: three
+layers that see the same input). Its image tower pools the class token; its text tower the first
+end-of-text token (or the largest token id, for configs with the old ``eos_token_id = 2``).
 """
 from __future__ import annotations
 
@@ -43,15 +53,39 @@ class Layer:
         return self.param if self.layout == "linear" else self.param.t()
 
 
+HF_ATTRS = ("vision_model", "text_model", "visual_projection", "text_projection", "get_image_features",
+            "get_text_features")
+
+
+def is_hf_clip(model) -> bool:
+    """Whether ``model`` looks like a Hugging Face ``CLIPModel`` (both towers and both projections)."""
+    return isinstance(model, nn.Module) and all(hasattr(model, a) for a in HF_ATTRS)
+
+
+def _check_hf(model: nn.Module) -> None:
+    for attr in ("visual_projection", "text_projection"):
+        if not isinstance(getattr(model, attr), nn.Linear):
+            raise TypeError(f"model.{attr} is a {type(getattr(model, attr)).__name__}, expected nn.Linear")
+    for tower in ("vision_model", "text_model"):
+        layers = getattr(getattr(getattr(model, tower), "encoder", None), "layers", None)
+        if layers is None or len(layers) == 0:
+            raise TypeError(f"model.{tower}.encoder.layers is missing: expected a Hugging Face CLIPModel")
+
+
 def check_model(model: nn.Module) -> None:
-    """Raise TypeError naming what is missing when ``model`` is not an editable open_clip CLIP."""
+    """Raise TypeError naming what is missing when ``model`` is not an editable open_clip CLIP or
+    Hugging Face CLIPModel."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an open_clip CLIP nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model must be an open_clip CLIP or Hugging Face CLIPModel nn.Module, got "
+                        f"{type(model).__name__}")
+    if is_hf_clip(model):
+        _check_hf(model)
+        return
     for attr in ("visual", "encode_image", "encode_text", "transformer", "text_projection"):
         if not hasattr(model, attr):
             raise TypeError(f"model {type(model).__name__} has no '{attr}': expected an open_clip "
-                            "CLIP model (open_clip.create_model(...)); CustomTextCLIP and CoCa are "
-                            "not supported")
+                            "CLIP model (open_clip.create_model(...)) or a Hugging Face CLIPModel; "
+                            "CustomTextCLIP and CoCa are not supported")
     vis = model.visual
     if not (hasattr(vis, "transformer") and hasattr(vis.transformer, "resblocks")):
         raise TypeError(f"model.visual is a {type(vis).__name__}; only VisionTransformer image "
@@ -87,23 +121,50 @@ def _block_layers(prefix: str, tower: str, transformer: nn.Module, last: int, at
     return out
 
 
+def _hf_block_layers(prefix: str, tower: str, encoder: nn.Module, last: int, attn: bool) -> list[Layer]:
+    out = []
+    blocks = list(encoder.layers)
+    for i in range(max(0, len(blocks) - last), len(blocks)):
+        blk, base = blocks[i], f"{prefix}.layers.{i}"
+        if attn:
+            for p in ("q_proj", "k_proj", "v_proj"):
+                lin = getattr(getattr(blk, "self_attn", None), p, None)
+                if not isinstance(lin, nn.Linear):
+                    raise TypeError(f"{base}.self_attn.{p} is not an nn.Linear; cannot edit this block type")
+                out.append(Layer(f"{base}.self_attn.{p}.weight", tower, "attn_in", "linear", lin.weight, lin))
+        fc2 = getattr(getattr(blk, "mlp", None), "fc2", None)
+        if not isinstance(fc2, nn.Linear):
+            raise TypeError(f"{base}.mlp.fc2 is not an nn.Linear; cannot edit this block type")
+        out.append(Layer(f"{base}.mlp.fc2.weight", tower, "mlp", "linear", fc2.weight, fc2))
+    return out
+
+
 def find_layers(model: nn.Module, targets: str = "proj", last_blocks: int = 2) -> list[Layer]:
     """The layers of ``model`` that the ``targets`` preset edits, image tower first.
 
     Presets: "proj" (visual.proj and text_projection), "proj+mlp" (plus mlp.c_proj of the last
     ``last_blocks`` blocks of each tower), "proj+mlp+attn" (plus their attn.in_proj_weight),
-    "mlp" (only the MLP outputs).
+    "mlp" (only the MLP outputs); on a Hugging Face CLIPModel the same with visual_projection,
+    mlp.fc2 and self_attn.{q,k,v}_proj.
     """
     if targets not in TARGET_PRESETS:
         raise ValueError(f"targets={targets!r} is not one of {TARGET_PRESETS}")
     check_model(model)
+    hf = is_hf_clip(model)
+    vis, txt = ((model.vision_model.encoder, model.text_model.encoder) if hf
+                else (model.visual.transformer, model.transformer))
+    vis_name, txt_name = ("vision_model.encoder", "text_model.encoder") if hf else ("visual.transformer", "transformer")
+    blocks = _hf_block_layers if hf else _block_layers
     layers: list[Layer] = []
     if "mlp" in targets:
         attn = "attn" in targets
-        layers += _block_layers("visual.transformer", "visual", model.visual.transformer, last_blocks, attn)
-        layers += _block_layers("transformer", "text", model.transformer, last_blocks, attn)
+        layers += blocks(vis_name, "visual", vis, last_blocks, attn)
+        layers += blocks(txt_name, "text", txt, last_blocks, attn)
     if targets.startswith("proj"):
-        layers.append(_proj_layer("visual.proj", "visual", model.visual.proj))
+        if hf:
+            layers.append(_proj_layer("visual_projection", "visual", model.visual_projection))
+        else:
+            layers.append(_proj_layer("visual.proj", "visual", model.visual.proj))
         layers.append(_proj_layer("text_projection", "text", model.text_projection))
     names = dict(model.named_parameters())
     for layer in layers:
@@ -111,11 +172,67 @@ def find_layers(model: nn.Module, targets: str = "proj", last_blocks: int = 2) -
     return layers
 
 
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 def image_geometry(model: nn.Module) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor]:
-    """(H, W), per-channel mean [3] and std [3] the image tower expects (open_clip's defaults when
-    the model does not carry its own)."""
+    """(H, W), per-channel mean [3] and std [3] the image tower expects (the OpenAI CLIP values when
+    the model does not carry its own: a Hugging Face CLIPModel keeps them in its image processor)."""
+    if is_hf_clip(model):
+        size = model.config.vision_config.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return size, torch.tensor(OPENAI_MEAN), torch.tensor(OPENAI_STD)
     size = getattr(model.visual, "image_size", 224)
     size = (size, size) if isinstance(size, int) else tuple(size)
-    mean = getattr(model.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-    std = getattr(model.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN
+    std = getattr(model.visual, "image_std", None) or OPENAI_STD
     return size, torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
+def _features(out) -> torch.Tensor:
+    # transformers ≥ 5 returns the projected features as ``pooler_output`` of a model output, 4.x a tensor
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def encode_image(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[B, D] image embeddings (not normalized) of normalized pixels ``images`` [B, 3, H, W]."""
+    if is_hf_clip(model):
+        return _features(model.get_image_features(pixel_values=images))
+    return model.encode_image(images)
+
+
+def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, D] text embeddings (not normalized) of ``tokens`` [B, ctx]."""
+    if is_hf_clip(model):
+        return _features(model.get_text_features(input_ids=tokens))
+    return model.encode_text(tokens)
+
+
+def pools_first_token(model: nn.Module) -> bool:
+    """Whether the image tower pools its first (class) token rather than averaging the tokens."""
+    if is_hf_clip(model):
+        return True
+    return getattr(model.visual, "pool_type", "tok") == "tok"
+
+
+def text_pool_positions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """[B] index of the token the text tower pools: open_clip the largest token id (= EOT), or the
+    first EOT id when the model names one; Hugging Face the first ``eos_token_id`` (the largest id for
+    configs with the old ``eos_token_id = 2``)."""
+    if is_hf_clip(model):
+        eos = model.config.text_config.eos_token_id
+        if eos is not None and eos != 2:
+            return (tokens == eos).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)
+    eos = getattr(model, "text_eos_id", None)
+    if eos is not None and getattr(model, "text_pool_type", "argmax") == "eos":
+        return (tokens == eos).int().argmax(dim=-1)
+    return tokens.argmax(dim=-1)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The text tower's number of positions, where the model says."""
+    if is_hf_clip(model):
+        return model.config.text_config.max_position_embeddings
+    return getattr(model, "context_length", None)

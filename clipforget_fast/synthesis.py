@@ -28,7 +28,7 @@ from torch import nn
 
 from . import dispatch
 from .config import ForgetConfig
-from .layers import image_geometry
+from .layers import encode_image, image_geometry
 
 # Standard deviation of the initial noise in normalized-pixel units: about a third of the valid range.
 INIT_STD = 0.5
@@ -130,7 +130,7 @@ def _synthesize(model, cell_text, target, config, device) -> SynthesisResult:
             for step in range(config.steps):
                 x_in.requires_grad_(True)
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                    feats = model.encode_image(x_in)
+                    feats = encode_image(model, x_in)
                 logits = scale * F.normalize(feats.float(), dim=-1) @ cell_text.t()
                 tgt = target[idx]
                 loss = F.cross_entropy(logits, tgt, reduction="sum")
