@@ -1,6 +1,7 @@
 """End-to-end edit benchmark on a real open_clip architecture with random weights.
 
     python bench/bench_e2e.py --model ViT-B-32 --classes 10 --domains 5 --protos 1 --steps 5
+    python bench/bench_e2e.py --model ViT-B-32 --family hf     # the same network as a transformers CLIPModel
 
 Times every stage of ``forget`` (prompts, synthesis, capture, nullspace) and ``apply``/``revert``,
 and reports the process's peak resident memory over the model's own. Random weights: synthesis
@@ -33,6 +34,24 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20    # ru_maxrss is KiB on Linux
 
 
+def hf_model(name: str):
+    """A transformers CLIPModel (random weights) of the open_clip architecture ``name``: same widths,
+    depths, heads, MLP ratio, patch and image size, exact GELU as open_clip's default."""
+    import transformers
+
+    cfg = open_clip.get_model_config(name)
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    vw, tw = v["width"], t["width"]
+    return transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=t["vocab_size"], hidden_size=tw, intermediate_size=int(tw * t.get("mlp_ratio", 4.0)),
+                         num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                         max_position_embeddings=t["context_length"], hidden_act="gelu"),
+        vision_config=dict(hidden_size=vw, intermediate_size=int(vw * v.get("mlp_ratio", 4.0)),
+                           num_hidden_layers=v["layers"], num_attention_heads=vw // v.get("head_width", 64),
+                           image_size=v["image_size"], patch_size=v["patch_size"], hidden_act="gelu"),
+        projection_dim=cfg["embed_dim"]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-32")
@@ -41,13 +60,16 @@ def main(argv=None) -> int:
     ap.add_argument("--protos", type=int, default=1, help="prototypes per cell")
     ap.add_argument("--steps", type=int, default=5, help="synthesis steps (fixed: accept_prob=1)")
     ap.add_argument("--targets", default="proj+mlp")
+    ap.add_argument("--family", choices=("open_clip", "hf"), default="open_clip",
+                    help="hf: the same architecture as a transformers CLIPModel (open_clip's tokenizer: same ids)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
 
     t = time.perf_counter()
-    model = open_clip.create_model(args.model, pretrained=None).to(args.device).eval()
+    model = (hf_model(args.model) if args.family == "hf" else open_clip.create_model(args.model, pretrained=None))
+    model = model.to(args.device).eval()
     tokenizer = open_clip.get_tokenizer(args.model)
     build_s = time.perf_counter() - t
     if args.device == "cuda":
@@ -73,7 +95,7 @@ def main(argv=None) -> int:
 
     tm = patch.timings
     rows = [
-        f"{args.model} (random weights), {len(spec.classes)} classes × {len(spec.domains)} domains, "
+        f"{args.model} ({'transformers CLIPModel, ' if args.family == 'hf' else ''}random weights), {len(spec.classes)} classes × {len(spec.domains)} domains, "
         f"{n_img} prototypes × {args.steps} steps, targets `{args.targets}` ({len(patch.entries)} layers), "
         f"device {args.device}",
         "",
@@ -91,7 +113,7 @@ def main(argv=None) -> int:
     ]
     print("\n".join(rows))
     if not args.no_record:
-        append_results(f"bench_e2e {args.model}", rows)
+        append_results(f"bench_e2e {args.model}{' (HF)' if args.family == 'hf' else ''}", rows)
     return 0
 
 
