@@ -11,6 +11,7 @@ with its spec, config and library version in the metadata.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -133,6 +134,30 @@ class Patch:
                 del stack[i]
                 break
         return model
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module, force: bool = False):
+        """The patch applied for the duration of a ``with`` block; afterwards the targeted weights are
+        restored bit for bit from a copy taken on entry (not by subtraction), whatever happened inside.
+        Patches applied inside the block must be reverted inside it.
+
+            with patch.applied(model):
+                after = evaluate(model, tokenizer, images, ...)
+        """
+        params = self._params(model)
+        saved = [p.detach().clone() for p in params]
+        self.apply(model, force)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+            stack = getattr(model, _STACK_ATTR, [])
+            for i in range(len(stack) - 1, -1, -1):
+                if stack[i] is self:
+                    del stack[i]
+                    break
 
     # ---- save / load --------------------------------------------------------------------------
     def save(self, path) -> Path:

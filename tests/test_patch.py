@@ -132,6 +132,27 @@ def test_a_reverted_patch_applies_again(tiny_clip):
             p.copy_(base[n])
 
 
+def test_applied_block_restores_bit_for_bit(tiny_clip):
+    from clipforget_fast.patch import applied_patches
+
+    patch = _random_patch(tiny_clip, seed=5)
+    base = {n: p.detach().clone() for n, p in tiny_clip.named_parameters()}
+    name = patch.entries[0].name
+    with patch.applied(tiny_clip):
+        assert applied_patches(tiny_clip) == [patch]
+        assert not torch.equal(dict(tiny_clip.named_parameters())[name], base[name])
+    assert applied_patches(tiny_clip) == []
+    for n, p in tiny_clip.named_parameters():
+        assert torch.equal(p, base[n]), n           # exact, not up to rounding
+    with pytest.raises(RuntimeError, match="inside"):
+        with patch.applied(tiny_clip):
+            raise RuntimeError("inside")
+    for n, p in tiny_clip.named_parameters():
+        assert torch.equal(p, base[n]), n
+    patch.apply(tiny_clip)                           # the block left the patch free to apply again
+    patch.revert(tiny_clip)
+
+
 def test_bad_paths_and_files(tmp_path, tiny_clip):
     patch = _random_patch(tiny_clip, "proj")
     with pytest.raises(ValueError, match="safetensors"):
