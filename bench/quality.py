@@ -154,13 +154,25 @@ def config_diff(config: ForgetConfig) -> str:
     return "ForgetConfig(" + ", ".join(f"{k}={v!r}" for k, v in mine.items() if base.get(k) != v) + ")"
 
 
+def self_check_summary(check: dict | None) -> str:
+    """The patch's self-check in a table cell: forgotten (and same-class) prototypes before → after, and
+    whether forget() warned."""
+    if not check:
+        return "none (no prototypes)"
+    parts = [f"F {100 * check['forgotten']['before']:.0f}→{100 * check['forgotten']['after']:.0f}"]
+    for key, tag in (("same_class_other_domains", "same"), ("kept", "kept")):
+        if key in check:
+            parts.append(f"{tag} {100 * check[key]['before']:.0f}→{100 * check[key]['after']:.0f}")
+    return ", ".join(parts) + ("; warns" if check["warnings"] else "; quiet")
+
+
 def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "default edit") -> int:
     """Every request against its mode's targets, with ``h.config`` (named ``edit`` in the title)."""
     chance = h.before["edit"].chance
     lines = [f"held-out renders: {h.images.shape[0]} images; chance {100 * chance:.1f}%; edit: "
              f"{config_diff(h.config)}",
-             "", "| mode | forget | templates | forgotten acc. per domain (%) | kept before → after (drop) | same class other domains drop | edit s | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| mode | forget | templates | forgotten acc. per domain (%) | kept before → after (drop) | same class other domains drop | edit s | self-check (prototypes) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     failed = 0
     for mode, fc, fd in requests:
         spec = spec_for(mode, fc, fd)
@@ -171,15 +183,16 @@ def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "defa
             res, patch, secs = h.run(spec)
         except ValueError as e:             # the edit refuses this kind of request: every row misses
             failed += 2
-            lines.append(f"| {mode} | {what} | both | | | | | MISS: refused: {e} |")
+            lines.append(f"| {mode} | {what} | both | | | | | | MISS: refused: {e} |")
             print(lines[-1], flush=True)
             continue
+        check = self_check_summary(patch.info.get("self_check"))
         for name, s in res.items():
             miss = misses(spec, s, chance)
             failed += bool(miss)
             sd = "" if s.same_class_drop != s.same_class_drop else f"{s.same_class_drop:.2f}"
             lines.append(f"| {mode} | {what} | {name} | {fmt_forget(s)} | {s.keep_before:.1f} → {s.keep_after:.1f} "
-                         f"({s.keep_drop:.2f}) | {sd} | {secs:.1f} | {'ok' if not miss else 'MISS: ' + '; '.join(miss)} |")
+                         f"({s.keep_drop:.2f}) | {sd} | {secs:.1f} | {check} | {'ok' if not miss else 'MISS: ' + '; '.join(miss)} |")
         print(lines[-2], lines[-1], sep="\n", flush=True)
     lines.append("")
     lines.append(f"{failed} of {2 * len(requests)} request × template-set rows miss a target")

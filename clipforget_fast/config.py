@@ -51,6 +51,10 @@ class ForgetConfig:
     domain_keep_weight: float = 3.0     # class-redirect, class kept in other domains: weight of keeping the
                                         # other cells' predictions against missing the forgotten cells, in
                                         # the fit of its embedding's shift
+    # --- checking the result ---
+    self_check: bool = True             # score the patch on its own prototypes (zero-shot, before and
+                                        # after) and warn when the forgotten cells stay recognized or the
+                                        # kept ones lose ground; patch.info["self_check"] holds the scores
     # --- execution ---
     seed: int = 0                       # seeds noise, jitter and random sketches
     device: str | None = None           # None = the model's device
@@ -91,6 +95,7 @@ class ForgetConfig:
         need(self.solver in SOLVERS, "solver", f"must be one of {SOLVERS}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.use_text or self.use_prototypes, "use_text", "use_text and use_prototypes are both off")
+        need(isinstance(self.self_check, bool), "self_check", "must be True or False")
 
     def edit_for(self, spec) -> str:
         """The edit this config makes on ``spec`` ("project" or "class-redirect"): ``edit`` itself unless

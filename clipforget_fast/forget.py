@@ -10,6 +10,7 @@ are kept orthogonal to theirs, so earlier forgetting is not undone (DESIGN §2.6
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from .capture import GramCapture
 from .config import ForgetConfig
+from .evaluate import evaluate
 from .layers import Layer, context_length, encode_image, find_layers
 from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
@@ -121,6 +123,78 @@ def _realize_shifts(layer, U, keys, out, targets, row_classes, shifts, G, config
         log.warning("class redirect: the patch moves %s's embedding only %s of the planned shift (targets scaled "
                     "up to %.0f×)", ", ".join(short), ", ".join(f"{got[c]:.0%}" for c in short), max_gain)
     return entry, {cls: {"fraction": round(got[cls], 4), "target_gain": round(gains[cls], 4)} for cls in shifts}
+
+
+# self-check warnings, on the prototypes (the edit's own images: an optimistic view). A few prototypes
+# per cell make coarse accuracies, so each warning also needs the count to back it:
+CHECK_FORGET_SLACK = 10.0   # forgotten cells above chance + this many points, and so many recognized
+CHECK_LEVEL = 0.05          # that a recognition rate of chance + slack gives them with probability < this
+CHECK_KEEP_DROP = 5.0       # a kept group (or the same classes in other domains) losing more points than
+CHECK_KEEP_LOST = 3         # this, and at least this many more of its prototypes misclassified
+
+
+def _binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X ≥ k) for X ~ Binomial(n, p)."""
+    if k <= 0:
+        return 1.0
+    i = torch.arange(k, n + 1, dtype=torch.float64)
+    logp = (torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
+            + i * math.log(p) + (n - i) * math.log1p(-p))
+    return float(logp.exp().sum().clamp(max=1.0))
+
+
+@torch.no_grad()
+def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.Tensor, cells: list,
+                per_cell: int, batch_size: int) -> dict:
+    """Zero-shot accuracy (the spec's prompts, domain-agnostic) of the prototypes of each group of cells,
+    without and with the patch (``Patch.applied``: the weights come back bit for bit), and warnings
+    when the forgotten cells stay recognized or the others lose ground. The prototypes are the edit's
+    own inputs, so a pass here is no proof on real images; a miss here is a miss."""
+    classes, domains = list(spec.classes), list(spec.domains)
+    ci = torch.tensor([classes.index(c) for c, _ in cells]).repeat_interleave(per_cell)
+    di = torch.tensor([domains.index(d) for _, d in cells]).repeat_interleave(per_cell)
+    kw = dict(templates=spec.templates, domain_phrases=spec.domain_phrases, class_phrases=spec.class_phrases,
+              batch_size=batch_size)
+    before = evaluate(model, tokenizer, images, ci, di, classes, domains, **kw)
+    with patch.applied(model, force=True):
+        after = evaluate(model, tokenizer, images, ci, di, classes, domains, **kw)
+    forgotten = {c for c, _ in spec.forget_cells}
+    # the domain mode's own group: the forgotten classes where they are kept
+    same = {x for x in spec.retain_cells if x[0] in forgotten} if spec.mode in ("domain", "cells") else set()
+    groups = {"forgotten": spec.forget_cells, "same_class_other_domains": same, "kept": spec.retain_cells - same}
+    out = {"chance": round(1 / len(classes), 4), "prototypes_per_cell": per_cell}
+    counts = {}
+    for name, group in groups.items():
+        if group:
+            out[name] = {"before": round(before.cell_mean(group), 4), "after": round(after.cell_mean(group), 4)}
+            counts[name] = [_group_count(m, group) for m in (before, after)]      # [(correct, total)] × 2
+    chance, warn = 100 / len(classes), []
+    f = out["forgotten"]
+    (_, _), (hit, n) = counts["forgotten"]
+    if (100 * f["after"] > chance + CHECK_FORGET_SLACK
+            and _binomial_tail(hit, n, min(1.0, (chance + CHECK_FORGET_SLACK) / 100)) < CHECK_LEVEL):
+        warn.append(f"its forgotten cells' prototypes are still recognized {100 * f['after']:.0f}% of the time "
+                    f"({hit} of {n}; before {100 * f['before']:.0f}%, chance {chance:.0f}%)")
+    for name, what in (("kept", "the kept cells"), ("same_class_other_domains", "the same classes in their kept domains")):
+        if name not in out:
+            continue
+        (was, _), (now, _) = counts[name]
+        if 100 * (out[name]["before"] - out[name]["after"]) > CHECK_KEEP_DROP and was - now >= CHECK_KEEP_LOST:
+            warn.append(f"the prototypes of {what} lose {100 * (out[name]['before'] - out[name]['after']):.0f} points "
+                        f"({100 * out[name]['before']:.0f}% → {100 * out[name]['after']:.0f}%)")
+    out["warnings"] = warn
+    if warn:
+        log.warning("self-check on the prototypes (mode %s, edit %s): %s; check the patch with evaluate() on real "
+                    "images", spec.mode, patch.info.get("edit"), "; ".join(warn))
+    return out
+
+
+def _group_count(m, cells) -> tuple[int, int]:
+    """(correct, total) prototypes over ``cells`` of an AccuracyMatrix."""
+    ci = {c: i for i, c in enumerate(m.classes)}
+    di = {d: i for i, d in enumerate(m.domains)}
+    idx = [(ci[c], di[d]) for c, d in cells]
+    return sum(int(m.correct[i, j]) for i, j in idx), sum(int(m.total[i, j]) for i, j in idx)
 
 
 def synthesize_prototypes(model: nn.Module, tokenizer, spec: ForgetSpec,
@@ -283,4 +357,13 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     if not entries:
         log.warning("no forget direction survived the keep set's subspace; the patch is empty")
     info["timings"] = timings
-    return Patch(entries, spec.to_dict(), config.to_dict(), info)
+    patch = Patch(entries, spec.to_dict(), config.to_dict(), info)
+    # 6. self-check on the prototypes, when there are any (the class redirect of classes forgotten
+    #    everywhere synthesizes none, and gets none)
+    info["self_check"] = None
+    if config.self_check and entries and (edits_images or partial):
+        t = time.perf_counter()
+        info["self_check"] = _self_check(model, tokenizer, spec, patch, images, cells, P, config.batch_size)
+        sync()
+        timings["self_check"] = time.perf_counter() - t
+    return patch

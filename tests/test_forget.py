@@ -20,7 +20,7 @@ def test_forget_all_modes(tiny_clip, tokenizer, vocab, kw, targets):
     for k, v in tiny_clip.state_dict().items():
         assert torch.equal(v, state[k]), f"forget() modified {k}"
     assert patch.entries, "no layer got a forget direction"
-    assert set(patch.timings) == {"prompts", "synthesis", "capture", "nullspace"}
+    assert set(patch.timings) == {"prompts", "synthesis", "capture", "nullspace", "self_check"}
     assert patch.spec["mode"] == spec.mode and patch.config["targets"] == targets
     for e in patch.entries:
         torch.testing.assert_close(e.B.t() @ e.B, torch.eye(e.rank), atol=1e-4, rtol=0)
@@ -80,6 +80,49 @@ def test_forget_under_no_grad_or_inference_mode(tiny_clip, tokenizer, vocab, edi
         torch.testing.assert_close(a.A @ a.B.t(), b.A @ b.B.t(), rtol=1e-4, atol=1e-5)
     inside.apply(tiny_clip)
     inside.revert(tiny_clip)
+
+
+def test_self_check_scores_the_patch_on_its_prototypes(tiny_clip, tokenizer, vocab, caplog):
+    from clipforget_fast import evaluate, synthesize_prototypes
+
+    classes, domains = vocab
+    spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
+    cfg = FAST.replace(steps=30, targets="proj+mlp")
+    base = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    patch = forget(tiny_clip, tokenizer, spec, cfg)
+    for k, v in tiny_clip.state_dict().items():
+        assert torch.equal(v, base[k]), k                      # the check's apply leaves no trace
+    check = patch.info["self_check"]
+    assert set(check) >= {"forgotten", "same_class_other_domains", "kept", "warnings"}
+    # the same numbers as evaluate() on the same prototypes, without and with the patch applied
+    bank = synthesize_prototypes(tiny_clip, tokenizer, spec, cfg)
+    cells = spec.cells
+    images = torch.cat([bank.images[c] for c in cells])
+    ci = torch.tensor([classes.index(c) for c, _ in cells]).repeat_interleave(cfg.prototypes_per_cell)
+    di = torch.tensor([domains.index(d) for _, d in cells]).repeat_interleave(cfg.prototypes_per_cell)
+    kw = dict(templates=spec.templates)
+    before = evaluate(tiny_clip, tokenizer, images, ci, di, classes, domains, **kw)
+    patch.apply(tiny_clip)
+    after = evaluate(tiny_clip, tokenizer, images, ci, di, classes, domains, **kw)
+    patch.revert(tiny_clip)
+    same = {x for x in spec.retain_cells if x[0] == "dog"}
+    for name, group in (("forgotten", spec.forget_cells), ("same_class_other_domains", same),
+                        ("kept", spec.retain_cells - same)):
+        assert check[name] == {"before": round(before.cell_mean(group), 4), "after": round(after.cell_mean(group), 4)}
+    # a patch that removes nothing (alpha 0) leaves the forgotten prototypes recognized: it says so
+    # (every class @ sketch: 8 prototypes, all recognized before, 8 of 8 is no chance + 10 points)
+    caplog.clear()
+    idle = forget(tiny_clip, tokenizer, ForgetSpec(*vocab, forget_domains=["sketch"]), cfg.replace(alpha=0.0))
+    chk = idle.info["self_check"]
+    assert chk["forgotten"] == {"before": 1.0, "after": 1.0}
+    assert any("still recognized 100% of the time (8 of 8" in w for w in chk["warnings"])
+    assert "self-check on the prototypes" in caplog.text
+    # one forgotten cell of 2 prototypes, both recognized: too few to say (2 of 2 happens 12 % of the
+    # time at chance + 10 points), so no warning
+    few = forget(tiny_clip, tokenizer, spec, cfg.replace(alpha=0.0)).info["self_check"]
+    assert few["forgotten"] == {"before": 1.0, "after": 1.0} and not any("recognized" in w for w in few["warnings"])
+    off = forget(tiny_clip, tokenizer, spec, cfg.replace(self_check=False))
+    assert off.info["self_check"] is None and "self_check" not in off.timings
 
 
 def test_text_only_and_prototypes_only(tiny_clip, tokenizer, vocab):
