@@ -34,12 +34,21 @@ class AccuracyMatrix:
     def chance(self) -> float:
         return 1.0 / len(self.classes)
 
+    def _index(self, cells) -> list[tuple[int, int]]:
+        ci = {c: i for i, c in enumerate(self.classes)}
+        di = {d: i for i, d in enumerate(self.domains)}
+        return [(ci[c], di[d]) for c, d in cells if c in ci and d in di]
+
+    def counts(self, cells) -> tuple[int, int]:
+        """(correct, total) images over the given (class, domain) cells (cells outside the matrix
+        are skipped)."""
+        idx = self._index(cells)
+        return sum(int(self.correct[i, j]) for i, j in idx), sum(int(self.total[i, j]) for i, j in idx)
+
     def cell_mean(self, cells) -> float:
         """Mean accuracy over the given (class, domain) cells; cells outside the matrix or without
         images are skipped; nan if none is left."""
-        ci = {c: i for i, c in enumerate(self.classes)}
-        di = {d: i for i, d in enumerate(self.domains)}
-        idx = [(ci[c], di[d]) for c, d in cells if c in ci and d in di]
+        idx = self._index(cells)
         if not idx:
             return float("nan")
         acc = self.accuracy

@@ -167,7 +167,7 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
     for name, group in groups.items():
         if group:
             out[name] = {"before": round(before.cell_mean(group), 4), "after": round(after.cell_mean(group), 4)}
-            counts[name] = [_group_count(m, group) for m in (before, after)]      # [(correct, total)] × 2
+            counts[name] = [m.counts(group) for m in (before, after)]      # [(correct, total)] × 2
     chance, warn = 100 / len(classes), []
     f = out["forgotten"]
     (_, _), (hit, n) = counts["forgotten"]
@@ -187,14 +187,6 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
         log.warning("self-check on the prototypes (mode %s, edit %s): %s; check the patch with evaluate() on real "
                     "images", spec.mode, patch.info.get("edit"), "; ".join(warn))
     return out
-
-
-def _group_count(m, cells) -> tuple[int, int]:
-    """(correct, total) prototypes over ``cells`` of an AccuracyMatrix."""
-    ci = {c: i for i, c in enumerate(m.classes)}
-    di = {d: i for i, d in enumerate(m.domains)}
-    idx = [(ci[c], di[d]) for c, d in cells]
-    return sum(int(m.correct[i, j]) for i, j in idx), sum(int(m.total[i, j]) for i, j in idx)
 
 
 def synthesize_prototypes(model: nn.Module, tokenizer, spec: ForgetSpec,

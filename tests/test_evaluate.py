@@ -45,6 +45,8 @@ def test_accuracy_matrix_counts_per_cell():
     assert acc.per_domain() == {"photo": pytest.approx(4 / 6), "sketch": 0.0}
     assert acc.chance == pytest.approx(1 / 3) and acc.mean() == pytest.approx(4 / 8)
     assert "dog" in acc.table()
+    assert acc.counts([("dog", "photo"), ("dog", "sketch"), ("car", "photo")]) == (2, 6)
+    assert acc.counts([("dog", "nowhere")]) == (0, 0)
 
 
 def test_domain_aware_prompts_agree_here():
