@@ -220,3 +220,18 @@ def test_evaluate_on_hf_matches_open_clip(pair, oc_tokenizer, vocab):
 def test_not_a_clip_model_is_named():
     with pytest.raises(TypeError, match="Hugging Face CLIPModel"):
         find_layers(torch.nn.Linear(3, 3))
+
+
+def test_default_config_domain_request_on_hf(pair, vocab):
+    """The default edit of a domain request (class redirect with the fitted class shift: synthesis,
+    pseudo images, the shift's realization, the self-check) runs through the HF model's towers."""
+    _, hf, tok = pair
+    spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
+    base = {k: v.clone() for k, v in hf.state_dict().items()}
+    patch = forget(hf, tok, spec, ForgetConfig(prototypes_per_cell=2, steps=8))
+    assert patch.info["edit"] == "class-redirect"
+    assert [e.name for e in patch.entries] == ["text_projection.weight"]
+    assert set(patch.info["redirect"]["realized"]) == {"dog"}
+    assert set(patch.info["self_check"]) >= {"forgotten", "same_class_other_domains", "kept"}
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, base[k]), k
