@@ -6,7 +6,8 @@
     python bench/domain_limits.py --image-redirect  # ridge redirect on visual.proj, real vs prototype keys
     python bench/domain_limits.py --fitted          # best text-side shift / last-MLP edit, fitted on real
                                                     # renders vs on prototypes
-    python bench/domain_limits.py --combined        # both fitted together on real renders
+    python bench/domain_limits.py --combined [--blocks K]  # both fitted together on real renders (the
+                                                    # last K blocks' mlp.c_proj)
 
 Real renders stand in for prototypes only here, as an upper bound that uses data (render seed 5·10⁶,
 apart from the held-out evaluation renders at 3·10⁶). Prints the tables; records nothing.
@@ -226,6 +227,37 @@ class LastBlock:
         return F.normalize(self.v.ln_post(x)[:, 1:].mean(1) @ self.v.proj, dim=-1)
 
 
+class LastBlocks:
+    """The image tower from the input of its last ``k`` blocks on (the residual stream there cached), so
+    that changes of those blocks' ``mlp.c_proj`` weights are evaluated without the blocks before."""
+
+    def __init__(self, model, images: torch.Tensor, k: int):
+        v = self.v = model.visual
+        if v.pool_type != "avg" or v.final_ln_after_pool or v.attn_pool is not None:
+            raise SystemExit("LastBlocks assumes average pooling after ln_post, as the proving ground has")
+        self.blocks = list(v.transformer.resblocks)[-k:]
+        store = []
+        hook = self.blocks[0].register_forward_pre_hook(lambda m, a: store.append(a[0].detach()))
+        try:
+            with torch.no_grad():
+                for i in range(0, len(images), 200):
+                    model.encode_image(images[i:i + 200])
+        finally:
+            hook.remove()
+        self.X = torch.cat(store)                                           # [n, tokens, width]
+
+    def zeros(self) -> list[torch.Tensor]:
+        return [torch.zeros_like(b.mlp.c_proj.weight, requires_grad=True) for b in self.blocks]
+
+    def embed(self, dWs=None) -> torch.Tensor:
+        """[n, D] normalized image embeddings with each block's mlp.c_proj.weight + dWs[i]."""
+        x = self.X
+        for i, b in enumerate(self.blocks):
+            w = b.mlp.c_proj.weight + (dWs[i] if dWs is not None else 0.0)
+            x = torch.func.functional_call(b, {"mlp.c_proj.weight": w}, (x,))
+        return F.normalize(self.v.ln_post(x)[:, 1:].mean(1) @ self.v.proj, dim=-1)
+
+
 def forget_keep_loss(E, cls, fm, T, scale, p0, keep_weight):
     """The library's fit objective (redirect.forget_keep_terms), for any edit of E or T."""
     lf, lk, _ = forget_keep_terms(E, T, cls, fm, scale, p0)
@@ -310,35 +342,40 @@ def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weigh
               flush=True)
 
 
-def combined(h: q.Harness, steps: int = 300, keep_weight: float = 3.0) -> None:
-    """The text-side class shift and the last block's mlp.c_proj change fitted together (one Adam
-    loop, the same loss as --fitted) on real renders: an upper bound, with data, of the two edit
-    families at once; scored as --fitted."""
+def combined(h: q.Harness, blocks: int = 1, steps: int = 300, per_cell: int = 20, mode: str | None = None,
+             keep_weight: float = 3.0) -> None:
+    """The text-side class shift and full-rank changes of the last ``blocks`` blocks' mlp.c_proj fitted
+    together (one Adam loop, the same loss as --fitted) on real renders: an upper bound, with data, of
+    the edit families at once; scored as --fitted. ``per_cell`` renders per cell to fit on; ``mode``: only
+    the requests of that mode."""
     model, scale = h.model, h.model.logit_scale.exp().item()
     with torch.no_grad():
         T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
-    imgs, ci, di = pg.render(C, D, 20, seed=REAL_SEED)
-    blk, test = LastBlock(model, imgs), LastBlock(model, h.images)
+    imgs, ci, di = pg.render(C, D, per_cell, seed=REAL_SEED)
+    blk, test = LastBlocks(model, imgs, blocks), LastBlocks(model, h.images, blocks)
     with torch.no_grad():
         p0 = F.log_softmax(scale * blk.embed() @ T_fit.t(), -1)
-    print("| request | text-side class shift + last-block mlp.c_proj, fitted on real renders |\n|---|---|")
-    for mode, fc, fd in REQUESTS + q.MORE_DOMAIN_REQUESTS:
-        spec = q.spec_for(mode, fc, fd)
+    print(f"| request | text-side class shift + mlp.c_proj of the last {blocks} block(s), fitted on {per_cell} real "
+          f"renders per cell, {steps} steps |\n|---|---|")
+    for m, fc, fd in REQUESTS + q.MORE_DOMAIN_REQUESTS:
+        if mode and m != mode:
+            continue
+        spec = q.spec_for(m, fc, fd)
         fm = torch.tensor([(C[c], D[d]) in spec.forget_cells for c, d in zip(ci.tolist(), di.tolist())])
         free = torch.tensor(sorted({C.index(c) for c, _ in spec.forget_cells}))
         shift = torch.zeros(len(free), T_fit.shape[1], requires_grad=True)
-        dW = torch.zeros_like(blk.blk.mlp.c_proj.weight, requires_grad=True)
-        opt = torch.optim.Adam([{"params": [shift], "lr": 0.01}, {"params": [dW], "lr": 3e-3}])
+        dWs = blk.zeros()
+        opt = torch.optim.Adam([{"params": [shift], "lr": 0.01}, {"params": dWs, "lr": 3e-3}])
         for _ in range(steps):
-            loss = forget_keep_loss(blk.embed(dW), ci, fm, T_fit.index_add(0, free, shift), scale, p0, keep_weight)
+            loss = forget_keep_loss(blk.embed(dWs), ci, fm, T_fit.index_add(0, free, shift), scale, p0, keep_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            after = evaluate_embeddings(test.embed(dW), T_ho.index_add(0, free, shift), h)
+            after = evaluate_embeddings(test.embed(dWs), T_ho.index_add(0, free, shift), h)
         s = q.score(spec, h.before["held-out"], after)
         verdict = "meets the targets" if not q.misses(spec, s, 1 / len(C)) else "misses"
-        print(f"| {mode}: {','.join(fc or ['*'])} @ {','.join(fd)} | {fmt(s)} ({verdict}) |", flush=True)
+        print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {fmt(s)} ({verdict}) |", flush=True)
 
 
 def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
@@ -360,6 +397,10 @@ def main(argv=None) -> int:
     ap.add_argument("--image-redirect", action="store_true")
     ap.add_argument("--fitted", action="store_true")
     ap.add_argument("--combined", action="store_true")
+    ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
+    ap.add_argument("--steps", type=int, default=300, help="--combined: Adam steps")
+    ap.add_argument("--fit-per-cell", type=int, default=20, help="--combined: real renders per cell to fit on")
+    ap.add_argument("--mode", choices=("global", "domain", "domain-complete"), help="--combined: only this mode")
     args = ap.parse_args(argv)
     if not (args.oracle or args.transfer or args.image_redirect or args.fitted or args.combined):
         ap.error("choose at least one of --oracle, --transfer, --image-redirect, --fitted, --combined")
@@ -374,7 +415,7 @@ def main(argv=None) -> int:
     if args.fitted:
         fitted(h)
     if args.combined:
-        combined(h)
+        combined(h, args.blocks, args.steps, args.fit_per_cell, args.mode)
     return 0
 
 
