@@ -199,32 +199,46 @@ REQUESTS = [("domain", ["house"], ["sketch"]), ("domain", ["star"], ["photo"]),
             ("domain-complete", None, ["cartoon", "painting"])]
 
 
+def _avg_pool_tower(model, who: str):
+    v = model.visual
+    if v.pool_type != "avg" or v.final_ln_after_pool or v.attn_pool is not None:
+        raise SystemExit(f"{who} assumes average pooling after ln_post, as the proving ground has")
+    return v
+
+
+def _inputs_of(model, module, images: torch.Tensor) -> torch.Tensor:
+    """[n, tokens, width]: what ``module`` of the image tower receives when ``images`` are encoded."""
+    store = []
+    hook = module.register_forward_pre_hook(lambda m, a: store.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), 200):
+                model.encode_image(images[i:i + 200])
+    finally:
+        hook.remove()
+    return torch.cat(store)
+
+
+def _embed_from_tokens(v, x: torch.Tensor) -> torch.Tensor:
+    """[n, D] normalized embeddings from the last block's output tokens (ln_post, average pool, proj)."""
+    return F.normalize(v.ln_post(x)[:, 1:].mean(1) @ v.proj, dim=-1)
+
+
 class LastBlock:
     """The image tower from the input of the last block's MLP on: caches the residual stream there
     (every token) so that an edit of the last block's ``mlp.c_proj`` is evaluated without the rest."""
 
     def __init__(self, model, images: torch.Tensor):
-        v = self.v = model.visual
-        self.blk = v.transformer.resblocks[-1]
-        if v.pool_type != "avg" or v.final_ln_after_pool or v.attn_pool is not None:
-            raise SystemExit("LastBlock assumes average pooling after ln_post, as the proving ground has")
-        store = []
-        hook = self.blk.ln_2.register_forward_hook(lambda m, i, o: store.append(i[0].detach()))
-        try:
-            with torch.no_grad():
-                for i in range(0, len(images), 200):
-                    model.encode_image(images[i:i + 200])
-        finally:
-            hook.remove()
-        self.R = torch.cat(store)                                           # [n, tokens, width]
+        self.v = _avg_pool_tower(model, "LastBlock")
+        self.blk = self.v.transformer.resblocks[-1]
+        self.R = _inputs_of(model, self.blk.ln_2, images)                 # [n, tokens, width]
         with torch.no_grad():
             self.H = F.gelu(self.blk.mlp.c_fc(self.blk.ln_2(self.R)))        # [n, tokens, 4·width]
 
     def embed(self, dW: torch.Tensor | float = 0.0) -> torch.Tensor:
         """[n, D] normalized image embeddings with mlp.c_proj.weight + dW."""
         mlp = self.blk.mlp.c_proj
-        x = self.R + F.linear(self.H, mlp.weight + dW, mlp.bias)
-        return F.normalize(self.v.ln_post(x)[:, 1:].mean(1) @ self.v.proj, dim=-1)
+        return _embed_from_tokens(self.v, self.R + F.linear(self.H, mlp.weight + dW, mlp.bias))
 
 
 class LastBlocks:
@@ -232,19 +246,9 @@ class LastBlocks:
     that changes of those blocks' ``mlp.c_proj`` weights are evaluated without the blocks before."""
 
     def __init__(self, model, images: torch.Tensor, k: int):
-        v = self.v = model.visual
-        if v.pool_type != "avg" or v.final_ln_after_pool or v.attn_pool is not None:
-            raise SystemExit("LastBlocks assumes average pooling after ln_post, as the proving ground has")
-        self.blocks = list(v.transformer.resblocks)[-k:]
-        store = []
-        hook = self.blocks[0].register_forward_pre_hook(lambda m, a: store.append(a[0].detach()))
-        try:
-            with torch.no_grad():
-                for i in range(0, len(images), 200):
-                    model.encode_image(images[i:i + 200])
-        finally:
-            hook.remove()
-        self.X = torch.cat(store)                                           # [n, tokens, width]
+        self.v = _avg_pool_tower(model, "LastBlocks")
+        self.blocks = list(self.v.transformer.resblocks)[-k:]
+        self.X = _inputs_of(model, self.blocks[0], images)                  # [n, tokens, width]
 
     def zeros(self) -> list[torch.Tensor]:
         return [torch.zeros_like(b.mlp.c_proj.weight, requires_grad=True) for b in self.blocks]
@@ -255,7 +259,7 @@ class LastBlocks:
         for i, b in enumerate(self.blocks):
             w = b.mlp.c_proj.weight + (dWs[i] if dWs is not None else 0.0)
             x = torch.func.functional_call(b, {"mlp.c_proj.weight": w}, (x,))
-        return F.normalize(self.v.ln_post(x)[:, 1:].mean(1) @ self.v.proj, dim=-1)
+        return _embed_from_tokens(self.v, x)
 
 
 def forget_keep_loss(E, cls, fm, T, scale, p0, keep_weight):
