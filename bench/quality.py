@@ -128,16 +128,13 @@ class Harness:
         return self.banks.get(key)
 
     def run(self, spec: ForgetSpec, config: ForgetConfig | None = None, edit=None):
-        """Edit, evaluate with both template sets, revert. ``edit`` overrides forget() (baselines)."""
+        """Edit, evaluate with both template sets, restore. ``edit`` overrides forget() (baselines)."""
         config = config or self.config
         t = time.perf_counter()
         patch = edit(self, spec) if edit else forget(self.model, self.tok, spec, config, prototypes=self.bank(config))
         secs = time.perf_counter() - t
-        patch.apply(self.model)
-        try:
+        with patch.applied(self.model):          # the weights come back exactly, request after request
             after = {name: self._eval(t) for name, t in (("edit", DEFAULT_TEMPLATES), ("held-out", HELD_OUT_TEMPLATES))}
-        finally:
-            patch.revert(self.model)
         return {name: score(spec, self.before[name], after[name]) for name in after}, patch, secs
 
 

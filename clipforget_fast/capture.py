@@ -110,7 +110,7 @@ class GramCapture:
         """Run the text tower on ``tokens`` [B, ctx] (long), fold its features into ``group``, and
         return the text embeddings [B, D] (unnormalized), so one pass serves both."""
         assert group in GROUPS
-        self._group, self._eot = group, eot_positions(self.model, tokens)
+        self._group, self._eot = group, text_pool_positions(self.model, tokens)
         try:
             proj = self._raw_proj("text")
             if proj is None:
@@ -137,7 +137,3 @@ class GramCapture:
         finally:
             self._group = None
 
-
-def eot_positions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """[B] index of the token the text tower pools (``layers.text_pool_positions``)."""
-    return text_pool_positions(model, tokens)

@@ -34,6 +34,19 @@ class AccuracyMatrix:
     def chance(self) -> float:
         return 1.0 / len(self.classes)
 
+    @classmethod
+    def from_predictions(cls, pred: torch.Tensor, class_idx: torch.Tensor, domain_idx: torch.Tensor, classes,
+                         domains) -> "AccuracyMatrix":
+        """The matrix of predicted class indices ``pred`` [N] against the true ``class_idx`` [N], per
+        (class, ``domain_idx``) cell."""
+        classes, domains = tuple(classes), tuple(domains)
+        hit = (pred.cpu() == class_idx.cpu()).long()
+        flat = class_idx.cpu() * len(domains) + domain_idx.cpu()
+        size = len(classes) * len(domains)
+        correct = torch.zeros(size, dtype=torch.long).index_add_(0, flat, hit).view(len(classes), len(domains))
+        total = torch.bincount(flat, minlength=size).view(len(classes), len(domains))
+        return cls(correct, total, classes, domains)
+
     def _index(self, cells) -> list[tuple[int, int]]:
         ci = {c: i for i, c in enumerate(self.classes)}
         di = {d: i for i, d in enumerate(self.domains)}
@@ -133,9 +146,4 @@ def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch
         pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     finally:
         model.train(was_training)
-    hit = (pred == class_idx.cpu()).long()
-    flat = class_idx.cpu() * len(domains) + domain_idx.cpu()
-    size = len(classes) * len(domains)
-    correct = torch.zeros(size, dtype=torch.long).index_add_(0, flat, hit).view(len(classes), len(domains))
-    total = torch.bincount(flat, minlength=size).view(len(classes), len(domains))
-    return AccuracyMatrix(correct, total, classes, domains)
+    return AccuracyMatrix.from_predictions(pred, class_idx, domain_idx, classes, domains)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .capture import GramCapture
 from .config import ForgetConfig
-from .evaluate import evaluate
+from .evaluate import AccuracyMatrix
 from .layers import Layer, context_length, encode_image, find_layers
 from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
@@ -145,19 +145,45 @@ def _binomial_tail(k: int, n: int, p: float) -> float:
 
 @torch.no_grad()
 def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.Tensor, cells: list,
-                per_cell: int, batch_size: int) -> dict:
-    """Zero-shot accuracy (the spec's prompts, domain-agnostic) of the prototypes of each group of cells,
-    without and with the patch (``Patch.applied``: the weights come back bit for bit), and warnings
-    when the forgotten cells stay recognized or the others lose ground. The prototypes are the edit's
-    own inputs, so a pass here is no proof on real images; a miss here is a miss."""
+                per_cell: int, prompt_emb: torch.Tensor, sizes: list[int], towers: set, config: ForgetConfig,
+                autocast: dict) -> dict:
+    """Zero-shot accuracy (the spec's prompts, domain-agnostic: what ``evaluate`` computes) of the
+    prototypes of each group of cells, without and with the patch (``Patch.applied``: the weights come
+    back bit for bit), and warnings when the forgotten cells stay recognized or the others lose ground.
+    The prototypes are the edit's own inputs, so a pass here is no proof on real images; a miss here is
+    a miss. ``prompt_emb`` [Σ sizes, D]: the prompts stage's embeddings of the cells' prompts (``sizes``
+    per cell), reused as the classifier before the patch; each tower ("text", "visual") runs again under
+    the patch only if it is in ``towers``, the ones the patch edits."""
     classes, domains = list(spec.classes), list(spec.domains)
     ci = torch.tensor([classes.index(c) for c, _ in cells]).repeat_interleave(per_cell)
     di = torch.tensor([domains.index(d) for _, d in cells]).repeat_interleave(per_cell)
-    kw = dict(templates=spec.templates, domain_phrases=spec.domain_phrases, class_phrases=spec.class_phrases,
-              batch_size=batch_size)
-    before = evaluate(model, tokenizer, images, ci, di, classes, domains, **kw)
-    with patch.applied(model, force=True):
-        after = evaluate(model, tokenizer, images, ci, di, classes, domains, **kw)
+    device = images.device
+    bs = config.batch_size
+
+    def classifier():
+        sets = [[p for d in domains for p in spec.prompts((c, d))] for c in classes]
+        return class_embeddings(model, tokenizer, sets, device, bs)
+
+    def image_emb():
+        return torch.nn.functional.normalize(torch.cat(
+            [encode_image(model, images[i:i + bs]).float() for i in range(0, len(images), bs)]), dim=-1)
+
+    def score(clf, emb):
+        return AccuracyMatrix.from_predictions((emb @ clf.t()).argmax(-1), ci, di, classes, domains)
+
+    with torch.autocast(**autocast):
+        if {(c, d) for c in classes for d in domains} <= set(cells):   # every cell's prompts were embedded
+            per_prompt = torch.nn.functional.normalize(prompt_emb.float(), dim=-1)
+            cls_of = torch.tensor([classes.index(c) for c, _ in cells], device=per_prompt.device)
+            cls_of = cls_of.repeat_interleave(torch.tensor(sizes, device=per_prompt.device))
+            clf0 = torch.nn.functional.normalize(torch.stack([per_prompt[cls_of == k].mean(0)
+                                                              for k in range(len(classes))]), dim=-1)
+        else:
+            clf0 = classifier()
+        emb0 = image_emb()
+        before = score(clf0, emb0)
+        with patch.applied(model, force=True):
+            after = score(classifier() if "text" in towers else clf0, image_emb() if "visual" in towers else emb0)
     forgotten = {c for c, _ in spec.forget_cells}
     # the domain mode's own group: the forgotten classes where they are kept
     same = {x for x in spec.retain_cells if x[0] in forgotten} if spec.mode in ("domain", "cells") else set()
@@ -355,7 +381,10 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     info["self_check"] = None
     if config.self_check and entries and (edits_images or partial):
         t = time.perf_counter()
-        info["self_check"] = _self_check(model, tokenizer, spec, patch, images, cells, P, config.batch_size)
+        with frozen(model):
+            edited = {l.tower for l in layers if l.name in {e.name for e in entries}}
+            info["self_check"] = _self_check(model, tokenizer, spec, patch, images, cells, P, torch.cat(emb),
+                                             sizes, edited, config, autocast)
         sync()
         timings["self_check"] = time.perf_counter() - t
     return patch

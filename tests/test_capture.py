@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from clipforget_fast.capture import GramCapture, eot_positions, without_projection
-from clipforget_fast.layers import find_layers
+from clipforget_fast.capture import GramCapture, without_projection
+from clipforget_fast.layers import find_layers, text_pool_positions
 
 
 def _explicit_inputs(module, run):
@@ -26,7 +26,7 @@ def test_streaming_gram_equals_explicit(tiny_clip, tokenizer, policy):
         cap.text(tokens[:2], "F")
         cap.text(tokens[2:], "F")          # two batches fold into one moment
         cap.images(images, "R")
-    eot = eot_positions(m, tokens)
+    eot = text_pool_positions(m, tokens)
     for layer in layers:
         if layer.kind == "proj":
             if layer.tower == "text":
