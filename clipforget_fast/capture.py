@@ -98,6 +98,23 @@ class GramCapture:
         self.grams[layer.name][self._group].addmm_(rows.t(), rows)
         self.counts[layer.name][self._group] += rows.shape[0]
 
+    def gather(self, world) -> None:
+        """Combine the ranks' captures (``distributed.World``): every rank ends with the Grams and
+        counts summed over the ranks and the forget rows of every rank, in rank order (each rank took
+        a contiguous share of the prompts, so that is the order of the prompts)."""
+        if not world.on:
+            return
+        for name, g in self.grams.items():
+            for grp in GROUPS:
+                world.sum_(g[grp])
+            n = torch.tensor([self.counts[name][grp] for grp in GROUPS], dtype=torch.float64)
+            world.sum_(n)
+            self.counts[name] = {grp: int(v) for grp, v in zip(GROUPS, n.tolist())}
+        for name, rows in self.forget_rows.items():
+            mine = torch.cat(rows) if rows else None
+            dev = next(iter(self.grams[name].values())).device
+            self.forget_rows[name] = [world.cat(mine, dev)]
+
     # ---- passes -------------------------------------------------------------------------------
     def _raw_proj(self, tower: str) -> Layer | None:
         for l in self.layers:

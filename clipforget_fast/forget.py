@@ -18,6 +18,7 @@ from torch import nn
 
 from .capture import GramCapture
 from .config import ForgetConfig
+from .distributed import World
 from .evaluate import AccuracyMatrix
 from .layers import Layer, context_length, encode_image, find_layers
 from .nullspace import forget_basis
@@ -42,7 +43,7 @@ def _patch_entry(layer: Layer, U: torch.Tensor, alpha: float) -> PatchEntry:
     return PatchEntry(layer.name, layer.layout, A.cpu(), U.cpu(), tensor_hash(layer.param))
 
 
-def _prototypes(model, cells, cell_text, config, device, bank, info, timings) -> PrototypeBank:
+def _prototypes(model, cells, cell_text, config, device, bank, info, timings, world) -> PrototypeBank:
     """``bank`` completed with freshly synthesized prototypes for the cells it lacks."""
     P = config.prototypes_per_cell
     have = {} if bank is None else {c: bank.images[c] for c in cells if c in bank and len(bank.images[c]) >= P}
@@ -51,24 +52,33 @@ def _prototypes(model, cells, cell_text, config, device, bank, info, timings) ->
     if not missing:
         return bank
     target = torch.tensor(missing, device=device).repeat_interleave(P)
-    res = synthesize(model, cell_text, target, config, device)
+    res = synthesize(model, cell_text, target, config, device, world)
     info["synthesis"].update(res.stats())
     timings["synthesis"] = res.seconds
-    if not res.accepted.any():
+    if not res.accepted.any() and world.leader:
         log.warning("no prototype reached p(target) ≥ %.2f; using the unaccepted ones", config.accept_prob)
     fresh = PrototypeBank.from_result([cells[i] for i in missing], res, P)
     return PrototypeBank({**have, **fresh.images}, {**({} if bank is None else bank.accepted), **fresh.accepted},
                          fresh.stats)
 
 
-@torch.no_grad()
-def _domain_shifts(model, spec, cells, cell_text, images, partial, config, autocast):
-    """δ_c per partly forgotten class (redirect.class_shifts), fitted on pseudo image embeddings: the
-    cells' text embeddings moved by the modality gap that the prototypes' embeddings locate."""
+def _embed_images(model, images, config, autocast, world) -> torch.Tensor:
+    """[N, D] normalized fp32 embeddings of ``images``, each rank encoding its share."""
+    lo, hi = world.share(len(images))
     with torch.autocast(**autocast):
-        emb = torch.cat([encode_image(model, images[i:i + config.batch_size])
-                         for i in range(0, len(images), config.batch_size)])
-    emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+        emb = [encode_image(model, images[i:min(hi, i + config.batch_size)]).float()
+               for i in range(lo, hi, config.batch_size)]
+    return torch.nn.functional.normalize(world.cat(torch.cat(emb) if emb else None, images.device), dim=-1)
+
+
+@torch.no_grad()
+def _domain_shifts(model, spec, cells, cell_text, images, partial, config, autocast, world):
+    """δ_c per partly forgotten class (redirect.class_shifts), fitted on pseudo image embeddings: the
+    cells' text embeddings moved by the modality gap that the prototypes' embeddings locate. Only the
+    leading rank fits (the others get ({}, {}): they take the patch it broadcasts)."""
+    emb = _embed_images(model, images, config, autocast, world)
+    if not world.leader:
+        return {}, {}
     classes = list(spec.classes)
     # cells of classes forgotten everywhere take the class_targets redirect and stay out of the fit
     whole = {c for c, _ in spec.forget_cells} - set(partial)
@@ -146,14 +156,15 @@ def _binomial_tail(k: int, n: int, p: float) -> float:
 @torch.no_grad()
 def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.Tensor, cells: list,
                 per_cell: int, prompt_emb: torch.Tensor, sizes: list[int], towers: set, config: ForgetConfig,
-                autocast: dict) -> dict:
+                autocast: dict, world: World) -> dict:
     """Zero-shot accuracy (the spec's prompts, domain-agnostic: what ``evaluate`` computes) of the
     prototypes of each group of cells, without and with the patch (``Patch.applied``: the weights come
     back bit for bit), and warnings when the forgotten cells stay recognized or the others lose ground.
     The prototypes are the edit's own inputs, so a pass here is no proof on real images; a miss here is
     a miss. ``prompt_emb`` [Σ sizes, D]: the prompts stage's embeddings of the cells' prompts (``sizes``
     per cell), reused as the classifier before the patch; each tower ("text", "visual") runs again under
-    the patch only if it is in ``towers``, the ones the patch edits."""
+    the patch only if it is in ``towers``, the ones the patch edits; each rank encodes its share of
+    the prototypes."""
     classes, domains = list(spec.classes), list(spec.domains)
     ci = torch.tensor([classes.index(c) for c, _ in cells]).repeat_interleave(per_cell)
     di = torch.tensor([domains.index(d) for _, d in cells]).repeat_interleave(per_cell)
@@ -165,8 +176,7 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
         return class_embeddings(model, tokenizer, sets, device, bs)
 
     def image_emb():
-        return torch.nn.functional.normalize(torch.cat(
-            [encode_image(model, images[i:i + bs]).float() for i in range(0, len(images), bs)]), dim=-1)
+        return _embed_images(model, images, config, autocast, world)
 
     def score(clf, emb):
         return AccuracyMatrix.from_predictions((emb @ clf.t()).argmax(-1), ci, di, classes, domains)
@@ -209,26 +219,30 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
             warn.append(f"the prototypes of {what} lose {100 * (out[name]['before'] - out[name]['after']):.0f} points "
                         f"({100 * out[name]['before']:.0f}% → {100 * out[name]['after']:.0f}%)")
     out["warnings"] = warn
-    if warn:
+    if warn and world.leader:
         log.warning("self-check on the prototypes (mode %s, edit %s): %s; check the patch with evaluate() on real "
                     "images", spec.mode, patch.info.get("edit"), "; ".join(warn))
     return out
 
 
 def synthesize_prototypes(model: nn.Module, tokenizer, spec: ForgetSpec,
-                          config: ForgetConfig = ForgetConfig()) -> PrototypeBank:
+                          config: ForgetConfig = ForgetConfig(), *, distributed: bool | None = None,
+                          group=None) -> PrototypeBank:
     """Prototypes for every cell of ``spec`` (F and R), to pass to several ``forget`` calls on the
-    same model and vocabulary: synthesis is most of an edit's time, and the cells are the same."""
+    same model and vocabulary: synthesis is most of an edit's time, and the cells are the same.
+    ``distributed``, ``group``: as for ``forget`` (the batches are shared by the ranks, and every rank
+    gets every prototype)."""
+    world = World(distributed, group)
     device = torch.device(config.device) if config.device else next(model.parameters()).device
     amp = autocast_dtype(config, device)
     with frozen(model), torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
         cell_text = class_embeddings(model, tokenizer, [spec.prompts(c) for c in spec.cells], device,
                                      config.batch_size)
-    return _prototypes(model, spec.cells, cell_text, config, device, None, {}, {})
+    return _prototypes(model, spec.cells, cell_text, config, device, None, {}, {}, world)
 
 
 def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig = ForgetConfig(),
-           prototypes: PrototypeBank | None = None) -> Patch:
+           prototypes: PrototypeBank | None = None, *, distributed: bool | None = None, group=None) -> Patch:
     """Compute the patch that makes ``model`` forget ``spec.forget_cells`` and keep ``retain_cells``.
 
     model:      an open_clip ``CLIP`` with a VisionTransformer image tower, or a Hugging Face
@@ -236,6 +250,11 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     tokenizer:  the model's tokenizer (``open_clip.get_tokenizer(name)``, or the model's Hugging Face
                 ``CLIPTokenizer``).
     prototypes: optional ``synthesize_prototypes`` result to reuse; cells it lacks are synthesized.
+    distributed: None (default) shares the work with the other ranks when ``torch.distributed`` is
+                initialized with more than one process (launched with ``torchrun``; every rank must then
+                call ``forget`` with the same arguments, and every rank gets the same patch); True
+                requires it; False keeps the call to this process (``clipforget_fast.distributed``).
+    group:      the process group to share with (None: the default group).
     Returns a Patch whose ``info`` holds per-layer ranks, synthesis statistics and per-stage
     ``timings`` (seconds).
     """
@@ -262,8 +281,9 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
                          f"{config.use_text}, use_prototypes={config.use_prototypes}, "
                          f"prototypes_per_cell={config.prototypes_per_cell}")
     device = torch.device(config.device) if config.device else next(model.parameters()).device
+    world = World(distributed, group)
     timings: dict[str, float] = {}
-    info: dict = {"edit": edit, "retain_energy": retain_energy, "layers": {}}
+    info: dict = {"edit": edit, "retain_energy": retain_energy, "layers": {}, "world_size": world.size}
 
     def sync():
         if device.type == "cuda":
@@ -299,9 +319,13 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         n_f_prompts = sum(sizes[:n_f])
         emb = []
         with torch.autocast(**autocast):
-            for g, lo, hi in (("F", 0, n_f_prompts), ("R", n_f_prompts, len(all_tokens))):
-                for i in range(lo, hi, config.batch_size):
-                    emb.append(cap.text(all_tokens[i:min(hi, i + config.batch_size)], g))
+            for g, g_lo, g_hi in (("F", 0, n_f_prompts), ("R", n_f_prompts, len(all_tokens))):
+                lo, hi = world.share(g_hi - g_lo)          # this rank's share of the group's prompts
+                part = [cap.text(all_tokens[i:min(g_lo + hi, i + config.batch_size)], g)
+                        for i in range(g_lo + lo, g_lo + hi, config.batch_size)]
+                got = world.cat(torch.cat(part).float() if part else None, device)
+                if got is not None:
+                    emb.append(got)
         cell_text = ensemble(torch.cat(emb), sizes)
         sync()
         timings["prompts"] = time.perf_counter() - t
@@ -311,14 +335,14 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         edits_images = any(l.tower == "visual" for l in layers)
         if edits_images or partial:
             P = config.prototypes_per_cell
-            bank = _prototypes(model, cells, cell_text, config, device, prototypes, info, timings)
+            bank = _prototypes(model, cells, cell_text, config, device, prototypes, info, timings, world)
             images = torch.cat([bank.images[c][:P].to(device) for c in cells])
             img_groups = [g for g in groups for _ in range(P)]
         shifts = {}
         if partial:
             t = time.perf_counter()
             shifts, info["redirect"] = _domain_shifts(model, spec, cells, cell_text, images, partial, config,
-                                                      autocast)
+                                                      autocast, world)
             timings["domain_fit"] = time.perf_counter() - t
 
         # 3. capture: the image layers' Grams from the prototypes, F and R
@@ -327,52 +351,57 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
             with torch.autocast(**autocast):
                 for g in ("F", "R"):
                     imgs = images[torch.tensor([gg == g for gg in img_groups], device=device)]
-                    for i in range(0, len(imgs), config.batch_size):
-                        cap.images(imgs[i:i + config.batch_size], g)
+                    lo, hi = world.share(len(imgs))
+                    for i in range(lo, hi, config.batch_size):
+                        cap.images(imgs[i:min(hi, i + config.batch_size)], g)
+        cap.gather(world)                                  # Grams summed, forget rows in order, on every rank
         sync()
         timings["capture"] = time.perf_counter() - t
 
-        # 4. nullspace per layer, 5. patch entries
+        # 4. nullspace per layer, 5. patch entries: the leading rank computes them, every rank gets them
         t = time.perf_counter()
-        gen = torch.Generator(device=device).manual_seed(config.seed)
         entries = []
-        for layer in layers:
-            G = cap.grams[layer.name]
-            U, linfo = forget_basis(G["F"], G["R"], retain_energy=retain_energy,
-                                    forget_energy=config.forget_energy, max_rank=config.max_rank,
-                                    prior=_prior_directions(model, layer.name), solver=config.solver,
-                                    oversample=config.oversample, power_iters=config.power_iters,
-                                    generator=gen)
-            linfo.update(samples_F=cap.counts[layer.name]["F"], samples_R=cap.counts[layer.name]["R"])
-            info["layers"][layer.name] = linfo
-            if U.shape[1] and redirect:
-                keys = torch.cat(cap.forget_rows[layer.name])
-                row_classes = [cell[0] for cell, n in zip(cells[:n_f], sizes[:n_f]) for _ in range(n)]
-                out = keys.float() @ layer.weight_out_in().detach().float().t()
-                targets = torch.empty_like(out)
-                full = torch.tensor([c not in shifts for c in row_classes], device=out.device)
-                if full.any():
-                    targets[full] = class_targets(out[full], [c for c in row_classes if c not in shifts],
-                                                  config.redirect_gain)
-                for cls, delta in shifts.items():
-                    # prompt i moves to n_i + r δ (n_i its normalized output, r = ‖mean n_i‖), so the
-                    # class's normalized mean moves from T_c to T_c + δ_c
-                    rows = torch.tensor([c == cls for c in row_classes], device=out.device)
-                    norms = out[rows].norm(dim=1, keepdim=True)
-                    r = (out[rows] / norms).mean(0).norm()
-                    targets[rows] = norms * r * delta.to(out)[None, :]
-                if shifts:
-                    entry, info["redirect"]["realized"] = _realize_shifts(layer, U, keys, out, targets, row_classes,
-                                                                          shifts, G, config)
-                else:
-                    entry = redirect_entry(layer, U, keys, targets, G["F"], G["R"],
-                                           retain_weight=config.retain_weight)
-                entries.append(entry)
-            elif U.shape[1]:
-                entries.append(_patch_entry(layer, U, config.alpha))
+        if world.leader:
+            gen = torch.Generator(device=device).manual_seed(config.seed)
+            for layer in layers:
+                G = cap.grams[layer.name]
+                U, linfo = forget_basis(G["F"], G["R"], retain_energy=retain_energy,
+                                        forget_energy=config.forget_energy, max_rank=config.max_rank,
+                                        prior=_prior_directions(model, layer.name), solver=config.solver,
+                                        oversample=config.oversample, power_iters=config.power_iters,
+                                        generator=gen)
+                linfo.update(samples_F=cap.counts[layer.name]["F"], samples_R=cap.counts[layer.name]["R"])
+                info["layers"][layer.name] = linfo
+                if U.shape[1] and redirect:
+                    keys = torch.cat(cap.forget_rows[layer.name])
+                    row_classes = [cell[0] for cell, n in zip(cells[:n_f], sizes[:n_f]) for _ in range(n)]
+                    out = keys.float() @ layer.weight_out_in().detach().float().t()
+                    targets = torch.empty_like(out)
+                    full = torch.tensor([c not in shifts for c in row_classes], device=out.device)
+                    if full.any():
+                        targets[full] = class_targets(out[full], [c for c in row_classes if c not in shifts],
+                                                      config.redirect_gain)
+                    for cls, delta in shifts.items():
+                        # prompt i moves to n_i + r δ (n_i its normalized output, r = ‖mean n_i‖), so the
+                        # class's normalized mean moves from T_c to T_c + δ_c
+                        rows = torch.tensor([c == cls for c in row_classes], device=out.device)
+                        norms = out[rows].norm(dim=1, keepdim=True)
+                        r = (out[rows] / norms).mean(0).norm()
+                        targets[rows] = norms * r * delta.to(out)[None, :]
+                    if shifts:
+                        entry, info["redirect"]["realized"] = _realize_shifts(layer, U, keys, out, targets, row_classes,
+                                                                              shifts, G, config)
+                    else:
+                        entry = redirect_entry(layer, U, keys, targets, G["F"], G["R"],
+                                               retain_weight=config.retain_weight)
+                    entries.append(entry)
+                elif U.shape[1]:
+                    entries.append(_patch_entry(layer, U, config.alpha))
+        entries, solved = world.broadcast((entries, {k: info[k] for k in ("layers", "redirect") if k in info}))
+        info.update(solved)
         sync()
         timings["nullspace"] = time.perf_counter() - t
-    if not entries:
+    if not entries and world.leader:
         log.warning("no forget direction survived the keep set's subspace; the patch is empty")
     info["timings"] = timings
     patch = Patch(entries, spec.to_dict(), config.to_dict(), info)
@@ -384,7 +413,7 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         with frozen(model):
             edited = {l.tower for l in layers if l.name in {e.name for e in entries}}
             info["self_check"] = _self_check(model, tokenizer, spec, patch, images, cells, P, torch.cat(emb),
-                                             sizes, edited, config, autocast)
+                                             sizes, edited, config, autocast, world)
         sync()
         timings["self_check"] = time.perf_counter() - t
     return patch

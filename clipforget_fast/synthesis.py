@@ -28,6 +28,7 @@ from torch import nn
 
 from . import dispatch
 from .config import ForgetConfig
+from .distributed import World
 from .layers import encode_image, image_geometry
 
 # Standard deviation of the initial noise in normalized-pixel units: about a third of the valid range.
@@ -92,19 +93,28 @@ def autocast_dtype(config: ForgetConfig, device: torch.device) -> torch.dtype:
 
 
 def synthesize(model: nn.Module, cell_text: torch.Tensor, target: torch.Tensor,
-               config: ForgetConfig, device=None) -> SynthesisResult:
+               config: ForgetConfig, device=None, world: World | None = None) -> SynthesisResult:
     """Synthesize one prototype per entry of ``target``.
 
     cell_text: [n_cells, D] L2-normalized text embeddings, the classifier the prototypes are
                optimized against (one row per cell of the request).
     target:    [N] long, the cell each prototype must land on.
-    Runs with gradients whatever the caller's mode (``torch.no_grad`` or ``torch.inference_mode``).
+    world:     the ranks to share the batches with (``distributed.World``; default: this process).
+    Prototypes are made in batches of ``config.batch_size``; batch b starts from the b-th draw of the
+    seeded noise stream and jitters with its own seeded stream, so the result does not depend on which
+    rank made which batch. Runs with gradients whatever the caller's mode (``torch.no_grad`` or
+    ``torch.inference_mode``).
     """
     with torch.inference_mode(False), torch.enable_grad():
-        return _synthesize(model, cell_text.clone(), target.clone(), config, device)
+        return _synthesize(model, cell_text.clone(), target.clone(), config, device, world or World(False))
 
 
-def _synthesize(model, cell_text, target, config, device) -> SynthesisResult:
+def batch_rng(seed: int, b: int) -> random.Random:
+    """The jitter stream of synthesis batch ``b``."""
+    return random.Random(seed if b == 0 else f"{seed}/{b}")
+
+
+def _synthesize(model, cell_text, target, config, device, world) -> SynthesisResult:
     device = torch.device(device) if device is not None else next(model.parameters()).device
     (H, W), mean, std = image_geometry(model)
     lo, hi = ((0 - mean) / std).to(device), ((1 - mean) / std).to(device)
@@ -112,19 +122,21 @@ def _synthesize(model, cell_text, target, config, device) -> SynthesisResult:
     target = target.to(device)
     n = target.numel()
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
-    rng = random.Random(config.seed)
     scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
     amp = autocast_dtype(config, device)
 
-    out_x = torch.empty(n, 3, H, W, device=device)
+    out_x = torch.zeros(n, 3, H, W, device=device)
     out_acc = torch.zeros(n, dtype=torch.bool, device=device)
     out_steps = torch.full((n,), config.steps, dtype=torch.long, device=device)
     out_prob = torch.zeros(n, device=device)
     t0 = time.perf_counter()
     with frozen(model):
-        for c0 in range(0, n, config.batch_size):
+        for b, c0 in enumerate(range(0, n, config.batch_size)):
             idx = torch.arange(c0, min(n, c0 + config.batch_size), device=device)
-            x = initial_noise(len(idx), (H, W), lo, hi, gen)
+            x = initial_noise(len(idx), (H, W), lo, hi, gen)      # drawn by every rank: the stream stays aligned
+            if not world.mine(b):
+                continue
+            rng = batch_rng(config.seed, b)
             shift = _shift(rng, config.jitter)
             x_in = torch.roll(x, shift, dims=(2, 3))
             for step in range(config.steps):
@@ -159,9 +171,18 @@ def _synthesize(model, cell_text, target, config, device) -> SynthesisResult:
             with torch.no_grad():
                 left = ~out_acc[idx]
                 out_x[idx[left]] = x[left]
+    if world.on:              # every rank filled its own batches and left zeros elsewhere
+        out_x, out_prob = world.sum_(out_x), world.sum_(out_prob)
+        out_acc = world.sum_(out_acc.to(torch.int32)).bool()
+        out_steps = world.sum_(torch.where(_mine(n, config.batch_size, world, device), out_steps, 0))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return SynthesisResult(out_x, target, out_acc, out_steps, out_prob, time.perf_counter() - t0)
+
+
+def _mine(n: int, batch_size: int, world: World, device) -> torch.Tensor:
+    """[n] bool: the prototypes of this rank's batches."""
+    return (torch.arange(n, device=device) // batch_size) % world.size == world.rank
 
 
 def initial_noise(n: int, size: tuple[int, int], lo: torch.Tensor, hi: torch.Tensor,

@@ -1,0 +1,59 @@
+"""One rank of tests/test_distributed.py, launched with torchrun (gloo, CPU): each scenario runs
+``forget`` (and ``synthesize_prototypes``) sharded across the ranks and, on the same rank, unsharded
+(``distributed=False``) as the reference; the patches and prototypes are written for the test to compare.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import make_tiny_clip  # noqa: E402
+from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
+
+from clipforget_fast import ForgetConfig, ForgetSpec, forget, synthesize_prototypes  # noqa: E402
+
+# batches of 7 prototypes: 24 prototypes (12 cells × 2) make 4 batches, 2 per rank, the last one short;
+# a low acceptance threshold, so that some prototypes stop early (and batches are compacted)
+CONFIG = ForgetConfig(prototypes_per_cell=2, steps=8, batch_size=7, accept_prob=0.12)
+CLASSES, DOMAINS = ["dog", "cat", "car", "tree"], ["photo", "sketch", "pixel_art"]
+SCENARIOS = {
+    "project_domain": (dict(forget_classes=["dog"], forget_domains=["sketch"]),
+                       CONFIG.replace(edit="project", targets="proj+mlp")),
+    "redirect_domain": (dict(forget_classes=["dog", "car"], forget_domains=["sketch"]), CONFIG),
+    "redirect_global": (dict(forget_classes=["cat"]), CONFIG),
+    "project_complete": (dict(forget_domains=["pixel_art"]), CONFIG.replace(targets="proj+mlp+attn")),
+}
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    model, tok = make_tiny_clip(), SimpleTokenizer(context_length=32)
+    report = {"world_size": dist.get_world_size()}
+    for name, (kw, cfg) in SCENARIOS.items():
+        spec = ForgetSpec(CLASSES, DOMAINS, **kw)
+        sharded = forget(model, tok, spec, cfg)
+        sharded.save(out / f"{name}.rank{rank}.safetensors")
+        if rank == 0:
+            forget(model, tok, spec, cfg, distributed=False).save(out / f"{name}.local.safetensors")
+    # a sharded prototype bank against the local one, and forget() reusing it
+    spec = ForgetSpec(CLASSES, DOMAINS, forget_classes=["tree"])
+    bank = synthesize_prototypes(model, tok, spec, CONFIG)
+    if rank == 0:
+        local = synthesize_prototypes(model, tok, spec, CONFIG, distributed=False)
+        report["bank_max_diff"] = max(float((bank.images[c] - local.images[c]).abs().max()) for c in spec.cells)
+        report["bank_accepted_equal"] = all(torch.equal(bank.accepted[c], local.accepted[c]) for c in spec.cells)
+        report["bank_stats"] = [bank.stats, local.stats]
+        (out / "report.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
