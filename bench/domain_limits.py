@@ -8,6 +8,8 @@
                                                     # renders vs on prototypes
     python bench/domain_limits.py --combined [--blocks K]  # both fitted together on real renders (the
                                                     # last K blocks' mlp.c_proj)
+    python bench/domain_limits.py --mlp-input       # the last block's mlp.c_fc fitted on real renders,
+                                                    # the library's prototypes, Fourier-parametrized ones
 
 Real renders stand in for prototypes only here, as an upper bound that uses data (render seed 5·10⁶,
 apart from the held-out evaluation renders at 3·10⁶). Prints the tables; records nothing.
@@ -268,6 +270,20 @@ def forget_keep_loss(E, cls, fm, T, scale, p0, keep_weight):
     return lf + keep_weight * lk
 
 
+def fit_weight(blk, weight, cls, fm, T, scale, p0, keep_weight, steps, lr=3e-3) -> torch.Tensor:
+    """The change dW of ``weight`` (one that ``blk.embed(dW)`` adds) fitted by Adam from 0 on the forget/keep
+    loss of the rows of ``blk`` (``cls`` their classes, ``fm`` which are forgotten, ``p0`` their
+    log-probabilities before)."""
+    dW = torch.zeros_like(weight, requires_grad=True)
+    opt = torch.optim.Adam([dW], lr=lr)
+    for _ in range(steps):
+        loss = forget_keep_loss(blk.embed(dW), cls, fm, T, scale, p0, keep_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return dW.detach()
+
+
 def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weight: float = 3.0) -> None:
     """Upper bounds of two edit families, each fitted by gradient descent on the forget/keep loss:
     a free shift of the class embeddings (what a text-side edit can do at best: per forgotten class, or
@@ -324,13 +340,7 @@ def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weigh
                 opt.step()
             T_new = T_ho.index_add(0, free, shift.detach())
             text_col = fmt(q.score(spec, h.before["held-out"], evaluate_embeddings(E_test, T_new, h)))
-            dW = torch.zeros_like(blk.blk.mlp.c_proj.weight, requires_grad=True)
-            opt = torch.optim.Adam([dW], lr=3e-3)
-            for _ in range(steps_mlp):
-                loss = forget_keep_loss(blk.embed(dW), cls, fm, T_fit, scale, p0, keep_weight)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            dW = fit_weight(blk, blk.blk.mlp.c_proj.weight, cls, fm, T_fit, scale, p0, keep_weight, steps_mlp)
             with torch.no_grad():
                 mlp_col = fmt(q.score(spec, h.before["held-out"], evaluate_embeddings(test.embed(dW), T_ho, h)))
             print(f"| {mode}: {','.join(fc or ['*'])} @ {','.join(fd)} | {name} | {text_col} | {mlp_col} |", flush=True)
@@ -382,6 +392,121 @@ def combined(h: q.Harness, blocks: int = 1, steps: int = 300, per_cell: int = 20
         print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {fmt(s)} ({verdict}) |", flush=True)
 
 
+class LastBlockInput:
+    """The image tower from the input of the last block's MLP on (the residual stream there cached), so
+    that a change of that MLP's input weights ``mlp.c_fc`` is evaluated without the rest."""
+
+    def __init__(self, model, images: torch.Tensor):
+        self.v = _avg_pool_tower(model, "LastBlockInput")
+        self.blk = self.v.transformer.resblocks[-1]
+        self.R = _inputs_of(model, self.blk.ln_2, images)                 # [n, tokens, width]
+        with torch.no_grad():
+            self.L = self.blk.ln_2(self.R)
+
+    def embed(self, dW: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """[n, D] normalized image embeddings with mlp.c_fc.weight + dW."""
+        m = self.blk.mlp
+        hidden = F.gelu(F.linear(self.L, m.c_fc.weight + dW, m.c_fc.bias))
+        return _embed_from_tokens(self.v, self.R + F.linear(hidden, m.c_proj.weight, m.c_proj.bias))
+
+
+# sRGB colour correlation (the square root of its covariance over natural images, as feature visualization
+# uses it), normalized to a largest column norm of 1
+COLOUR = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+COLOUR = COLOUR / COLOUR.norm(dim=0).max()
+
+
+def fourier_prototypes(model, tok, per_cell: int = 8, steps: int = 100, lr: float = 0.05, jitter: int = 4,
+                       batch: int = 200) -> torch.Tensor:
+    """[cells · per_cell, 3, H, W] prototypes (class-major cells, each cell's ``per_cell`` together) drawn in a
+    Fourier basis scaled by 1/frequency, with correlated colour and a sigmoid to the pixel range (the
+    parametrization of feature visualization, Olah et al. 2017), optimized with Adam against every cell's
+    text embedding under random shifts: smooth images, unlike the library's pixel-space prototypes."""
+    (H, W), mean, std = image_geometry(model)
+    text = cell_text(model, tok)
+    target = torch.arange(len(text)).repeat_interleave(per_cell)
+    freqs = torch.sqrt(torch.fft.rfftfreq(W)[None, :] ** 2 + torch.fft.fftfreq(H)[:, None] ** 2)
+    scale = torch.sqrt(torch.tensor(float(H * W))) / torch.clamp(freqs, min=1.0 / max(H, W))
+    g = torch.Generator().manual_seed(0)
+    logit_scale = model.logit_scale.exp().item()
+    out = []
+
+    def image(spec):
+        x = torch.fft.irfft2(torch.view_as_complex(spec) * scale, s=(H, W)) / 4.0
+        x = torch.sigmoid(torch.einsum("ij,bjhw->bihw", COLOUR, x))
+        return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+    with frozen(model):
+        for c0 in range(0, len(target), batch):
+            tgt = target[c0:c0 + batch]
+            spec = (torch.randn(len(tgt), 3, H, W // 2 + 1, 2, generator=g) * 0.01).requires_grad_(True)
+            opt = torch.optim.Adam([spec], lr=lr)
+            for _ in range(steps):
+                dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=g).tolist()
+                emb = F.normalize(model.encode_image(torch.roll(image(spec), (dx, dy), (2, 3))), dim=-1)
+                loss = F.cross_entropy(logit_scale * emb @ text.t(), tgt)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                out.append(image(spec))
+    return torch.cat(out)
+
+
+def mlp_input(h: q.Harness, steps: int = 150, keep_weight: float = 3.0) -> None:
+    """A full change of the last block's ``mlp.c_fc`` (its MLP's input weights, before the GELU) fitted by
+    Adam on the --fitted loss, on three sets of stand-ins: real renders (20 per cell, render seed 5·10⁶:
+    data, an upper bound), the library's prototypes (8 per cell), and Fourier-parametrized prototypes
+    (8 per cell, ``fourier_prototypes``); scored on the held-out renders and templates. Also how well each
+    set's mean embedding, and mean MLP input (ln_2 output averaged over tokens), name the held-out
+    renders' cells (nearest of the 100)."""
+    model, scale = h.model, h.model.logit_scale.exp().item()
+    with torch.no_grad():
+        T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
+    real, rci, rdi = pg.render(C, D, 20, seed=REAL_SEED)
+    bank = synthesize_prototypes(model, h.tok, SPEC, ForgetConfig(prototypes_per_cell=8))
+    pci = torch.arange(len(C)).repeat_interleave(len(D) * 8)
+    pdi = torch.arange(len(D)).repeat_interleave(8).repeat(len(C))
+    t = time.perf_counter()
+    fourier = fourier_prototypes(model, h.tok)
+    print(f"Fourier prototypes: {time.perf_counter() - t:.0f} s", flush=True)
+    sets = {"real renders": (real, rci, rdi),
+            "prototypes (library)": (torch.cat([bank.images[(c, d)] for c in C for d in D]), pci, pdi),
+            "prototypes (Fourier)": (fourier, pci, pdi)}
+    test = LastBlockInput(model, h.images)
+    truth = h.ci * len(D) + h.di
+    with torch.no_grad():
+        E_test, L_test = test.embed(), test.L.mean(1)
+    fits = {}
+    for name, (imgs, ci, di) in sets.items():
+        blk = LastBlockInput(model, imgs)
+        cell = ci * len(D) + di
+        with torch.no_grad():
+            E = blk.embed()
+            zero_shot = float(((E @ T_fit.t()).argmax(1) == ci).float().mean())
+            means = F.normalize(torch.stack([E[cell == k].mean(0) for k in range(len(C) * len(D))]), dim=-1)
+            by_emb = float(((E_test @ means.t()).argmax(1) == truth).float().mean())
+            L = blk.L.mean(1)
+            nearest = torch.cdist(L_test, torch.stack([L[cell == k].mean(0) for k in range(len(C) * len(D))])).argmin(1)
+            by_mlp = float((nearest == truth).float().mean())
+            by_dom = float((nearest % len(D) == h.di).float().mean())
+        print(f"{name}: zero-shot {100 * zero_shot:.1f} %; held-out renders named by the mean embedding "
+              f"{100 * by_emb:.1f} %, by the mean MLP input {100 * by_mlp:.1f} % (domain {100 * by_dom:.1f} %)", flush=True)
+        fits[name] = (blk, ci, di)
+    print("| request | fitted on | last-block mlp.c_fc |\n|---|---|---|")
+    for m, fc, fd in REQUESTS[:2] + REQUESTS[3:5]:
+        spec = q.spec_for(m, fc, fd)
+        for name, (blk, ci, di) in fits.items():
+            fm = torch.tensor([(C[c], D[d]) in spec.forget_cells for c, d in zip(ci.tolist(), di.tolist())])
+            with torch.no_grad():
+                p0 = F.log_softmax(scale * blk.embed() @ T_fit.t(), -1)
+            dW = fit_weight(blk, blk.blk.mlp.c_fc.weight, ci, fm, T_fit, scale, p0, keep_weight, steps)
+            with torch.no_grad():
+                s = q.score(spec, h.before["held-out"], evaluate_embeddings(test.embed(dW), T_ho, h))
+            verdict = "meets the targets" if not q.misses(spec, s, 1 / len(C)) else "misses"
+            print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {name} | {fmt(s)} ({verdict}) |", flush=True)
+
+
 def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
     """An AccuracyMatrix of the held-out renders from their embeddings E and class embeddings T."""
     from clipforget_fast.evaluate import AccuracyMatrix
@@ -401,13 +526,14 @@ def main(argv=None) -> int:
     ap.add_argument("--image-redirect", action="store_true")
     ap.add_argument("--fitted", action="store_true")
     ap.add_argument("--combined", action="store_true")
+    ap.add_argument("--mlp-input", action="store_true")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
     ap.add_argument("--steps", type=int, default=300, help="--combined: Adam steps")
     ap.add_argument("--fit-per-cell", type=int, default=20, help="--combined: real renders per cell to fit on")
     ap.add_argument("--mode", choices=("global", "domain", "domain-complete"), help="--combined: only this mode")
     args = ap.parse_args(argv)
-    if not (args.oracle or args.transfer or args.image_redirect or args.fitted or args.combined):
-        ap.error("choose at least one of --oracle, --transfer, --image-redirect, --fitted, --combined")
+    if not (args.oracle or args.transfer or args.image_redirect or args.fitted or args.combined or args.mlp_input):
+        ap.error("choose at least one of --oracle, --transfer, --image-redirect, --fitted, --combined, --mlp-input")
     torch.manual_seed(0)
     h = q.Harness(args.per_cell, ForgetConfig())
     if args.oracle:
@@ -420,6 +546,8 @@ def main(argv=None) -> int:
         fitted(h)
     if args.combined:
         combined(h, args.blocks, args.steps, args.fit_per_cell, args.mode)
+    if args.mlp_input:
+        mlp_input(h)
     return 0
 
 
