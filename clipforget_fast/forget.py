@@ -136,11 +136,13 @@ def _realize_shifts(layer, U, keys, out, targets, row_classes, shifts, G, config
 
 
 # self-check warnings, on the prototypes (the edit's own images: an optimistic view). A few prototypes
-# per cell make coarse accuracies, so each warning also needs the count to back it:
-CHECK_FORGET_SLACK = 10.0   # forgotten cells above chance + this many points, and so many recognized
-CHECK_LEVEL = 0.05          # that a recognition rate of chance + slack gives them with probability < this
+# per cell make coarse accuracies, so each warning also needs the counts to back it, at level CHECK_LEVEL:
+CHECK_FORGET_SLACK = 10.0   # forgotten cells above chance + this many points, and more recognized than a
+                            # recognition rate of chance + this gives (one-sided binomial test)
 CHECK_KEEP_DROP = 5.0       # a kept group (or the same classes in other domains) losing more points than
-CHECK_KEEP_LOST = 3         # this, and at least this many more of its prototypes misclassified
+                            # this, and more of its prototypes lost than gained than an edit that flips them
+                            # either way at random gives (one-sided exact McNemar test on the flipped ones)
+CHECK_LEVEL = 0.05
 
 
 def _binomial_tail(k: int, n: int, p: float) -> float:
@@ -151,6 +153,13 @@ def _binomial_tail(k: int, n: int, p: float) -> float:
     logp = (torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
             + i * math.log(p) + (n - i) * math.log1p(-p))
     return float(logp.exp().sum().clamp(max=1.0))
+
+
+def _kept_group_warns(drop: float, lost: int, gained: int) -> bool:
+    """Whether a kept group's prototypes losing ``drop`` points (``lost`` of them turned wrong, ``gained``
+    turned right by the patch) is worth a warning: more than CHECK_KEEP_DROP points, and more lost than
+    gained beyond what flips either way at random give (exact one-sided McNemar test at CHECK_LEVEL)."""
+    return drop > CHECK_KEEP_DROP and _binomial_tail(lost, lost + gained, 0.5) < CHECK_LEVEL
 
 
 @torch.no_grad()
@@ -179,7 +188,8 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
         return _embed_images(model, images, config, autocast, world)
 
     def score(clf, emb):
-        return AccuracyMatrix.from_predictions((emb @ clf.t()).argmax(-1), ci, di, classes, domains)
+        pred = (emb @ clf.t()).argmax(-1).cpu()
+        return AccuracyMatrix.from_predictions(pred, ci, di, classes, domains), pred == ci
 
     with torch.autocast(**autocast):
         if {(c, d) for c in classes for d in domains} <= set(cells):   # every cell's prompts were embedded
@@ -191,22 +201,22 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
         else:
             clf0 = classifier()
         emb0 = image_emb()
-        before = score(clf0, emb0)
+        before, hit0 = score(clf0, emb0)
         with patch.applied(model, force=True):
-            after = score(classifier() if "text" in towers else clf0, image_emb() if "visual" in towers else emb0)
+            after, hit1 = score(classifier() if "text" in towers else clf0,
+                                image_emb() if "visual" in towers else emb0)
+    cell_of = [c for c in cells for _ in range(per_cell)]
     forgotten = {c for c, _ in spec.forget_cells}
     # the domain mode's own group: the forgotten classes where they are kept
     same = {x for x in spec.retain_cells if x[0] in forgotten} if spec.mode in ("domain", "cells") else set()
     groups = {"forgotten": spec.forget_cells, "same_class_other_domains": same, "kept": spec.retain_cells - same}
     out = {"chance": round(1 / len(classes), 4), "prototypes_per_cell": per_cell}
-    counts = {}
     for name, group in groups.items():
         if group:
             out[name] = {"before": round(before.cell_mean(group), 4), "after": round(after.cell_mean(group), 4)}
-            counts[name] = [m.counts(group) for m in (before, after)]      # [(correct, total)] × 2
     chance, warn = 100 / len(classes), []
     f = out["forgotten"]
-    (_, _), (hit, n) = counts["forgotten"]
+    hit, n = after.counts(spec.forget_cells)
     if (100 * f["after"] > chance + CHECK_FORGET_SLACK
             and _binomial_tail(hit, n, min(1.0, (chance + CHECK_FORGET_SLACK) / 100)) < CHECK_LEVEL):
         warn.append(f"its forgotten cells' prototypes are still recognized {100 * f['after']:.0f}% of the time "
@@ -214,10 +224,12 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
     for name, what in (("kept", "the kept cells"), ("same_class_other_domains", "the same classes in their kept domains")):
         if name not in out:
             continue
-        (was, _), (now, _) = counts[name]
-        if 100 * (out[name]["before"] - out[name]["after"]) > CHECK_KEEP_DROP and was - now >= CHECK_KEEP_LOST:
-            warn.append(f"the prototypes of {what} lose {100 * (out[name]['before'] - out[name]['after']):.0f} points "
-                        f"({100 * out[name]['before']:.0f}% → {100 * out[name]['after']:.0f}%)")
+        rows = torch.tensor([c in groups[name] for c in cell_of])
+        lost, gained = int((hit0 & ~hit1 & rows).sum()), int((~hit0 & hit1 & rows).sum())
+        drop = 100 * (out[name]["before"] - out[name]["after"])
+        if _kept_group_warns(drop, lost, gained):
+            warn.append(f"the prototypes of {what} lose {drop:.0f} points ({100 * out[name]['before']:.0f}% → "
+                        f"{100 * out[name]['after']:.0f}%; {lost} lost, {gained} gained)")
     out["warnings"] = warn
     if warn and world.leader:
         log.warning("self-check on the prototypes (mode %s, edit %s): %s; check the patch with evaluate() on real "

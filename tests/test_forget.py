@@ -1,4 +1,6 @@
 """End to end on a tiny random open_clip model: all three modes, composition, bad inputs."""
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -123,6 +125,21 @@ def test_self_check_scores_the_patch_on_its_prototypes(tiny_clip, tokenizer, voc
     assert few["forgotten"] == {"before": 1.0, "after": 1.0} and not any("recognized" in w for w in few["warnings"])
     off = forget(tiny_clip, tokenizer, spec, cfg.replace(self_check=False))
     assert off.info["self_check"] is None and "self_check" not in off.timings
+
+
+def test_self_check_thresholds():
+    fg = importlib.import_module("clipforget_fast.forget")
+    # exact binomial tails: P(X ≥ 3 | n=3, p=.5) = 1/8; P(X ≥ 2 | n=2, p=.15) = .0225; P(X ≥ 0) = 1
+    assert fg._binomial_tail(3, 3, 0.5) == pytest.approx(0.125)
+    assert fg._binomial_tail(2, 2, 0.15) == pytest.approx(0.0225)
+    assert fg._binomial_tail(4, 10, 0.3) == pytest.approx(0.3503892816, rel=1e-8)
+    assert fg._binomial_tail(0, 5, 0.5) == 1.0
+    # a kept group: 3 lost, none gained happens 1 time in 8 at random (no warning); 5 lost, 1 in 32
+    assert not fg._kept_group_warns(19.0, 3, 0)
+    assert fg._kept_group_warns(19.0, 5, 0)
+    assert not fg._kept_group_warns(4.0, 5, 0)            # a small drop is not worth a warning
+    assert not fg._kept_group_warns(30.0, 9, 4)           # 9 of 13 flips: p = .13
+    assert fg._kept_group_warns(30.0, 11, 1)              # 11 of 12: p = .003
 
 
 def test_text_only_and_prototypes_only(tiny_clip, tokenizer, vocab):
