@@ -104,10 +104,11 @@ class World:
         return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(out)
 
     def broadcast(self, obj, src: int = 0):
-        """``obj`` of rank ``src`` on every rank (pickled: tensors keep their device)."""
+        """``obj`` of rank ``src`` (of the group) on every rank (pickled: tensors keep their device)."""
         if not self.on:
             return obj
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src, group=self.group,
+        root = src if self.group is None else dist.get_global_rank(self.group, src)
+        dist.broadcast_object_list(box, src=root, group=self.group,
                                    device=self._device if self._device.type == "cuda" else None)
         return box[0]

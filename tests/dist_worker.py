@@ -42,7 +42,11 @@ def main(out: Path) -> None:
         sharded.save(out / f"{name}.rank{rank}.safetensors")
         if rank == 0:
             forget(model, tok, spec, cfg, distributed=False).save(out / f"{name}.local.safetensors")
-    # a sharded prototype bank against the local one, and forget() reusing it
+    # the same request through an explicit process group (same ranks: the call path, not the rank mapping)
+    kw, cfg = SCENARIOS["redirect_global"]
+    forget(model, tok, ForgetSpec(CLASSES, DOMAINS, **kw), cfg, group=dist.new_group([0, 1])).save(
+        out / f"redirect_global.group.rank{rank}.safetensors")
+    # a sharded prototype bank against the local one
     spec = ForgetSpec(CLASSES, DOMAINS, forget_classes=["tree"])
     bank = synthesize_prototypes(model, tok, spec, CONFIG)
     if rank == 0:

@@ -62,6 +62,15 @@ def test_sharded_patch_equals_local(run, name):
         assert ranks[0].info["redirect"]["partly_forgotten"] == local.info["redirect"]["partly_forgotten"]
 
 
+def test_explicit_group_gives_the_same_patch(run):
+    ref = Patch.load(run / "redirect_global.rank0.safetensors")
+    for r in (0, 1):
+        got = Patch.load(run / f"redirect_global.group.rank{r}.safetensors")
+        assert got.info["world_size"] == 2
+        for a, b in zip(got.entries, ref.entries, strict=True):
+            assert a.name == b.name and torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+
+
 def test_sharded_prototypes_equal_local(run):
     report = json.loads((run / "report.json").read_text())
     assert report["world_size"] == 2
