@@ -127,7 +127,7 @@ def _synthesize(model, cell_text, target, config, device, world) -> SynthesisRes
 
     out_x = torch.zeros(n, 3, H, W, device=device)
     out_acc = torch.zeros(n, dtype=torch.bool, device=device)
-    out_steps = torch.full((n,), config.steps, dtype=torch.long, device=device)
+    out_steps = torch.zeros(n, dtype=torch.long, device=device)
     out_prob = torch.zeros(n, device=device)
     t0 = time.perf_counter()
     with frozen(model):
@@ -137,6 +137,7 @@ def _synthesize(model, cell_text, target, config, device, world) -> SynthesisRes
             if not world.mine(b):
                 continue
             rng = batch_rng(config.seed, b)
+            out_steps[idx] = config.steps                           # until accepted
             shift = _shift(rng, config.jitter)
             x_in = torch.roll(x, shift, dims=(2, 3))
             for step in range(config.steps):
@@ -174,15 +175,10 @@ def _synthesize(model, cell_text, target, config, device, world) -> SynthesisRes
     if world.on:              # every rank filled its own batches and left zeros elsewhere
         out_x, out_prob = world.sum_(out_x), world.sum_(out_prob)
         out_acc = world.sum_(out_acc.to(torch.int32)).bool()
-        out_steps = world.sum_(torch.where(_mine(n, config.batch_size, world, device), out_steps, 0))
+        out_steps = world.sum_(out_steps)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return SynthesisResult(out_x, target, out_acc, out_steps, out_prob, time.perf_counter() - t0)
-
-
-def _mine(n: int, batch_size: int, world: World, device) -> torch.Tensor:
-    """[n] bool: the prototypes of this rank's batches."""
-    return (torch.arange(n, device=device) // batch_size) % world.size == world.rank
 
 
 def initial_noise(n: int, size: tuple[int, int], lo: torch.Tensor, hi: torch.Tensor,
