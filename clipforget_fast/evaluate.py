@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .spec import DEFAULT_TEMPLATES, DOMAIN_PHRASES, ForgetSpec, phrases_for
+from .distributed import World
 from .layers import encode_image
+from .spec import DEFAULT_TEMPLATES, DOMAIN_PHRASES, ForgetSpec, phrases_for
 from .text import class_embeddings
 
 
@@ -102,7 +103,7 @@ class AccuracyMatrix:
 def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch.Tensor,
              domain_idx: torch.Tensor, classes, domains, templates=None, prompts: str = "agnostic",
              domain_phrases: dict | None = None, class_phrases: dict | None = None,
-             batch_size: int = 256) -> AccuracyMatrix:
+             batch_size: int = 256, *, distributed: bool | None = None, group=None) -> AccuracyMatrix:
     """Zero-shot accuracy of ``model`` per cell.
 
     images:     [N, 3, H, W] normalized for the model.
@@ -110,6 +111,8 @@ def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch
     domain_idx: [N] long, index into ``domains`` of each image's domain.
     templates:  prompt templates with {cls} and optionally {domain} (default: the spec's bank).
     domain_phrases, class_phrases: words for the names in prompts (default: '_' read as a space).
+    distributed, group: as for ``forget``: under torchrun each rank scores its share of the images and
+                every rank gets the whole matrix (every rank must make the same call).
     """
     classes, domains = tuple(classes), tuple(domains)
     if prompts not in ("agnostic", "domain_aware"):
@@ -134,16 +137,19 @@ def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch
         else:
             sets = [[t.format(cls=cph[c], domain=phrases[d]) for t in templates] for d in domains for c in classes]
             clf = class_embeddings(model, tokenizer, sets, device, batch_size).view(len(domains), len(classes), -1)
+        world = World(distributed, group)
+        lo, hi = world.share(n)
         preds = []
-        for i in range(0, n, batch_size):
-            f = torch.nn.functional.normalize(encode_image(model, images[i:i + batch_size].to(device)).float(), dim=-1)
+        for i in range(lo, hi, batch_size):
+            f = torch.nn.functional.normalize(encode_image(model, images[i:min(hi, i + batch_size)].to(device)).float(),
+                                              dim=-1)
             w = clf[0] if prompts == "agnostic" else None
             if w is not None:
                 preds.append((f @ w.t()).argmax(-1).cpu())
             else:
-                dj = domain_idx[i:i + batch_size].to(device)
+                dj = domain_idx[i:min(hi, i + batch_size)].to(device)
                 preds.append(torch.einsum("nd,ncd->nc", f, clf[dj]).argmax(-1).cpu())
-        pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+        pred = world.cat(torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long))
     finally:
         model.train(was_training)
     return AccuracyMatrix.from_predictions(pred, class_idx, domain_idx, classes, domains)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_tiny_clip  # noqa: E402
 from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
 
-from clipforget_fast import ForgetConfig, ForgetSpec, forget, synthesize_prototypes  # noqa: E402
+from clipforget_fast import ForgetConfig, ForgetSpec, evaluate, forget, synthesize_prototypes  # noqa: E402
 
 # batches of 7 prototypes: 24 prototypes (12 cells × 2) make 4 batches, 2 per rank, the last one short;
 # a low acceptance threshold, so that some prototypes stop early (and batches are compacted)
@@ -46,6 +46,15 @@ def main(out: Path) -> None:
     kw, cfg = SCENARIOS["redirect_global"]
     forget(model, tok, ForgetSpec(CLASSES, DOMAINS, **kw), cfg, group=dist.new_group([0, 1])).save(
         out / f"redirect_global.group.rank{rank}.safetensors")
+    # evaluate(): each rank scores its share of 23 images (12 and 11), every rank gets the whole matrix
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(23, 3, 32, 32, generator=g)
+    ci, di = torch.randint(0, 4, (23,), generator=g), torch.randint(0, 3, (23,), generator=g)
+    kw = dict(templates=["a {domain} of a {cls}."], batch_size=5)
+    acc = evaluate(model, tok, images, ci, di, CLASSES, DOMAINS, **kw)
+    (out / f"evaluate.rank{rank}.json").write_text(json.dumps(
+        {"sharded": acc.correct.tolist(), "total": acc.total.tolist(),
+         "local": evaluate(model, tok, images, ci, di, CLASSES, DOMAINS, distributed=False, **kw).correct.tolist()}))
     # a sharded prototype bank against the local one
     spec = ForgetSpec(CLASSES, DOMAINS, forget_classes=["tree"])
     bank = synthesize_prototypes(model, tok, spec, CONFIG)

@@ -71,6 +71,14 @@ def test_explicit_group_gives_the_same_patch(run):
             assert a.name == b.name and torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
 
 
+def test_sharded_evaluate_equals_local(run):
+    for r in (0, 1):
+        got = json.loads((run / f"evaluate.rank{r}.json").read_text())
+        assert got["sharded"] == got["local"]
+        assert sum(map(sum, got["total"])) == 23                 # every image counted once
+        assert sum(map(sum, got["local"])) > 0                   # some right, so the comparison means something
+
+
 def test_sharded_prototypes_equal_local(run):
     report = json.loads((run / "report.json").read_text())
     assert report["world_size"] == 2
