@@ -228,19 +228,27 @@ def _embed_from_tokens(v, x: torch.Tensor) -> torch.Tensor:
 
 class LastBlock:
     """The image tower from the input of the last block's MLP on: caches the residual stream there
-    (every token) so that an edit of the last block's ``mlp.c_proj`` is evaluated without the rest."""
+    (every token) so that an edit of the last block's ``mlp.c_proj`` (``embed``) or ``mlp.c_fc``
+    (``embed_input``) is evaluated without the rest."""
 
     def __init__(self, model, images: torch.Tensor):
         self.v = _avg_pool_tower(model, "LastBlock")
         self.blk = self.v.transformer.resblocks[-1]
         self.R = _inputs_of(model, self.blk.ln_2, images)                 # [n, tokens, width]
         with torch.no_grad():
-            self.H = F.gelu(self.blk.mlp.c_fc(self.blk.ln_2(self.R)))        # [n, tokens, 4·width]
+            self.L = self.blk.ln_2(self.R)                                 # the MLP's input
+            self.H = F.gelu(self.blk.mlp.c_fc(self.L))                     # [n, tokens, 4·width]
 
     def embed(self, dW: torch.Tensor | float = 0.0) -> torch.Tensor:
         """[n, D] normalized image embeddings with mlp.c_proj.weight + dW."""
         mlp = self.blk.mlp.c_proj
         return _embed_from_tokens(self.v, self.R + F.linear(self.H, mlp.weight + dW, mlp.bias))
+
+    def embed_input(self, dW: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """[n, D] normalized image embeddings with mlp.c_fc.weight + dW."""
+        m = self.blk.mlp
+        hidden = F.gelu(F.linear(self.L, m.c_fc.weight + dW, m.c_fc.bias))
+        return _embed_from_tokens(self.v, self.R + F.linear(hidden, m.c_proj.weight, m.c_proj.bias))
 
 
 class LastBlocks:
@@ -270,14 +278,14 @@ def forget_keep_loss(E, cls, fm, T, scale, p0, keep_weight):
     return lf + keep_weight * lk
 
 
-def fit_weight(blk, weight, cls, fm, T, scale, p0, keep_weight, steps, lr=3e-3) -> torch.Tensor:
-    """The change dW of ``weight`` (one that ``blk.embed(dW)`` adds) fitted by Adam from 0 on the forget/keep
-    loss of the rows of ``blk`` (``cls`` their classes, ``fm`` which are forgotten, ``p0`` their
+def fit_weight(embed, weight, cls, fm, T, scale, p0, keep_weight, steps, lr=3e-3) -> torch.Tensor:
+    """The change dW of ``weight`` (``embed(dW)``: the rows' embeddings with it) fitted by Adam from 0 on
+    the forget/keep loss of the rows (``cls`` their classes, ``fm`` which are forgotten, ``p0`` their
     log-probabilities before)."""
     dW = torch.zeros_like(weight, requires_grad=True)
     opt = torch.optim.Adam([dW], lr=lr)
     for _ in range(steps):
-        loss = forget_keep_loss(blk.embed(dW), cls, fm, T, scale, p0, keep_weight)
+        loss = forget_keep_loss(embed(dW), cls, fm, T, scale, p0, keep_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -340,7 +348,7 @@ def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weigh
                 opt.step()
             T_new = T_ho.index_add(0, free, shift.detach())
             text_col = fmt(q.score(spec, h.before["held-out"], evaluate_embeddings(E_test, T_new, h)))
-            dW = fit_weight(blk, blk.blk.mlp.c_proj.weight, cls, fm, T_fit, scale, p0, keep_weight, steps_mlp)
+            dW = fit_weight(blk.embed, blk.blk.mlp.c_proj.weight, cls, fm, T_fit, scale, p0, keep_weight, steps_mlp)
             with torch.no_grad():
                 mlp_col = fmt(q.score(spec, h.before["held-out"], evaluate_embeddings(test.embed(dW), T_ho, h)))
             print(f"| {mode}: {','.join(fc or ['*'])} @ {','.join(fd)} | {name} | {text_col} | {mlp_col} |", flush=True)
@@ -390,24 +398,6 @@ def combined(h: q.Harness, blocks: int = 1, steps: int = 300, per_cell: int = 20
         s = q.score(spec, h.before["held-out"], after)
         verdict = "meets the targets" if not q.misses(spec, s, 1 / len(C)) else "misses"
         print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {fmt(s)} ({verdict}) |", flush=True)
-
-
-class LastBlockInput:
-    """The image tower from the input of the last block's MLP on (the residual stream there cached), so
-    that a change of that MLP's input weights ``mlp.c_fc`` is evaluated without the rest."""
-
-    def __init__(self, model, images: torch.Tensor):
-        self.v = _avg_pool_tower(model, "LastBlockInput")
-        self.blk = self.v.transformer.resblocks[-1]
-        self.R = _inputs_of(model, self.blk.ln_2, images)                 # [n, tokens, width]
-        with torch.no_grad():
-            self.L = self.blk.ln_2(self.R)
-
-    def embed(self, dW: torch.Tensor | float = 0.0) -> torch.Tensor:
-        """[n, D] normalized image embeddings with mlp.c_fc.weight + dW."""
-        m = self.blk.mlp
-        hidden = F.gelu(F.linear(self.L, m.c_fc.weight + dW, m.c_fc.bias))
-        return _embed_from_tokens(self.v, self.R + F.linear(hidden, m.c_proj.weight, m.c_proj.bias))
 
 
 # sRGB colour correlation (the square root of its covariance over natural images, as feature visualization
@@ -473,13 +463,13 @@ def mlp_input(h: q.Harness, steps: int = 150, keep_weight: float = 3.0) -> None:
     sets = {"real renders": (real, rci, rdi),
             "prototypes (library)": (torch.cat([bank.images[(c, d)] for c in C for d in D]), pci, pdi),
             "prototypes (Fourier)": (fourier, pci, pdi)}
-    test = LastBlockInput(model, h.images)
+    test = LastBlock(model, h.images)
     truth = h.ci * len(D) + h.di
     with torch.no_grad():
         E_test, L_test = test.embed(), test.L.mean(1)
     fits = {}
     for name, (imgs, ci, di) in sets.items():
-        blk = LastBlockInput(model, imgs)
+        blk = LastBlock(model, imgs)
         cell = ci * len(D) + di
         with torch.no_grad():
             E = blk.embed()
@@ -500,9 +490,9 @@ def mlp_input(h: q.Harness, steps: int = 150, keep_weight: float = 3.0) -> None:
             fm = torch.tensor([(C[c], D[d]) in spec.forget_cells for c, d in zip(ci.tolist(), di.tolist())])
             with torch.no_grad():
                 p0 = F.log_softmax(scale * blk.embed() @ T_fit.t(), -1)
-            dW = fit_weight(blk, blk.blk.mlp.c_fc.weight, ci, fm, T_fit, scale, p0, keep_weight, steps)
+            dW = fit_weight(blk.embed_input, blk.blk.mlp.c_fc.weight, ci, fm, T_fit, scale, p0, keep_weight, steps)
             with torch.no_grad():
-                s = q.score(spec, h.before["held-out"], evaluate_embeddings(test.embed(dW), T_ho, h))
+                s = q.score(spec, h.before["held-out"], evaluate_embeddings(test.embed_input(dW), T_ho, h))
             verdict = "meets the targets" if not q.misses(spec, s, 1 / len(C)) else "misses"
             print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {name} | {fmt(s)} ({verdict}) |", flush=True)
 

@@ -129,11 +129,16 @@ class Patch:
         params = self._params(model)
         self._update(params, -1.0)
         self._restored = {e.name: tensor_hash(p) for e, p in zip(self.entries, params)}
+        self._unstack(model)
+        return model
+
+    def _unstack(self, model: nn.Module) -> None:
+        """Take this patch (its latest entry) off the model's stack of applied patches."""
+        stack = getattr(model, _STACK_ATTR, [])
         for i in range(len(stack) - 1, -1, -1):
             if stack[i] is self:
                 del stack[i]
                 break
-        return model
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module, force: bool = False):
@@ -153,11 +158,7 @@ class Patch:
             with torch.no_grad():
                 for p, s in zip(params, saved):
                     p.copy_(s)
-            stack = getattr(model, _STACK_ATTR, [])
-            for i in range(len(stack) - 1, -1, -1):
-                if stack[i] is self:
-                    del stack[i]
-                    break
+            self._unstack(model)
 
     # ---- save / load --------------------------------------------------------------------------
     def save(self, path) -> Path:
