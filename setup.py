@@ -41,6 +41,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "open_clip_torch>=2.24", "numpy", "safetensors", "pillow", "tqdm"],
     extras_require={"test": ["pytest", "pytest-benchmark"], "hf": ["transformers>=4.40"]},
+    entry_points={"console_scripts": ["clipforget=clipforget_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -163,8 +163,6 @@ class Patch:
     # ---- save / load --------------------------------------------------------------------------
     def save(self, path) -> Path:
         """Write the patch as safetensors (A::name, B::name) with JSON metadata, atomically."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"patch path {str(path)!r} must end in .safetensors")
@@ -177,15 +175,7 @@ class Patch:
             meta.append({"name": e.name, "layout": e.layout, "base_hash": e.base_hash})
         header = {"format": _FORMAT, "version": self.version, "entries": meta, "spec": self.spec,
                   "config": self.config, "info": self.info}
-        fd, tmp = tempfile.mkstemp(prefix=".patch-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"clipforget": json.dumps(header)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_safetensors(tensors, path, {"clipforget": json.dumps(header)})
 
     @classmethod
     def load(cls, path) -> "Patch":
@@ -214,6 +204,26 @@ class Patch:
                                       tensors[f"B::{m['name']}"], m["base_hash"]))
         return cls(entries, header.get("spec", {}), header.get("config", {}), header.get("info", {}),
                    header.get("version", "?"))
+
+
+def atomic_safetensors(tensors: dict, path, metadata: dict | None = None) -> Path:
+    """Write ``tensors`` ({name: tensor}) to the safetensors file ``path`` through a temporary file in the
+    same folder, moved into place only once complete: a failed write leaves no file behind."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)     # the permissions of a plainly created file, not mkstemp's 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def applied_patches(model: nn.Module) -> list[Patch]:

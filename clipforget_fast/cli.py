@@ -1,0 +1,338 @@
+"""Command line: compute a patch, merge patches into a checkpoint, describe a patch.
+
+    clipforget forget --model ViT-B-32 --checkpoint clip.safetensors \\
+        --classes dog,cat,car --domains photo,sketch,painting \\
+        --forget-classes dog --forget-domains sketch --out dog_sketch.safetensors
+    clipforget apply  --model ViT-B-32 --checkpoint clip.safetensors \\
+        --patch dog_sketch.safetensors --out clip_edited.safetensors
+    clipforget info   dog_sketch.safetensors
+
+(``python -m clipforget_fast`` is the same program.) The model is an open_clip architecture with its
+weights (``--model NAME --checkpoint FILE``; ``--model-config JSON`` registers a custom architecture
+first), the embedded proving-ground model (``--model proving-ground``, the checkpoint optional), or a
+Hugging Face ``CLIPModel`` saved in a local folder with its tokenizer (``--hf DIR``). Nothing is
+downloaded. The request comes from ``--classes/--domains/--forget-classes/--forget-domains`` (comma
+lists, or ``@file`` with one name per line) or from ``--spec FILE`` (JSON: those four keys, optionally
+``templates``, ``domain_phrases``, ``class_phrases``; or a ``ForgetSpec.to_dict()``). ``ForgetConfig``
+fields come from ``--config FILE`` (JSON) and ``--set field=value`` (value read as JSON when it parses,
+else as a string).
+
+``apply`` merges the patches, in the order given, into the weights and writes them where a plain
+loader reads them: a safetensors state dict for open_clip (``open_clip.create_model(name,
+pretrained=FILE)``, or ``--checkpoint`` of the proving ground), a ``save_pretrained`` folder with the
+tokenizer for Hugging Face. Every output is written to a temporary name and moved into place, so a
+failed run leaves nothing behind. Errors in the input exit with status 2 and a message naming it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ForgetConfig
+from .patch import Patch, atomic_safetensors
+from .spec import ForgetSpec
+
+PROVING_GROUND = "proving-ground"
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit status 2)."""
+
+
+# ---- model ---------------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (one of --model, --hf)")
+    g.add_argument("--model", help=f"open_clip architecture name (as open_clip spells it), or {PROVING_GROUND!r}")
+    g.add_argument("--checkpoint", help="weights of --model (a file open_clip reads: .safetensors, .pt, .bin)")
+    g.add_argument("--model-config", help="open_clip model config JSON to register first (its stem is the name)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="build --model with random weights (mechanics and speed only; nothing is forgotten)")
+    g.add_argument("--hf", metavar="DIR", help="folder of a Hugging Face CLIPModel and its tokenizer")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def family(args) -> str:
+    """"hf", "proving-ground" or "open_clip": which loader the model arguments name."""
+    if (args.model is None) == (args.hf is None):
+        raise UsageError("give exactly one of --model NAME and --hf DIR")
+    return "hf" if args.hf is not None else PROVING_GROUND if args.model == PROVING_GROUND else "open_clip"
+
+
+def load_model(args) -> tuple[torch.nn.Module, object, str]:
+    """(model in eval mode, tokenizer, family) from the model arguments."""
+    family(args)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    if args.hf is not None:
+        if args.checkpoint or args.model_config or args.random_weights:
+            raise UsageError("--checkpoint, --model-config and --random-weights go with --model, not --hf")
+        return (*_load_hf(Path(args.hf), dtype, args.device), "hf")
+    if args.model == PROVING_GROUND:
+        from . import proving_ground as pg
+
+        if args.model_config or args.random_weights:
+            raise UsageError(f"--model {PROVING_GROUND} takes only --checkpoint (its weights, optional)")
+        model, tokenizer, _ = pg.load(args.device, weights=_existing(args.checkpoint, "--checkpoint"))
+        return model.to(dtype), tokenizer, PROVING_GROUND
+    import open_clip
+
+    if args.model_config:
+        open_clip.add_model_config(_existing(args.model_config, "--model-config"))
+    if args.model not in open_clip.list_models():
+        raise UsageError(f"--model: unknown open_clip architecture {args.model!r} (see open_clip.list_models(); "
+                         "a custom one needs --model-config)")
+    if args.random_weights == bool(args.checkpoint):
+        raise UsageError(f"--model {args.model}: give its weights with --checkpoint FILE "
+                         "(or --random-weights for mechanics only)")
+    model = open_clip.create_model(args.model, pretrained=_existing(args.checkpoint, "--checkpoint"),
+                                   device=args.device, precision=args.precision)
+    return model.eval(), open_clip.get_tokenizer(args.model), "open_clip"
+
+
+def _load_hf(path: Path, dtype: torch.dtype, device: str):
+    try:
+        import transformers
+    except ImportError as e:
+        raise UsageError("--hf needs the transformers package (pip install 'clipforget_fast[hf]')") from e
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--hf: {str(path)!r} is not a saved model folder (no config.json)")
+    model = transformers.CLIPModel.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+def _existing(path, flag: str):
+    if path is not None and not Path(path).is_file():
+        raise UsageError(f"{flag}: no file at {str(path)!r}")
+    return path
+
+
+# ---- request and config ------------------------------------------------------------------------
+def _names(value, flag: str) -> list[str] | None:
+    """A comma list, or @file with one name per line (blank lines and # comments skipped)."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        f = Path(value[1:])
+        if not f.is_file():
+            raise UsageError(f"{flag}: no file at {str(f)!r}")
+        items = [ln.split("#", 1)[0].strip() for ln in f.read_text().splitlines()]
+    else:
+        items = [s.strip() for s in value.split(",")]
+    items = [s for s in items if s]
+    if not items:
+        raise UsageError(f"{flag}: no names in {value!r}")
+    return items
+
+
+def build_spec(args) -> ForgetSpec:
+    listed = [args.classes, args.domains, args.forget_classes, args.forget_domains]
+    if args.spec is not None:
+        if any(v is not None for v in listed):
+            raise UsageError("give the request either as --spec FILE or as --classes/--domains/--forget-*, not both")
+        d = _json_file(args.spec, "--spec")
+        if "forget_cells" in d:
+            try:
+                return ForgetSpec.from_dict(d)
+            except (KeyError, TypeError) as e:
+                raise UsageError(f"--spec: not a complete ForgetSpec.to_dict() ({type(e).__name__}: {e})") from e
+        extra = set(d) - {"classes", "domains", "forget_classes", "forget_domains", "templates",
+                          "domain_phrases", "class_phrases"}
+        if extra:
+            raise UsageError(f"--spec: unknown keys {sorted(extra)}")
+        kw = d
+    else:
+        if args.classes is None or args.domains is None:
+            raise UsageError("give --classes and --domains (or --spec FILE)")
+        kw = dict(classes=_names(args.classes, "--classes"), domains=_names(args.domains, "--domains"),
+                  forget_classes=_names(args.forget_classes, "--forget-classes"),
+                  forget_domains=_names(args.forget_domains, "--forget-domains"))
+    if "classes" not in kw or "domains" not in kw:
+        raise UsageError("--spec: the request needs 'classes' and 'domains'")
+    try:
+        return ForgetSpec(**kw)
+    except TypeError as e:           # e.g. a JSON string where a list of names belongs
+        raise UsageError(str(e)) from e
+
+
+def build_config(args) -> ForgetConfig:
+    d = _json_file(args.config, "--config") if args.config else {}
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected field=value")
+        try:
+            d[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            d[key.strip()] = raw
+    try:
+        return ForgetConfig.from_dict(d)
+    except TypeError as e:
+        raise UsageError(f"ForgetConfig: {e}") from e
+
+
+def _json_file(path, flag: str) -> dict:
+    f = Path(path)
+    if not f.is_file():
+        raise UsageError(f"{flag}: no file at {str(f)!r}")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag}: {str(f)!r} is not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise UsageError(f"{flag}: {str(f)!r} must hold a JSON object")
+    return d
+
+
+def _out_file(path, flag: str = "--out") -> Path:
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"{flag}: {str(out)!r} must end in .safetensors")
+    if not out.parent.is_dir():
+        raise UsageError(f"{flag}: directory {str(out.parent)!r} does not exist")
+    return out
+
+
+# ---- commands ------------------------------------------------------------------------------------
+def cmd_forget(args) -> int:
+    from .forget import forget
+
+    out = _out_file(args.out)
+    config = build_config(args)
+    family(args)
+    spec = build_spec(args)                        # the request is checked before any model is loaded
+    model, tokenizer, _ = load_model(args)
+    t = time.perf_counter()
+    patch = forget(model, tokenizer, spec, config)
+    secs = time.perf_counter() - t
+    patch.save(out)
+    summary = {"patch": str(out), "mode": spec.mode, "edit": patch.info.get("edit"),
+               "forget_cells": len(spec.forget_cells), "retain_cells": len(spec.retain_cells),
+               "layers": {e.name: e.rank for e in patch.entries}, "seconds": round(secs, 2),
+               "timings": patch.timings, "self_check": patch.info.get("self_check")}
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(f"{spec!r}: edit {summary['edit']!r} in {secs:.1f} s; {patch!r}")
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    patches = [Patch.load(_existing(p, "--patch")) for p in args.patch]
+    kind = family(args)
+    if kind == "hf":
+        out = Path(args.out)
+        if out.exists():
+            raise UsageError(f"--out: {str(out)!r} exists; give a new folder for the Hugging Face model")
+        if not out.parent.is_dir():
+            raise UsageError(f"--out: directory {str(out.parent)!r} does not exist")
+    else:
+        out = _out_file(args.out)
+    model, tokenizer, _ = load_model(args)
+    for f, p in zip(args.patch, patches):
+        try:
+            p.apply(model, force=args.force)
+        except ValueError as e:
+            raise UsageError(f"--patch {f}: {e} (here: --force); a patch applies to the weights it was "
+                             "computed on, so give --checkpoint the weights it was computed from") from e
+    if kind == "hf":
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        meta = {"clipforget_patches": json.dumps([{"file": Path(f).name, "mode": p.spec.get("mode"),
+                                                   "edit": p.info.get("edit")} for f, p in zip(args.patch, patches)])}
+        atomic_safetensors(state, out, meta)
+    print(f"merged {len(patches)} patch(es) into {kind} weights: wrote {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    p = Patch.load(args.patch)
+    spec, info = p.spec, p.info
+    default = ForgetConfig().to_dict()
+    changed = {k: v for k, v in p.config.items() if default.get(k) != v}
+    d = {"file": args.patch, "library_version": p.version, "mode": spec.get("mode"), "edit": info.get("edit"),
+         "classes": len(spec.get("classes", [])), "domains": len(spec.get("domains", [])),
+         "forget_cells": spec.get("forget_cells"), "config_changed": changed,
+         "entries": [{"name": e.name, "layout": e.layout, "shape": list(_weight_shape(e)), "rank": e.rank}
+                     for e in p.entries],
+         "timings": p.timings, "self_check": info.get("self_check")}
+    if args.json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    print(f"{args.patch}: clipforget_fast {p.version} patch, mode {d['mode']!r}, edit {d['edit']!r}")
+    cells = ", ".join(f"{c}/{dm}" for c, dm in (d["forget_cells"] or [])[:8])
+    more = len(d["forget_cells"] or []) - 8
+    print(f"  vocabulary {d['classes']} classes × {d['domains']} domains; forgets {cells}"
+          + (f" and {more} more" if more > 0 else ""))
+    print(f"  config: {'default' if not changed else changed}")
+    for e in d["entries"]:
+        print(f"  {e['name']}  [out {e['shape'][0]} × in {e['shape'][1]}]  rank {e['rank']}")
+    if d["timings"]:
+        print("  timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in d["timings"].items()))
+    return 0
+
+
+def _weight_shape(e) -> tuple[int, int]:
+    """(d_out, d_in) of the weight an entry edits."""
+    return e.A.shape[0], e.B.shape[0]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="clipforget", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("forget", help="compute a patch that makes the model forget a request")
+    add_model_args(f)
+    r = f.add_argument_group("request (or --spec FILE)")
+    r.add_argument("--spec", help="JSON request")
+    r.add_argument("--classes", help="the vocabulary's classes: a,b,c or @file")
+    r.add_argument("--domains", help="the vocabulary's domains: photo,sketch or @file")
+    r.add_argument("--forget-classes", help="classes to forget (default: every class of --forget-domains)")
+    r.add_argument("--forget-domains", help="domains to forget them in (default: every domain)")
+    f.add_argument("--config", help="ForgetConfig as JSON")
+    f.add_argument("--set", action="append", metavar="FIELD=VALUE", help="one ForgetConfig field (repeatable)")
+    f.add_argument("--out", required=True, help="the patch file (.safetensors)")
+    f.add_argument("--json", action="store_true", help="print the summary as JSON")
+    f.set_defaults(run=cmd_forget)
+    a = sub.add_parser("apply", help="merge patches into the model's weights and save them")
+    add_model_args(a)
+    a.add_argument("--patch", nargs="+", required=True, help="patch files, applied in this order")
+    a.add_argument("--out", required=True, help=".safetensors state dict (open_clip), or a new folder (--hf)")
+    a.add_argument("--force", action="store_true",
+                   help="apply even where a weight differs from the one a patch was computed on")
+    a.set_defaults(run=cmd_apply)
+    i = sub.add_parser("info", help="describe a patch file")
+    i.add_argument("patch")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(run=cmd_info)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except ValueError as e:          # UsageError, and the library's own errors naming the bad input
+        ap.exit(2, f"{ap.prog} {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
