@@ -1,10 +1,13 @@
-"""Command line: compute a patch, merge patches into a checkpoint, describe a patch.
+"""Command line: compute a patch, merge patches into a checkpoint, measure a patch on your own
+images, describe a patch.
 
     clipforget forget --model ViT-B-32 --checkpoint clip.safetensors \\
         --classes dog,cat,car --domains photo,sketch,painting \\
         --forget-classes dog --forget-domains sketch --out dog_sketch.safetensors
     clipforget apply  --model ViT-B-32 --checkpoint clip.safetensors \\
         --patch dog_sketch.safetensors --out clip_edited.safetensors
+    clipforget evaluate --model ViT-B-32 --checkpoint clip.safetensors \\
+        --images my_images/ --patch dog_sketch.safetensors
     clipforget info   dog_sketch.safetensors
 
 (``python -m clipforget_fast`` is the same program.) The model is an open_clip architecture with its
@@ -21,7 +24,10 @@ else as a string).
 loader reads them: a safetensors state dict for open_clip (``open_clip.create_model(name,
 pretrained=FILE)``, or ``--checkpoint`` of the proving ground), a ``save_pretrained`` folder with the
 tokenizer for Hugging Face. Every output is written to a temporary name and moved into place, so a
-failed run leaves nothing behind. Errors in the input exit with status 2 and a message naming it.
+failed run leaves nothing behind. ``evaluate`` reads a folder laid out as ``<domain>/<class>/<image>``,
+preprocesses the images as the model's loader says, and prints the zero-shot accuracy of every
+(class, domain) cell before and after the patches (the check that ``forget``'s self-check on its own
+prototypes cannot make). Errors in the input exit with status 2 and a message naming it.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ from pathlib import Path
 import torch
 
 from .config import ForgetConfig
-from .patch import Patch, atomic_safetensors
+from .patch import Patch, atomic_safetensors, plain_permissions
 from .spec import ForgetSpec
 
 PROVING_GROUND = "proving-ground"
@@ -68,21 +74,22 @@ def family(args) -> str:
     return "hf" if args.hf is not None else PROVING_GROUND if args.model == PROVING_GROUND else "open_clip"
 
 
-def load_model(args) -> tuple[torch.nn.Module, object, str]:
-    """(model in eval mode, tokenizer, family) from the model arguments."""
+def load_model(args) -> tuple[torch.nn.Module, object, object]:
+    """(model in eval mode, tokenizer, preprocess: PIL image -> [3, H, W] normalized) from the model
+    arguments (the preprocess is None for a Hugging Face folder without an image processor)."""
     family(args)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     if args.hf is not None:
         if args.checkpoint or args.model_config or args.random_weights:
             raise UsageError("--checkpoint, --model-config and --random-weights go with --model, not --hf")
-        return (*_load_hf(Path(args.hf), dtype, args.device), "hf")
+        return _load_hf(Path(args.hf), dtype, args.device)
     if args.model == PROVING_GROUND:
         from . import proving_ground as pg
 
         if args.model_config or args.random_weights:
             raise UsageError(f"--model {PROVING_GROUND} takes only --checkpoint (its weights, optional)")
-        model, tokenizer, _ = pg.load(args.device, weights=_existing(args.checkpoint, "--checkpoint"))
-        return model.to(dtype), tokenizer, PROVING_GROUND
+        model, tokenizer, preprocess = pg.load(args.device, weights=_existing(args.checkpoint, "--checkpoint"))
+        return model.to(dtype), tokenizer, preprocess
     import open_clip
 
     if args.model_config:
@@ -93,9 +100,10 @@ def load_model(args) -> tuple[torch.nn.Module, object, str]:
     if args.random_weights == bool(args.checkpoint):
         raise UsageError(f"--model {args.model}: give its weights with --checkpoint FILE "
                          "(or --random-weights for mechanics only)")
-    model = open_clip.create_model(args.model, pretrained=_existing(args.checkpoint, "--checkpoint"),
-                                   device=args.device, precision=args.precision)
-    return model.eval(), open_clip.get_tokenizer(args.model), "open_clip"
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        args.model, pretrained=_existing(args.checkpoint, "--checkpoint"), device=args.device,
+        precision=args.precision)
+    return model.eval(), open_clip.get_tokenizer(args.model), preprocess
 
 
 def _load_hf(path: Path, dtype: torch.dtype, device: str):
@@ -105,9 +113,13 @@ def _load_hf(path: Path, dtype: torch.dtype, device: str):
         raise UsageError("--hf needs the transformers package (pip install 'clipforget_fast[hf]')") from e
     if not (path / "config.json").is_file():
         raise UsageError(f"--hf: {str(path)!r} is not a saved model folder (no config.json)")
-    model = transformers.CLIPModel.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+    model = transformers.CLIPModel.from_pretrained(str(path), local_files_only=True).to(dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    return model.to(device).eval(), tokenizer
+    preprocess = None
+    if (path / "preprocessor_config.json").is_file():
+        processor = transformers.CLIPImageProcessor.from_pretrained(str(path), local_files_only=True)
+        preprocess = lambda im: processor(images=im, return_tensors="pt")["pixel_values"][0]  # noqa: E731
+    return model.to(device).eval(), tokenizer, preprocess
 
 
 def _existing(path, flag: str):
@@ -227,6 +239,16 @@ def cmd_forget(args) -> int:
     return 0
 
 
+def apply_all(model, files, patches, force: bool) -> None:
+    """Apply ``patches`` (loaded from ``files``) to ``model`` in order."""
+    for f, p in zip(files, patches):
+        try:
+            p.apply(model, force=force)
+        except ValueError as e:
+            raise UsageError(f"--patch {f}: {e} (here: --force); a patch applies to the weights it was "
+                             "computed on, so give --checkpoint the weights it was computed from") from e
+
+
 def cmd_apply(args) -> int:
     patches = [Patch.load(_existing(p, "--patch")) for p in args.patch]
     kind = family(args)
@@ -239,17 +261,13 @@ def cmd_apply(args) -> int:
     else:
         out = _out_file(args.out)
     model, tokenizer, _ = load_model(args)
-    for f, p in zip(args.patch, patches):
-        try:
-            p.apply(model, force=args.force)
-        except ValueError as e:
-            raise UsageError(f"--patch {f}: {e} (here: --force); a patch applies to the weights it was "
-                             "computed on, so give --checkpoint the weights it was computed from") from e
+    apply_all(model, args.patch, patches, args.force)
     if kind == "hf":
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
+            plain_permissions(tmp, directory=True)
             os.replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -289,6 +307,84 @@ def cmd_info(args) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def image_folder(root: Path, per_cell: int | None = None) -> dict:
+    """{(class, domain): [image files]} of a folder laid out as root/<domain>/<class>/<image>, sorted by
+    name (the first ``per_cell`` of each cell when given)."""
+    if not root.is_dir():
+        raise UsageError(f"--images: no folder at {str(root)!r}")
+    cells = {}
+    for ddir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for cdir in sorted(p for p in ddir.iterdir() if p.is_dir()):
+            files = sorted(f for f in cdir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if files:
+                cells[(cdir.name, ddir.name)] = files[:per_cell] if per_cell else files
+    if not cells:
+        raise UsageError(f"--images: no images under {str(root)!r} (expected <domain>/<class>/<image> files)")
+    return cells
+
+
+def cmd_evaluate(args) -> int:
+    from PIL import Image
+
+    from .evaluate import evaluate
+
+    if args.per_cell is not None and args.per_cell < 1:
+        raise UsageError(f"--per-cell {args.per_cell}: must be ≥ 1")
+    cells = image_folder(Path(args.images), args.per_cell)
+    patches = [Patch.load(_existing(p, "--patch")) for p in args.patch or []]
+    vocab = patches[-1].spec if patches else {}
+    classes = _names(args.classes, "--classes") or vocab.get("classes") or sorted({c for c, _ in cells})
+    domains = _names(args.domains, "--domains") or vocab.get("domains") or sorted({d for _, d in cells})
+    unknown = sorted(cell for cell in cells if cell[0] not in classes or cell[1] not in domains)
+    if unknown:
+        raise UsageError(f"--images: folders outside the vocabulary ({len(classes)} classes × {len(domains)} "
+                         f"domains): {', '.join(f'{d}/{c}' for c, d in unknown[:5])}")
+    family(args)
+    model, tokenizer, preprocess = load_model(args)
+    if preprocess is None:
+        raise UsageError(f"--hf: {args.hf!r} has no preprocessor_config.json (the image processor)")
+    images, ci, di = [], [], []
+    for (c, d), files in cells.items():
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    images.append(preprocess(im.convert("RGB")))
+            except OSError as e:
+                raise UsageError(f"--images: cannot read {str(f)!r} ({e})") from e
+            ci.append(classes.index(c))
+            di.append(domains.index(d))
+    images, ci, di = torch.stack(images), torch.tensor(ci), torch.tensor(di)
+    words = dict(classes=classes, domains=domains, domain_phrases={k: v for k, v in vocab.get("domain_phrases", {}).items()
+                                                                   if k in domains} or None,
+                 class_phrases={k: v for k, v in vocab.get("class_phrases", {}).items() if k in classes} or None,
+                 templates=args.templates)
+    before = evaluate(model, tokenizer, images, ci, di, **words)
+    result = {"images": len(ci), "classes": classes, "domains": domains, "before": _matrix(before)}
+    lines = [f"{len(ci)} images in {len(cells)} cells; chance {100 * before.chance:.1f}%",
+             "before:" if patches else "accuracy (%):", before.table()]
+    if patches:
+        apply_all(model, args.patch, patches, args.force)
+        after = evaluate(model, tokenizer, images, ci, di, **words)
+        forgotten = sorted({tuple(c) for p in patches for c in p.spec.get("forget_cells", [])})
+        kept = [(c, d) for c in classes for d in domains if (c, d) not in set(forgotten)]
+        result.update(after=_matrix(after),
+                      forgotten={"before": before.cell_mean(forgotten), "after": after.cell_mean(forgotten)},
+                      kept={"before": before.cell_mean(kept), "after": after.cell_mean(kept)})
+        lines += [f"after {len(patches)} patch(es):", after.table(),
+                  f"forgotten cells: {100 * result['forgotten']['before']:.1f}% → {100 * result['forgotten']['after']:.1f}%"
+                  f"   kept cells: {100 * result['kept']['before']:.1f}% → {100 * result['kept']['after']:.1f}%"]
+    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
+    return 0
+
+
+def _matrix(acc) -> list:
+    """Accuracy per [class][domain], None where a cell has no image (JSON has no NaN)."""
+    return [[None if v != v else v for v in row] for row in acc.accuracy.tolist()]
+
+
 def _weight_shape(e) -> tuple[int, int]:
     """(d_out, d_in) of the weight an entry edits."""
     return e.A.shape[0], e.B.shape[0]
@@ -317,6 +413,20 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true",
                    help="apply even where a weight differs from the one a patch was computed on")
     a.set_defaults(run=cmd_apply)
+    e = sub.add_parser("evaluate", help="zero-shot accuracy per (class, domain) on a folder of images, "
+                                        "before and after patches")
+    add_model_args(e)
+    e.add_argument("--images", required=True, help="folder laid out as <domain>/<class>/<image>")
+    e.add_argument("--patch", nargs="+", help="patches to apply, in this order (the last one's vocabulary "
+                                              "and phrases are used)")
+    e.add_argument("--classes", help="the classifier's classes (default: the patch's, else the folders')")
+    e.add_argument("--domains", help="the domains (default: the patch's, else the folders')")
+    e.add_argument("--templates", nargs="+", help="prompt templates with {cls} and optionally {domain} "
+                                                  "(default: the library's bank)")
+    e.add_argument("--per-cell", type=int, help="at most this many images per cell (the first by name)")
+    e.add_argument("--force", action="store_true", help="apply patches computed on other weights")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(run=cmd_evaluate)
     i = sub.add_parser("info", help="describe a patch file")
     i.add_argument("patch")
     i.add_argument("--json", action="store_true")
@@ -330,6 +440,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
+    except BrokenPipeError:          # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ValueError as e:          # UsageError, and the library's own errors naming the bad input
         ap.exit(2, f"{ap.prog} {args.command}: error: {e}\n")
 

@@ -216,14 +216,20 @@ def atomic_safetensors(tensors: dict, path, metadata: dict | None = None) -> Pat
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)     # the permissions of a plainly created file, not mkstemp's 0600
+        plain_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def plain_permissions(path, directory: bool = False) -> None:
+    """Give a file (0666) or folder (0777) made by ``tempfile`` (0600 / 0700) the permissions a plain
+    ``open`` / ``mkdir`` would have given it under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
 def applied_patches(model: nn.Module) -> list[Patch]:

@@ -1,11 +1,13 @@
 """The command line (clipforget_fast/cli.py): forget → info → apply on the proving ground through both
-of its loaders, a second request on the merged weights, a Hugging Face folder, and bad input (exit
-status 2, a message naming it, no file written).
+of its loaders, a second request on the merged weights, evaluate on a folder of rendered PNGs against
+the library's evaluate, a Hugging Face folder, and bad input (exit status 2, a message naming it, no
+file written).
 
 open_clip (hence the proving ground) is imported inside the tests: importing it imports Triton, which
 test_kernels.py must be the first to do.
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -57,6 +59,9 @@ def test_forget_info_apply_and_reload(capsys, tmp_path, pg, base):
 
     merged = tmp_path / "merged.safetensors"
     run(capsys, "apply", "--model", "proving-ground", "--patch", p, "--out", merged)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert merged.stat().st_mode & 0o777 == p.stat().st_mode & 0o777 == 0o666 & ~umask
     edited, _, _ = pg.load(weights=merged)
     with patch.applied(base):
         want = dict(base.named_parameters())
@@ -86,6 +91,42 @@ def test_open_clip_loader_and_a_second_request_on_the_merged_weights(capsys, tmp
     first, second = Patch.load(p1), Patch.load(p2)
     with first.applied(base), second.applied(base):
         assert torch.equal(edited.text_projection, base.text_projection)
+
+
+def test_evaluate_on_an_image_folder(capsys, tmp_path, pg, base):
+    from PIL import Image
+
+    from clipforget_fast import evaluate
+
+    classes, domains = ["fish", "house", "star", "crescent_moon"], ["photo", "sketch"]
+    raw, ci, di, _ = pg.render_raw(classes, domains, 3, seed=2_000_003)
+    root = tmp_path / "images"
+    for k, (img, c, d) in enumerate(zip(raw, ci, di)):
+        f = root / domains[d] / classes[c] / f"{k:03d}.png"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(f)
+    p = tmp_path / "fish.safetensors"
+    run(capsys, "forget", "--model", "proving-ground", *VOCAB, "--forget-classes", "fish", *FAST, "--out", p)
+    got = json.loads(run(capsys, "evaluate", "--model", "proving-ground", "--images", root, "--patch", p, "--json"))
+    # the library on the same renders (normalized without the PNG round trip and the loader's preprocess)
+    images, ci, di = pg.render(classes, domains, 3, seed=2_000_003)
+    before = evaluate(base, pg.get_tokenizer(), images, ci, di, classes, domains)
+    with Patch.load(p).applied(base):
+        after = evaluate(base, pg.get_tokenizer(), images, ci, di, classes, domains)
+    assert got["classes"] == classes and got["images"] == len(ci)
+    assert got["before"] == before.accuracy.tolist() and got["after"] == after.accuracy.tolist()
+    assert got["forgotten"]["after"] == 0.0 and got["kept"]["after"] == after.cell_mean(
+        [(c, d) for c in classes[1:] for d in domains])
+    # without a patch the vocabulary is the folders' (sorted), and a cell can be left out
+    (root / "photo" / "fish").rename(tmp_path / "fish_photo")
+    got = json.loads(run(capsys, "evaluate", "--model", "proving-ground", "--images", root, "--json"))
+    assert got["classes"] == sorted(classes) and got["before"][sorted(classes).index("fish")][0] is None
+    assert "folders outside the vocabulary" in fails(capsys, "evaluate", "--model", "proving-ground", "--images",
+                                                     root, "--classes", "fish,house", "--domains", "photo,sketch")
+    (root / "sketch" / "star" / "000.png").write_bytes(b"not an image")
+    err = fails(capsys, "evaluate", "--model", "proving-ground", "--images", root)
+    assert "cannot read" in err and "000.png" in err
+    assert "no images under" in fails(capsys, "evaluate", "--model", "proving-ground", "--images", tmp_path / "fish_photo")
 
 
 def test_bad_input_is_named_and_writes_nothing(capsys, tmp_path):
@@ -146,12 +187,26 @@ def test_hugging_face_folder(capsys, tmp_path):
     patch = Patch.load(p)
     assert [e.name for e in patch.entries] == ["text_projection.weight"]
     run(capsys, "apply", "--hf", src, "--patch", p, "--out", out)
+    assert out.stat().st_mode & 0o777 == src.stat().st_mode & 0o777       # as a plain mkdir makes it
     assert "exists" in fails(capsys, "apply", "--hf", src, "--patch", p, "--out", out)
     edited = transformers.CLIPModel.from_pretrained(str(out), local_files_only=True)
     with patch.applied(hf):
         for (name, w), (_, want) in zip(edited.named_parameters(), hf.named_parameters()):
             assert torch.equal(w, want), name
     assert transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)("a dog")["input_ids"]
+    # evaluate needs the folder's image processor
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for d, c in [("photo", "dog"), ("sketch", "dog"), ("photo", "car")]:
+        (images / d / c).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy()).save(images / d / c / f"{k}.png")
+    assert "no preprocessor_config.json" in fails(capsys, "evaluate", "--hf", src, "--images", images)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(src))
+    got = json.loads(run(capsys, "evaluate", "--hf", src, "--images", images, "--patch", p, "--json"))
+    assert got["images"] == 6 and got["classes"] == ["dog", "cat", "car", "tree"]    # the patch's vocabulary
+    assert got["before"][2][1] is None and got["after"][0][0] is not None
 
 
 def test_module_entry_point(tmp_path):
