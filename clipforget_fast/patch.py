@@ -27,6 +27,8 @@ from ._version import __version__
 
 _STACK_ATTR = "_clipforget_stack"    # on the model: applied patches, oldest first
 _FORMAT = "clipforget_fast.patch/1"
+# parameter names of the image tower: open_clip's model.visual, Hugging Face's vision_model and projection
+_IMAGE_PREFIXES = ("visual.", "vision_model.", "visual_projection.")
 
 
 def tensor_hash(t: torch.Tensor) -> str:
@@ -71,6 +73,16 @@ class Patch:
     def __repr__(self) -> str:
         ranks = ", ".join(f"{e.name}: k={e.rank}" for e in self.entries)
         return f"Patch({len(self.entries)} layers; {ranks})"
+
+    def only(self, tower: str) -> "Patch":
+        """The entries of one tower, ``"image"`` or ``"text"``, as a patch of their own (same spec,
+        config and info): for a tower used apart from its model, e.g. Hugging Face's
+        ``CLIPVisionModelWithProjection`` / ``CLIPTextModelWithProjection``, which name their weights as
+        ``CLIPModel`` does. It may have no entries (the class redirect edits the text side only)."""
+        if tower not in ("image", "text"):
+            raise ValueError(f"tower={tower!r} must be 'image' or 'text'")
+        keep = [e for e in self.entries if (tower == "image") == e.name.startswith(_IMAGE_PREFIXES)]
+        return Patch(keep, self.spec, self.config, {**self.info, "tower": tower}, self.version)
 
     # ---- apply / revert ---------------------------------------------------------------------
     def _params(self, model: nn.Module) -> list[torch.Tensor]:

@@ -235,3 +235,32 @@ def test_default_config_domain_request_on_hf(pair, vocab):
     assert set(patch.info["self_check"]) >= {"forgotten", "same_class_other_domains", "kept"}
     for k, v in hf.state_dict().items():
         assert torch.equal(v, base[k]), k
+
+
+def test_towers_apart_take_their_part_of_the_patch(pair, vocab):
+    """CLIPVisionModelWithProjection / CLIPTextModelWithProjection name their weights as CLIPModel does:
+    ``patch.only(tower)`` applied to a tower alone gives the features of the patched CLIPModel."""
+    _, hf, tok = pair
+    spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
+    patch = forget(hf, tok, spec, ForgetConfig(prototypes_per_cell=2, steps=8, edit="project", targets="proj+mlp",
+                                               last_blocks=1))
+    image, text = patch.only("image"), patch.only("text")
+    assert {e.name for e in image.entries} == {"visual_projection.weight", "vision_model.encoder.layers.1.mlp.fc2.weight"}
+    assert {e.name for e in text.entries} == {"text_projection.weight", "text_model.encoder.layers.1.mlp.fc2.weight"}
+    cfg = hf.config
+    vision = transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(**{**cfg.vision_config.to_dict(), "projection_dim": cfg.projection_dim})).eval()
+    words = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(**{**cfg.text_config.to_dict(), "projection_dim": cfg.projection_dim})).eval()
+    sd = hf.state_dict()
+    for tower in (vision, words):
+        missing, unexpected = tower.load_state_dict({k: v for k, v in sd.items() if k in tower.state_dict()}, strict=False)
+        assert not unexpected and all("position_ids" in k for k in missing)
+    x, ids = torch.randn(3, 3, 32, 32), tokenize(tok, PROMPTS, "cpu", CTX)
+    with torch.no_grad(), patch.applied(hf), image.applied(vision), text.applied(words):
+        torch.testing.assert_close(vision(pixel_values=x).image_embeds, encode_image(hf, x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(words(input_ids=ids).text_embeds, encode_text(hf, ids), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="which this model does not have"):
+        patch.apply(vision)
+    with pytest.raises(ValueError, match="tower='audio'"):
+        patch.only("audio")
