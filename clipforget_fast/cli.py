@@ -370,19 +370,25 @@ def cmd_evaluate(args) -> int:
         after = evaluate(model, tokenizer, images, ci, di, **words)
         forgotten = sorted({tuple(c) for p in patches for c in p.spec.get("forget_cells", [])})
         kept = [(c, d) for c in classes for d in domains if (c, d) not in set(forgotten)]
-        result.update(after=_matrix(after),
-                      forgotten={"before": before.cell_mean(forgotten), "after": after.cell_mean(forgotten)},
-                      kept={"before": before.cell_mean(kept), "after": after.cell_mean(kept)})
+        result["after"] = _matrix(after)
+        for name, group in (("forgotten", forgotten), ("kept", kept)):
+            result[name] = {"before": _number(before.cell_mean(group)), "after": _number(after.cell_mean(group))}
         lines += [f"after {len(patches)} patch(es):", after.table(),
-                  f"forgotten cells: {100 * result['forgotten']['before']:.1f}% → {100 * result['forgotten']['after']:.1f}%"
-                  f"   kept cells: {100 * result['kept']['before']:.1f}% → {100 * result['kept']['after']:.1f}%"]
+                  "   ".join(f"{name} cells: " + (" → ".join(f"{100 * v:.1f}%" for v in result[name].values())
+                                                  if result[name]["before"] is not None else "no images")
+                             for name in ("forgotten", "kept"))]
     print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
     return 0
 
 
+def _number(v: float) -> float | None:
+    """None for NaN (no image to measure; JSON has no NaN)."""
+    return None if v != v else v
+
+
 def _matrix(acc) -> list:
-    """Accuracy per [class][domain], None where a cell has no image (JSON has no NaN)."""
-    return [[None if v != v else v for v in row] for row in acc.accuracy.tolist()]
+    """Accuracy per [class][domain], None where a cell has no image."""
+    return [[_number(v) for v in row] for row in acc.accuracy.tolist()]
 
 
 def _weight_shape(e) -> tuple[int, int]:

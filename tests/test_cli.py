@@ -121,6 +121,9 @@ def test_evaluate_on_an_image_folder(capsys, tmp_path, pg, base):
     (root / "photo" / "fish").rename(tmp_path / "fish_photo")
     got = json.loads(run(capsys, "evaluate", "--model", "proving-ground", "--images", root, "--json"))
     assert got["classes"] == sorted(classes) and got["before"][sorted(classes).index("fish")][0] is None
+    (root / "sketch" / "fish").rename(tmp_path / "fish_sketch")          # nothing left of what p forgets
+    out = run(capsys, "evaluate", "--model", "proving-ground", "--images", root, "--patch", p)
+    assert "forgotten cells: no images" in out and "kept cells: 100.0% → 100.0%" in out
     assert "folders outside the vocabulary" in fails(capsys, "evaluate", "--model", "proving-ground", "--images",
                                                      root, "--classes", "fish,house", "--domains", "photo,sketch")
     (root / "sketch" / "star" / "000.png").write_bytes(b"not an image")
