@@ -1,6 +1,7 @@
 """Shared fixtures: a seeded torch, and a tiny open_clip CLIP with random weights (seconds to build)."""
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 # Without a GPU, Triton kernels run under its CPU interpreter, which Triton reads when it is first
 # imported: set it here, before any test module can import Triton (tests/test_kernels.py).
+TRITON_BEFORE_CONFTEST = "triton" in sys.modules    # imported before the setting below could act
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -2,9 +2,6 @@
 of its loaders, a second request on the merged weights, evaluate on a folder of rendered PNGs against
 the library's evaluate, a Hugging Face folder, and bad input (exit status 2, a message naming it, no
 file written).
-
-open_clip (hence the proving ground) is imported inside the tests: importing it imports Triton, which
-test_kernels.py must be the first to do.
 """
 import json
 import os
@@ -15,7 +12,9 @@ import pytest
 import torch
 
 from clipforget_fast import Patch
+from clipforget_fast import proving_ground as pg
 from clipforget_fast.cli import main
+from clipforget_fast.proving_ground.model import CONFIG_PATH, WEIGHTS_PATH
 
 VOCAB = ["--classes", "fish,house,star,crescent_moon", "--domains", "photo,sketch"]
 FAST = ["--set", "prototypes_per_cell=0"]     # the global class redirect needs no prototypes
@@ -34,19 +33,12 @@ def fails(capsys, *argv) -> str:
 
 
 @pytest.fixture(scope="module")
-def pg():
-    from clipforget_fast import proving_ground
-
-    return proving_ground
-
-
-@pytest.fixture(scope="module")
-def base(pg):
+def base():
     model, _, _ = pg.load()
     return model
 
 
-def test_forget_info_apply_and_reload(capsys, tmp_path, pg, base):
+def test_forget_info_apply_and_reload(capsys, tmp_path, base):
     p = tmp_path / "fish.safetensors"
     run(capsys, "forget", "--model", "proving-ground", *VOCAB, "--forget-classes", "fish", *FAST, "--out", p)
     patch = Patch.load(p)
@@ -70,9 +62,7 @@ def test_forget_info_apply_and_reload(capsys, tmp_path, pg, base):
     assert not torch.equal(edited.text_projection, base.text_projection)
 
 
-def test_open_clip_loader_and_a_second_request_on_the_merged_weights(capsys, tmp_path, pg, base):
-    from clipforget_fast.proving_ground.model import CONFIG_PATH, WEIGHTS_PATH
-
+def test_open_clip_loader_and_a_second_request_on_the_merged_weights(capsys, tmp_path, base):
     oc = ["--model", "ProvingGround-ViT-48", "--model-config", CONFIG_PATH]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"classes": ["fish", "house", "star", "crescent_moon"], "domains": ["photo", "sketch"],
@@ -93,7 +83,7 @@ def test_open_clip_loader_and_a_second_request_on_the_merged_weights(capsys, tmp
         assert torch.equal(edited.text_projection, base.text_projection)
 
 
-def test_evaluate_on_an_image_folder(capsys, tmp_path, pg, base):
+def test_evaluate_on_an_image_folder(capsys, tmp_path, base):
     from PIL import Image
 
     from clipforget_fast import evaluate

@@ -1,10 +1,11 @@
 """Triton kernels against their torch references (clipforget_fast.reference).
 
 Without a GPU the kernels run under Triton's interpreter at small odd shapes. Triton picks the
-interpreter when it is imported and when a kernel is decorated, so on a machine without CUDA this
-module sets ``TRITON_INTERPRET=1`` and imports Triton at collection time (before any test imports
-it; the setting then holds for the whole session, where nothing else runs Triton on CPU), and the
-fixture ``interp`` loads private copies of the kernel modules under it. With a GPU the interpreter
+interpreter when it is imported and when a kernel is decorated, so on a machine without CUDA
+conftest.py sets ``TRITON_INTERPRET=1`` before any test module is collected (whichever imports Triton
+first, directly or through open_clip, then gets the interpreter; the setting holds for the whole
+session, where nothing else runs Triton on CPU), and the fixture ``interp`` loads private copies of
+the kernel modules under it. With a GPU the interpreter
 tests skip and the ``gpu`` tests run the compiled ``clipforget_fast.kernels`` at real sizes.
 
 Tolerances: fp32 within 1e-5 relative; 16-bit weights: error against an fp32 reference at most twice
@@ -21,8 +22,13 @@ import types
 import pytest
 import torch
 
-# Must run before anything imports Triton (see the module docstring).
-_INTERPRETER = not torch.cuda.is_available() and "triton" not in sys.modules
+# Must run before anything imports Triton (see the module docstring). conftest.py sets TRITON_INTERPRET
+# before any test module is collected, so Triton imported since (open_clip imports it) already reads
+# it; only an import before conftest (a plugin) would not.
+from conftest import TRITON_BEFORE_CONFTEST  # noqa: E402
+
+_INTERPRETER = (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
+                and not TRITON_BEFORE_CONFTEST)
 if _INTERPRETER:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
