@@ -90,8 +90,10 @@ def forget_keep_terms(X: torch.Tensor, T: torch.Tensor, cell_class: torch.Tensor
     T [n_classes, D] (normalized here): mean_forgotten -log(1 - p(true class)) and KL(p0 ‖ p) over the
     other rows (p0: [n, n_classes] log-probabilities before the edit); also the log-probabilities."""
     lg = torch.log_softmax(scale * X @ torch.nn.functional.normalize(T, dim=-1).t(), -1)
-    pc = lg.gather(1, cell_class[:, None]).squeeze(1).exp()
-    lf = -torch.log1p(-pc[forgotten].clamp(max=1 - 1e-6)).mean()
+    # log(1 - p(true class)) as the log-sum-exp of the other classes' log-probabilities: exact and with a
+    # gradient even where p(true) rounds to 1 (a small, confident vocabulary), where log1p(-p) has none
+    others = lg.scatter(1, cell_class[:, None], float("-inf"))
+    lf = -torch.logsumexp(others[forgotten], dim=1).mean()
     lk = torch.nn.functional.kl_div(lg[~forgotten], p0[~forgotten], log_target=True, reduction="batchmean")
     return lf, lk, lg
 

@@ -107,6 +107,28 @@ def test_class_shift_misses_the_forgotten_cell_and_keeps_the_rest():
     torch.testing.assert_close(again[0], shifts[0])
 
 
+def test_class_shift_starts_where_the_classifier_is_saturated():
+    """With a logit scale that rounds p(true class) to 1 in float32 (a small, confident vocabulary) the
+    forget term still has a gradient, so the shift moves; and it equals -log(1 - p) where p < 1."""
+    from clipforget_fast.redirect import forget_keep_terms
+
+    cls_dir, dom_dir, cell_c, cell_d, imgs = _toy()
+    P = 6
+    cls_of, dom_of = cell_c.repeat_interleave(P), cell_d.repeat_interleave(P)
+    class_emb = _unit(cls_dir)
+    forgotten = (cls_of == 0) & (dom_of == 1)
+    p_true = torch.softmax(1000.0 * imgs @ class_emb.t(), -1).gather(1, cls_of[:, None]).squeeze(1)
+    assert (p_true[forgotten] == 1.0).all()                       # saturated in float32
+    shifts, info = class_shifts(imgs, cls_of, forgotten, class_emb, [0], scale=1000.0, keep_weight=3.0)
+    assert float(shifts[0].norm()) > 0.01 and info["pseudo_forgotten_acc"] == 0
+    X = _unit(torch.randn(5, class_emb.shape[1], generator=torch.Generator().manual_seed(1)))
+    c, fm = torch.tensor([0, 1, 2, 0, 1]), torch.ones(5, dtype=torch.bool)
+    p0 = torch.log_softmax(3.0 * X @ class_emb.t(), -1)
+    lf, _, _ = forget_keep_terms(X, class_emb, c, fm, 3.0, p0)
+    want = -torch.log1p(-p0.gather(1, c[:, None]).squeeze(1).exp()).mean()
+    torch.testing.assert_close(lf, want, rtol=1e-5, atol=1e-6)
+
+
 def test_domain_redirect_moves_the_class_embedding_as_planned(tiny_clip, tokenizer, vocab):
     spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
     cfg = ForgetConfig(edit="class-redirect", prototypes_per_cell=2, steps=5)
