@@ -46,6 +46,7 @@ import torch
 from .config import ForgetConfig
 from .patch import Patch, atomic_safetensors, plain_permissions
 from .spec import ForgetSpec
+from .synthesis import PrototypeBank
 
 PROVING_GROUND = "proving-ground"
 
@@ -222,9 +223,10 @@ def cmd_forget(args) -> int:
     config = build_config(args)
     family(args)
     spec = build_spec(args)                        # the request is checked before any model is loaded
+    bank = PrototypeBank.load(_existing(args.prototypes, "--prototypes")) if args.prototypes else None
     model, tokenizer, _ = load_model(args)
     t = time.perf_counter()
-    patch = forget(model, tokenizer, spec, config)
+    patch = forget(model, tokenizer, spec, config, prototypes=bank)
     secs = time.perf_counter() - t
     patch.save(out)
     summary = {"patch": str(out), "mode": spec.mode, "edit": patch.info.get("edit"),
@@ -236,6 +238,24 @@ def cmd_forget(args) -> int:
     else:
         print(f"{spec!r}: edit {summary['edit']!r} in {secs:.1f} s; {patch!r}")
         print(f"wrote {out}")
+    return 0
+
+
+def cmd_prototypes(args) -> int:
+    from .forget import synthesize_prototypes
+
+    out = _out_file(args.out)
+    config = build_config(args)
+    family(args)
+    if args.spec is None and args.forget_classes is None and args.forget_domains is None:
+        args.forget_domains = args.domains      # every cell is synthesized whatever is forgotten
+    spec = build_spec(args)
+    model, tokenizer, _ = load_model(args)
+    bank = synthesize_prototypes(model, tokenizer, spec, config)
+    bank.save(out)
+    st = bank.stats
+    print(f"{st['prototypes']} prototypes for {len(bank.images)} cells in {st['seconds']:.1f} s "
+          f"({st['accepted']} accepted at p ≥ {config.accept_prob}); wrote {out}")
     return 0
 
 
@@ -396,22 +416,37 @@ def _weight_shape(e) -> tuple[int, int]:
     return e.A.shape[0], e.B.shape[0]
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="clipforget", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("forget", help="compute a patch that makes the model forget a request")
-    add_model_args(f)
-    r = f.add_argument_group("request (or --spec FILE)")
+def add_request_args(p: argparse.ArgumentParser, forget_optional: bool = False) -> None:
+    r = p.add_argument_group("request (or --spec FILE)" if not forget_optional else
+                             "vocabulary (or --spec FILE); what is forgotten does not change the prototypes")
     r.add_argument("--spec", help="JSON request")
     r.add_argument("--classes", help="the vocabulary's classes: a,b,c or @file")
     r.add_argument("--domains", help="the vocabulary's domains: photo,sketch or @file")
     r.add_argument("--forget-classes", help="classes to forget (default: every class of --forget-domains)")
     r.add_argument("--forget-domains", help="domains to forget them in (default: every domain)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="clipforget", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("forget", help="compute a patch that makes the model forget a request")
+    add_model_args(f)
+    add_request_args(f)
     f.add_argument("--config", help="ForgetConfig as JSON")
     f.add_argument("--set", action="append", metavar="FIELD=VALUE", help="one ForgetConfig field (repeatable)")
+    f.add_argument("--prototypes", metavar="BANK", help="prototypes made by `clipforget prototypes` to reuse "
+                                                        "(cells it lacks are synthesized)")
     f.add_argument("--out", required=True, help="the patch file (.safetensors)")
     f.add_argument("--json", action="store_true", help="print the summary as JSON")
     f.set_defaults(run=cmd_forget)
+    b = sub.add_parser("prototypes", help="synthesize the prototypes of every cell of a vocabulary once, "
+                                          "for several `forget --prototypes` runs")
+    add_model_args(b)
+    add_request_args(b, forget_optional=True)
+    b.add_argument("--config", help="ForgetConfig as JSON (its synthesis fields)")
+    b.add_argument("--set", action="append", metavar="FIELD=VALUE", help="one ForgetConfig field (repeatable)")
+    b.add_argument("--out", required=True, help="the prototype bank (.safetensors)")
+    b.set_defaults(run=cmd_prototypes)
     a = sub.add_parser("apply", help="merge patches into the model's weights and save them")
     add_model_args(a)
     a.add_argument("--patch", nargs="+", required=True, help="patch files, applied in this order")

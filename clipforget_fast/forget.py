@@ -20,12 +20,12 @@ from .capture import GramCapture
 from .config import ForgetConfig
 from .distributed import World
 from .evaluate import AccuracyMatrix
-from .layers import Layer, context_length, encode_image, find_layers
+from .layers import Layer, context_length, encode_image, find_layers, image_tower_fingerprint
 from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
 from .redirect import class_shifts, class_targets, pseudo_images, redirect_entry
 from .spec import ForgetSpec
-from .synthesis import PrototypeBank, autocast_dtype, frozen, synthesize
+from .synthesis import SYNTHESIS_FIELDS, PrototypeBank, autocast_dtype, frozen, synthesize
 from .text import class_embeddings, ensemble, tokenize
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,10 @@ def _patch_entry(layer: Layer, U: torch.Tensor, alpha: float) -> PatchEntry:
 def _prototypes(model, cells, cell_text, config, device, bank, info, timings, world) -> PrototypeBank:
     """``bank`` completed with freshly synthesized prototypes for the cells it lacks."""
     P = config.prototypes_per_cell
+    source = {"image_tower": image_tower_fingerprint(model),
+              "synthesis": {f: getattr(config, f) for f in SYNTHESIS_FIELDS}}
+    if bank is not None:
+        _check_bank(bank, source["image_tower"], world)
     have = {} if bank is None else {c: bank.images[c] for c in cells if c in bank and len(bank.images[c]) >= P}
     missing = [i for i, c in enumerate(cells) if c not in have]
     info["synthesis"] = {"reused_cells": len(cells) - len(missing)}
@@ -59,7 +63,21 @@ def _prototypes(model, cells, cell_text, config, device, bank, info, timings, wo
         log.warning("no prototype reached p(target) ≥ %.2f; using the unaccepted ones", config.accept_prob)
     fresh = PrototypeBank.from_result([cells[i] for i in missing], res, P)
     return PrototypeBank({**have, **fresh.images}, {**({} if bank is None else bank.accepted), **fresh.accepted},
-                         fresh.stats)
+                         fresh.stats, source)
+
+
+def _check_bank(bank: PrototypeBank, tower: dict, world) -> None:
+    """A bank synthesized through another image tower is refused; through the same architecture with
+    other weights (another checkpoint, or a patch applied since) it is used with a warning."""
+    theirs = bank.source.get("image_tower")
+    if not theirs:
+        return
+    if theirs["architecture"] != tower["architecture"]:
+        raise ValueError("prototypes: the bank was synthesized through another image tower (its parameter "
+                         "names or shapes differ from this model's)")
+    if theirs["weights"] != tower["weights"] and world.leader:
+        log.warning("prototypes: the bank was synthesized through other image-tower weights (another "
+                    "checkpoint, or a patch applied since); its prototypes may not land on this model's cells")
 
 
 def _embed_images(model, images, config, autocast, world) -> torch.Tensor:
@@ -121,7 +139,8 @@ def _realize_shifts(layer, U, keys, out, targets, row_classes, shifts, G, config
         for cls, delta in shifts.items():
             d = delta.to(out)
             change = unit_mean(moved[rows[cls]]) - unit_mean(out[rows[cls]])
-            got[cls] = float(change @ d) / float(d @ d)
+            planned = float(d @ d)
+            got[cls] = float(change @ d) / planned if planned > 0 else 1.0   # no shift planned: none to realize
         if r == rounds:
             break
         for cls in shifts:

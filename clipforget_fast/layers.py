@@ -22,6 +22,8 @@ end-of-text token (or the largest token id, for configs with the old ``eos_token
 """
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +57,28 @@ class Layer:
 
 HF_ATTRS = ("vision_model", "text_model", "visual_projection", "text_projection", "get_image_features",
             "get_text_features")
+
+
+# parameter-name prefixes of the image tower: open_clip's model.visual, Hugging Face's vision_model and
+# visual_projection
+IMAGE_PREFIXES = ("visual.", "vision_model.", "visual_projection.")
+_FINGERPRINT_SAMPLES = 4096     # values hashed per tensor: cheap at ViT-H size, and a new checkpoint or a
+                                # patched weight changes every value, so any sample tells them apart
+
+
+def image_tower_fingerprint(model: nn.Module) -> dict:
+    """{"architecture", "weights"}: SHA-256 digests of the image tower's parameter names, shapes and
+    dtypes, and of a strided sample of each of its tensors (prototypes belong to the tower they were
+    synthesized through)."""
+    arch, weights = hashlib.sha256(), hashlib.sha256()
+    for name, p in model.named_parameters():
+        if not name.startswith(IMAGE_PREFIXES):
+            continue
+        arch.update(f"{name}|{tuple(p.shape)}|{p.dtype};".encode())
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // _FINGERPRINT_SAMPLES)].float().cpu().contiguous()
+        weights.update(sample.numpy().tobytes())
+    return {"architecture": arch.hexdigest(), "weights": weights.hexdigest()}
 
 
 def is_hf_clip(model) -> bool:

@@ -24,11 +24,10 @@ from torch import nn
 
 from . import dispatch
 from ._version import __version__
+from .layers import IMAGE_PREFIXES
 
 _STACK_ATTR = "_clipforget_stack"    # on the model: applied patches, oldest first
 _FORMAT = "clipforget_fast.patch/1"
-# parameter names of the image tower: open_clip's model.visual, Hugging Face's vision_model and projection
-_IMAGE_PREFIXES = ("visual.", "vision_model.", "visual_projection.")
 
 
 def tensor_hash(t: torch.Tensor) -> str:
@@ -81,7 +80,7 @@ class Patch:
         ``CLIPModel`` does. It may have no entries (the class redirect edits the text side only)."""
         if tower not in ("image", "text"):
             raise ValueError(f"tower={tower!r} must be 'image' or 'text'")
-        keep = [e for e in self.entries if (tower == "image") == e.name.startswith(_IMAGE_PREFIXES)]
+        keep = [e for e in self.entries if (tower == "image") == e.name.startswith(IMAGE_PREFIXES)]
         return Patch(keep, self.spec, self.config, {**self.info, "tower": tower}, self.version)
 
     # ---- apply / revert ---------------------------------------------------------------------

@@ -18,15 +18,18 @@ compacted so accepted prototypes cost no more encoder passes.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch
+from ._version import __version__
 from .config import ForgetConfig
 from .distributed import World
 from .layers import encode_image, image_geometry
@@ -52,22 +55,77 @@ class SynthesisResult:
                 "seconds": self.seconds}
 
 
+_BANK_FORMAT = "clipforget_fast.prototypes/1"
+# the ForgetConfig fields that shape the prototypes (recorded with a bank)
+SYNTHESIS_FIELDS = ("prototypes_per_cell", "steps", "step_size", "pixel_decay", "jitter", "blur_every",
+                    "accept_prob", "batch_size", "seed", "dtype")
+
+
 @dataclass
 class PrototypeBank:
     """Synthesized prototypes by cell, reusable across requests on the same model (every request
-    over the same vocabulary synthesizes the same cells against the same classifier)."""
+    over the same vocabulary synthesizes the same cells against the same classifier), in memory or
+    through ``save`` / ``load``."""
     images: dict          # {(class, domain): [P, 3, H, W] fp32}
     accepted: dict        # {(class, domain): [P] bool}
     stats: dict           # SynthesisResult.stats() of the run that made it
+    source: dict = field(default_factory=dict)   # {"image_tower": layers.image_tower_fingerprint of the
+                                                 # model, "synthesis": the SYNTHESIS_FIELDS of the config}
 
     def __contains__(self, cell) -> bool:
         return cell in self.images
 
     @classmethod
-    def from_result(cls, cells: list, res: "SynthesisResult", per_cell: int) -> "PrototypeBank":
+    def from_result(cls, cells: list, res: "SynthesisResult", per_cell: int, source: dict | None = None
+                    ) -> "PrototypeBank":
         imgs, acc = res.images.view(len(cells), per_cell, *res.images.shape[1:]), res.accepted.view(len(cells), per_cell)
         return cls({c: imgs[i] for i, c in enumerate(cells)}, {c: acc[i] for i, c in enumerate(cells)},
-                   res.stats())
+                   res.stats(), dict(source or {}))
+
+    def save(self, path) -> Path:
+        """Write the bank as safetensors (``images::i``, ``accepted::i`` for the i-th cell) with the cells,
+        statistics and source as JSON metadata, atomically."""
+        from .patch import atomic_safetensors
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"prototype bank path {str(path)!r} must end in .safetensors")
+        if not path.parent.is_dir():
+            raise ValueError(f"directory {str(path.parent)!r} does not exist")
+        cells = list(self.images)
+        tensors = {}
+        for i, c in enumerate(cells):
+            tensors[f"images::{i}"] = self.images[c].detach().float().contiguous().cpu()
+            tensors[f"accepted::{i}"] = self.accepted[c].detach().to(torch.uint8).contiguous().cpu()
+        header = {"format": _BANK_FORMAT, "version": __version__, "cells": [list(c) for c in cells],
+                  "stats": self.stats, "source": self.source}
+        return atomic_safetensors(tensors, path, {"clipforget_prototypes": json.dumps(header)})
+
+    @classmethod
+    def load(cls, path) -> "PrototypeBank":
+        """Read a bank written by ``save``; ValueError if the file is not one."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"no prototype bank at {str(path)!r}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if "clipforget_prototypes" not in meta:
+                    raise ValueError(f"{str(path)!r} is a safetensors file but not a clipforget prototype bank")
+                header = json.loads(meta["clipforget_prototypes"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors raises its own error types on corrupt files
+            raise ValueError(f"cannot read prototype bank {str(path)!r}: {e}") from e
+        if header.get("format") != _BANK_FORMAT:
+            raise ValueError(f"{str(path)!r}: unknown prototype bank format {header.get('format')!r}")
+        cells = [tuple(c) for c in header["cells"]]
+        return cls({c: tensors[f"images::{i}"] for i, c in enumerate(cells)},
+                   {c: tensors[f"accepted::{i}"].bool() for i, c in enumerate(cells)},
+                   header.get("stats", {}), header.get("source", {}))
 
 
 @contextlib.contextmanager

@@ -122,6 +122,23 @@ def test_evaluate_on_an_image_folder(capsys, tmp_path, base):
     assert "no images under" in fails(capsys, "evaluate", "--model", "proving-ground", "--images", tmp_path / "fish_photo")
 
 
+def test_prototype_bank_made_once_and_reused(capsys, tmp_path):
+    bank, p = tmp_path / "bank.safetensors", tmp_path / "p.safetensors"
+    small = ["--set", "prototypes_per_cell=2", "--set", "steps=10"]
+    assert "8 cells" in run(capsys, "prototypes", "--model", "proving-ground", *VOCAB, *small, "--out", bank)
+    request = ["--model", "proving-ground", *VOCAB, "--forget-classes", "house", "--forget-domains", "sketch", *small]
+    run(capsys, "forget", *request, "--prototypes", bank, "--out", p)
+    patch = Patch.load(p)
+    assert patch.info["synthesis"] == {"reused_cells": 8} and "synthesis" not in patch.timings
+    # a bank lacking cells: the missing ones are synthesized
+    other = ["--classes", "fish,house,star,key", "--domains", "photo,sketch"]
+    run(capsys, "forget", "--model", "proving-ground", *other, "--forget-classes", "house", "--forget-domains",
+        "sketch", *small, "--prototypes", bank, "--out", p)
+    assert Patch.load(p).info["synthesis"]["reused_cells"] == 6
+    assert "--prototypes: no file at" in fails(capsys, "forget", *request, "--prototypes", tmp_path / "none.safetensors",
+                                           "--out", p)
+
+
 def test_bad_input_is_named_and_writes_nothing(capsys, tmp_path):
     out = tmp_path / "p.safetensors"
     pgm = ["--model", "proving-ground"]

@@ -211,3 +211,49 @@ def test_prototype_bank_is_reused(tiny_clip, tokenizer, vocab):
     vis1 = next(e for e in p1.entries if e.name == "visual.proj")
     vis2 = next(e for e in p2.entries if e.name == "visual.proj")
     torch.testing.assert_close(vis1.A @ vis1.B.t(), vis2.A @ vis2.B.t(), rtol=1e-4, atol=1e-5)
+
+
+def test_prototype_bank_saves_and_loads(tiny_clip, tokenizer, vocab, tmp_path):
+    from clipforget_fast import synthesize_prototypes
+    from clipforget_fast.layers import image_tower_fingerprint
+    from clipforget_fast.synthesis import PrototypeBank
+
+    spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
+    bank = synthesize_prototypes(tiny_clip, tokenizer, spec, FAST)
+    assert bank.source["image_tower"] == image_tower_fingerprint(tiny_clip)
+    assert bank.source["synthesis"]["steps"] == FAST.steps
+    path = bank.save(tmp_path / "bank.safetensors")
+    loaded = PrototypeBank.load(path)
+    assert list(loaded.images) == list(bank.images) and loaded.stats == bank.stats and loaded.source == bank.source
+    for c in bank.images:
+        assert torch.equal(loaded.images[c], bank.images[c]) and torch.equal(loaded.accepted[c], bank.accepted[c])
+    a = forget(tiny_clip, tokenizer, spec, FAST, prototypes=bank)
+    b = forget(tiny_clip, tokenizer, spec, FAST, prototypes=loaded)
+    assert [(e.name, e.rank) for e in a.entries] == [(e.name, e.rank) for e in b.entries]
+    for ea, eb in zip(a.entries, b.entries):
+        assert torch.equal(ea.A, eb.A) and torch.equal(ea.B, eb.B)
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        bank.save(tmp_path / "bank.pt")
+    with pytest.raises(ValueError, match="no prototype bank at"):
+        PrototypeBank.load(tmp_path / "none.safetensors")
+    a.save(tmp_path / "patch.safetensors")
+    with pytest.raises(ValueError, match="not a clipforget prototype bank"):
+        PrototypeBank.load(tmp_path / "patch.safetensors")
+
+
+def test_prototype_bank_of_another_tower(tiny_clip, tokenizer, vocab, caplog):
+    from clipforget_fast import synthesize_prototypes
+
+    from conftest import make_tiny_clip
+
+    spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
+    bank = synthesize_prototypes(tiny_clip, tokenizer, spec, FAST)
+    with pytest.raises(ValueError, match="another image tower"):
+        forget(make_tiny_clip(width=96), tokenizer, spec, FAST, prototypes=bank)
+    with caplog.at_level("WARNING", logger="clipforget_fast.forget"):
+        forget(make_tiny_clip(seed=1), tokenizer, spec, FAST, prototypes=bank)
+    assert "other image-tower weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clipforget_fast.forget"):
+        forget(tiny_clip, tokenizer, spec, FAST, prototypes=bank)
+    assert "image-tower weights" not in caplog.text
