@@ -23,7 +23,6 @@ end-of-text token (or the largest token id, for configs with the old ``eos_token
 from __future__ import annotations
 
 import hashlib
-
 from dataclasses import dataclass
 
 import torch
