@@ -174,11 +174,7 @@ class Patch:
     # ---- save / load --------------------------------------------------------------------------
     def save(self, path) -> Path:
         """Write the patch as safetensors (A::name, B::name) with JSON metadata, atomically."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"patch path {str(path)!r} must end in .safetensors")
-        if not path.parent.is_dir():
-            raise ValueError(f"directory {str(path.parent)!r} does not exist")
+        path = safetensors_path(path, "patch")
         tensors, meta = {}, []
         for e in self.entries:
             tensors[f"A::{e.name}"] = e.A.detach().float().contiguous().cpu()
@@ -191,30 +187,47 @@ class Patch:
     @classmethod
     def load(cls, path) -> "Patch":
         """Read a patch written by ``save``; ValueError if the file is not one."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"no patch file at {str(path)!r}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if "clipforget" not in meta:
-                    raise ValueError(f"{str(path)!r} is a safetensors file but not a clipforget patch")
-                header = json.loads(meta["clipforget"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except ValueError:
-            raise
-        except Exception as e:  # safetensors raises its own error types on corrupt files
-            raise ValueError(f"cannot read patch {str(path)!r}: {e}") from e
-        if header.get("format") != _FORMAT:
-            raise ValueError(f"{str(path)!r}: unknown patch format {header.get('format')!r}")
+        header, tensors = read_safetensors(path, "clipforget", _FORMAT, "patch file")
         entries = []
         for m in header["entries"]:
             entries.append(PatchEntry(m["name"], m["layout"], tensors[f"A::{m['name']}"],
                                       tensors[f"B::{m['name']}"], m["base_hash"]))
         return cls(entries, header.get("spec", {}), header.get("config", {}), header.get("info", {}),
                    header.get("version", "?"))
+
+
+def safetensors_path(path, what: str) -> Path:
+    """``path`` as a Path, checked as a place to write a .safetensors ``what``: ValueError otherwise."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{what} path {str(path)!r} must end in .safetensors")
+    if not path.parent.is_dir():
+        raise ValueError(f"directory {str(path.parent)!r} does not exist")
+    return path
+
+
+def read_safetensors(path, key: str, fmt: str, what: str) -> tuple[dict, dict]:
+    """(header, tensors) of a safetensors file whose metadata ``key`` holds a JSON header with
+    ``"format": fmt``; ValueError naming ``what`` when there is no such file or it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no {what} at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if key not in meta:
+                raise ValueError(f"{str(path)!r} is a safetensors file but not a clipforget {what}")
+            header = json.loads(meta[key])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise ValueError(f"cannot read {what} {str(path)!r}: {e}") from e
+    if header.get("format") != fmt:
+        raise ValueError(f"{str(path)!r}: unknown {what} format {header.get('format')!r}")
+    return header, tensors
 
 
 def atomic_safetensors(tensors: dict, path, metadata: dict | None = None) -> Path:

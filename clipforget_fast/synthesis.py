@@ -85,13 +85,9 @@ class PrototypeBank:
     def save(self, path) -> Path:
         """Write the bank as safetensors (``images::i``, ``accepted::i`` for the i-th cell) with the cells,
         statistics and source as JSON metadata, atomically."""
-        from .patch import atomic_safetensors
+        from .patch import atomic_safetensors, safetensors_path
 
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"prototype bank path {str(path)!r} must end in .safetensors")
-        if not path.parent.is_dir():
-            raise ValueError(f"directory {str(path.parent)!r} does not exist")
+        path = safetensors_path(path, "prototype bank")
         cells = list(self.images)
         tensors = {}
         for i, c in enumerate(cells):
@@ -104,24 +100,9 @@ class PrototypeBank:
     @classmethod
     def load(cls, path) -> "PrototypeBank":
         """Read a bank written by ``save``; ValueError if the file is not one."""
-        from safetensors import safe_open
+        from .patch import read_safetensors
 
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"no prototype bank at {str(path)!r}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if "clipforget_prototypes" not in meta:
-                    raise ValueError(f"{str(path)!r} is a safetensors file but not a clipforget prototype bank")
-                header = json.loads(meta["clipforget_prototypes"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except ValueError:
-            raise
-        except Exception as e:  # safetensors raises its own error types on corrupt files
-            raise ValueError(f"cannot read prototype bank {str(path)!r}: {e}") from e
-        if header.get("format") != _BANK_FORMAT:
-            raise ValueError(f"{str(path)!r}: unknown prototype bank format {header.get('format')!r}")
+        header, tensors = read_safetensors(path, "clipforget_prototypes", _BANK_FORMAT, "prototype bank")
         cells = [tuple(c) for c in header["cells"]]
         return cls({c: tensors[f"images::{i}"] for i, c in enumerate(cells)},
                    {c: tensors[f"accepted::{i}"].bool() for i, c in enumerate(cells)},

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import sys
 import types
 
 import pytest
