@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from .config import ForgetConfig
-from .patch import Patch, atomic_safetensors, plain_permissions
+from .patch import Patch, atomic_safetensors, plain_permissions, safetensors_path
 from .spec import ForgetSpec
 from .synthesis import PrototypeBank
 
@@ -206,20 +206,11 @@ def _json_file(path, flag: str) -> dict:
     return d
 
 
-def _out_file(path, flag: str = "--out") -> Path:
-    out = Path(path)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"{flag}: {str(out)!r} must end in .safetensors")
-    if not out.parent.is_dir():
-        raise UsageError(f"{flag}: directory {str(out.parent)!r} does not exist")
-    return out
-
-
 # ---- commands ------------------------------------------------------------------------------------
 def cmd_forget(args) -> int:
     from .forget import forget
 
-    out = _out_file(args.out)
+    out = safetensors_path(args.out, "--out")
     config = build_config(args)
     family(args)
     spec = build_spec(args)                        # the request is checked before any model is loaded
@@ -244,7 +235,7 @@ def cmd_forget(args) -> int:
 def cmd_prototypes(args) -> int:
     from .forget import synthesize_prototypes
 
-    out = _out_file(args.out)
+    out = safetensors_path(args.out, "--out")
     config = build_config(args)
     family(args)
     if args.spec is None and args.forget_classes is None and args.forget_domains is None:
@@ -279,7 +270,7 @@ def cmd_apply(args) -> int:
         if not out.parent.is_dir():
             raise UsageError(f"--out: directory {str(out.parent)!r} does not exist")
     else:
-        out = _out_file(args.out)
+        out = safetensors_path(args.out, "--out")
     model, tokenizer, _ = load_model(args)
     apply_all(model, args.patch, patches, args.force)
     if kind == "hf":
