@@ -40,8 +40,12 @@ def test_sharded_patch_equals_local(run, name):
         assert a.name == b.name and torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
     assert ranks[0].info["world_size"] == 2 and local.info["world_size"] == 1
     # and it is the one-process patch, up to the order of the sums: the Grams differ in the last bits
-    # (about 1e-7), which the redirect's ridge solve amplifies to about 2e-4. A layer whose forget
-    # directions carry no energy (noise: any direction is as good) is only checked for its rank.
+    # (about 1e-7), which the redirect's ridge solve amplifies to about 2e-4. A domain request's fitted
+    # class shift (1000 Adam steps on pseudo images whose embeddings differ in the last bits too) moves
+    # its shifts by about 5e-4 and the patch by 1.1e-3, hence 3e-3 there; a real sharding fault (a Gram
+    # not summed) changes ranks, or the patch by 0.4-1.3. A layer whose forget directions carry no energy
+    # (noise: any direction is as good) is only checked for its rank.
+    bound = 3e-3 if "fit" in local.info.get("redirect", {}) else 1e-3
     assert [e.name for e in ranks[0].entries] == [e.name for e in local.entries]
     checked = 0
     for a, b in zip(ranks[0].entries, local.entries):
@@ -50,7 +54,7 @@ def test_sharded_patch_equals_local(run, name):
             assert ranks[0].info["layers"][a.name]["forget_energy_removed"] < 1e-6, a.name
             continue
         d, ref = _delta(a), _delta(b)
-        assert float((d - ref).norm() / ref.norm()) < 1e-3, a.name
+        assert float((d - ref).norm() / ref.norm()) < bound, a.name
         checked += 1
     assert checked
     for layer, li in local.info["layers"].items():
