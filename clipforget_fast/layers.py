@@ -23,6 +23,7 @@ end-of-text token (or the largest token id, for configs with the old ``eos_token
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,46 @@ def image_tower_fingerprint(model: nn.Module) -> dict:
         sample = flat[::max(1, flat.numel() // _FINGERPRINT_SAMPLES)].float().cpu().contiguous()
         weights.update(sample.numpy().tobytes())
     return {"architecture": arch.hexdigest(), "weights": weights.hexdigest()}
+
+
+# the editable weights in both families (open_clip template, Hugging Face template): {i} a block, {p} one
+# of q, k, v (open_clip fuses them into one attn.in_proj_weight, in that row order)
+_COUNTERPARTS = (
+    ("visual.proj", "visual_projection.weight"),
+    ("text_projection", "text_projection.weight"),
+    ("visual.transformer.resblocks.{i}.mlp.c_proj.weight", "vision_model.encoder.layers.{i}.mlp.fc2.weight"),
+    ("transformer.resblocks.{i}.mlp.c_proj.weight", "text_model.encoder.layers.{i}.mlp.fc2.weight"),
+    ("visual.transformer.resblocks.{i}.attn.in_proj_weight", "vision_model.encoder.layers.{i}.self_attn.{p}_proj.weight"),
+    ("transformer.resblocks.{i}.attn.in_proj_weight", "text_model.encoder.layers.{i}.self_attn.{p}_proj.weight"),
+)
+
+
+def _fields(template: str, name: str) -> dict | None:
+    """The {i}/{p} values that make ``template`` read ``name``, or None."""
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[qkv])")
+    m = re.fullmatch(pattern, name)
+    return None if m is None else m.groupdict()
+
+
+def hf_names(name: str) -> list[str]:
+    """The Hugging Face CLIPModel weights that hold open_clip's editable weight ``name`` (three, q, k, v,
+    for a fused ``attn.in_proj_weight``); ValueError for a weight no targets preset edits."""
+    for oc, hf in _COUNTERPARTS:
+        f = _fields(oc, name)
+        if f is not None:
+            return [hf.format(p=p, **f) for p in "qkv"] if "{p}" in hf else [hf.format(**f)]
+    raise ValueError(f"{name!r} is not an editable open_clip weight (no Hugging Face counterpart known)")
+
+
+def open_clip_name(name: str) -> tuple[str, int | None]:
+    """(open_clip weight, row third 0/1/2 for q/k/v or None) holding Hugging Face's editable weight ``name``;
+    ValueError for a weight no targets preset edits."""
+    for oc, hf in _COUNTERPARTS:
+        f = _fields(hf, name)
+        if f is not None:
+            part = f.pop("p", None)
+            return oc.format(**f), (None if part is None else "qkv".index(part))
+    raise ValueError(f"{name!r} is not an editable Hugging Face CLIPModel weight (no open_clip counterpart known)")
 
 
 def is_hf_clip(model) -> bool:

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import dispatch
 from ._version import __version__
-from .layers import IMAGE_PREFIXES
+from .layers import IMAGE_PREFIXES, hf_names, is_hf_clip, open_clip_name
 
 _STACK_ATTR = "_clipforget_stack"    # on the model: applied patches, oldest first
 _FORMAT = "clipforget_fast.patch/1"
@@ -82,6 +82,56 @@ class Patch:
             raise ValueError(f"tower={tower!r} must be 'image' or 'text'")
         keep = [e for e in self.entries if (tower == "image") == e.name.startswith(IMAGE_PREFIXES)]
         return Patch(keep, self.spec, self.config, {**self.info, "tower": tower}, self.version)
+
+    def converted(self, model: nn.Module, force: bool = False) -> "Patch":
+        """This patch for the same network held in the other model family: computed on an open_clip CLIP,
+        for the Hugging Face CLIPModel with its weights, or the reverse (names, layouts, and open_clip's
+        fused attention ``in_proj_weight`` as Hugging Face's q, k, v weights). Each weight of ``model`` is
+        checked against the one the patch was computed on (ValueError naming the first that differs,
+        unless ``force``); the new entries record ``model``'s own hashes. A patch that already names
+        ``model``'s weights comes back as a copy."""
+        params = dict(model.named_parameters())
+        if all(e.name in params for e in self.entries):
+            return Patch(list(self.entries), self.spec, self.config, dict(self.info), self.version)
+        entries = (self._to_hf(params, force) if is_hf_clip(model) else self._to_open_clip(params, force))
+        return Patch(entries, self.spec, self.config, {**self.info, "converted": True}, self.version)
+
+    def _to_hf(self, params: dict, force: bool) -> list[PatchEntry]:
+        out = []
+        for e in self.entries:
+            names = hf_names(e.name)
+            ws = [_param(params, n) for n in names]
+            src = torch.cat(ws) if len(ws) > 1 else ws[0].t() if e.layout == "in_out" else ws[0]
+            _check_base(e, src, force)
+            rows = ws[0].shape[0]
+            for j, (n, w) in enumerate(zip(names, ws)):
+                A = e.A[j * rows:(j + 1) * rows] if len(ws) > 1 else e.A
+                out.append(PatchEntry(n, "linear", A.clone(), e.B.clone(), tensor_hash(w)))
+        return out
+
+    def _to_open_clip(self, params: dict, force: bool) -> list[PatchEntry]:
+        groups = {}                                   # open_clip name -> {q/k/v third or None: entry}
+        for e in self.entries:
+            name, part = open_clip_name(e.name)
+            groups.setdefault(name, {})[part] = e
+        out = []
+        for name, parts in groups.items():
+            p = _param(params, name)
+            if None in parts:                         # one weight: the same factors, open_clip's layout
+                e = parts[None]
+                raw = name in ("visual.proj", "text_projection")       # [d_in, d_out] parameters
+                _check_base(e, p.t() if raw else p, force)
+                out.append(PatchEntry(name, "in_out" if raw else "linear", e.A.clone(), e.B.clone(), tensor_hash(p)))
+                continue
+            if sorted(parts) != [0, 1, 2]:
+                raise ValueError(f"{name!r}: the patch holds only some of q, k, v; open_clip fuses all three")
+            q, k, v = parts[0], parts[1], parts[2]
+            if not (torch.equal(q.B, k.B) and torch.equal(q.B, v.B)):
+                raise ValueError(f"{name!r}: q, k and v have different forget directions; they cannot be fused")
+            for j, e in enumerate((q, k, v)):
+                _check_base(e, p.chunk(3)[j], force)
+            out.append(PatchEntry(name, "linear", torch.cat([q.A, k.A, v.A]), q.B.clone(), tensor_hash(p)))
+        return out
 
     # ---- apply / revert ---------------------------------------------------------------------
     def _params(self, model: nn.Module) -> list[torch.Tensor]:
@@ -194,6 +244,19 @@ class Patch:
                                       tensors[f"B::{m['name']}"], m["base_hash"]))
         return cls(entries, header.get("spec", {}), header.get("config", {}), header.get("info", {}),
                    header.get("version", "?"))
+
+
+def _param(params: dict, name: str) -> torch.Tensor:
+    if name not in params:
+        raise ValueError(f"the model has no {name!r}, which the converted patch needs")
+    return params[name].detach()
+
+
+def _check_base(e: PatchEntry, weight: torch.Tensor, force: bool) -> None:
+    """``weight`` (seen in the layout the entry was computed on) must be the entry's base weight."""
+    if not force and tensor_hash(weight) != e.base_hash:
+        raise ValueError(f"the model's counterpart of {e.name!r} is not the weight this patch was computed on "
+                         "(hash mismatch); pass force=True to convert anyway")
 
 
 def safetensors_path(path, what: str) -> Path:

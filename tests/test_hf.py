@@ -264,3 +264,37 @@ def test_towers_apart_take_their_part_of_the_patch(pair, vocab):
         patch.apply(vision)
     with pytest.raises(ValueError, match="tower='audio'"):
         patch.only("audio")
+
+
+@pytest.mark.parametrize("source", ["open_clip", "hf"])
+def test_patch_converted_to_the_other_family(oc_tokenizer, vocab, source):
+    """A patch computed on one family, converted for the same network held in the other, gives the same
+    edited features there (projections, MLP outputs and the attention inputs: fused ↔ q, k, v). A fresh
+    pair: other tests' apply/revert leave the shared one's weights a rounding away from their base."""
+    oc = make_tiny_clip()
+    hf, tok = to_hf(oc), hf_tokenizer()
+    spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
+    cfg = ForgetConfig(prototypes_per_cell=2, steps=8, edit="project", targets="proj+mlp+attn", last_blocks=1)
+    src, dst = (oc, hf) if source == "open_clip" else (hf, oc)
+    patch = forget(src, oc_tokenizer if src is oc else tok, spec, cfg)
+    assert any("attn.in_proj_weight" in e.name or "self_attn" in e.name for e in patch.entries)
+    moved = patch.converted(dst)
+    names = {n for n, _ in dst.named_parameters()}
+    assert all(e.name in names for e in moved.entries)
+    assert len(moved.entries) == len(patch.entries) + (4 if source == "open_clip" else -4)   # per tower 1 fused ↔ 3
+    x, ids = torch.randn(3, 3, 32, 32), tokenize(tok, PROMPTS, "cpu", CTX)
+    oc_ids = tokenize(oc_tokenizer, PROMPTS, "cpu")
+    with torch.no_grad(), patch.applied(src), moved.applied(dst):
+        for f_oc, f_hf in ((encode_image(oc, x), encode_image(hf, x)), (encode_text(oc, oc_ids), encode_text(hf, ids))):
+            torch.testing.assert_close(f_hf, f_oc, atol=2e-5, rtol=0)
+    with torch.no_grad():                      # and the edit changed them (the comparison means something)
+        with moved.applied(dst):
+            after = encode_image(dst, x)
+        assert (after - encode_image(dst, x)).abs().max() > 1e-3
+    # another network's weights are named, unless forced
+    other = to_hf(make_tiny_clip(seed=1)) if source == "open_clip" else make_tiny_clip(seed=1)
+    with pytest.raises(ValueError, match="not the weight this patch was computed on"):
+        patch.converted(other)
+    assert len(patch.converted(other, force=True).entries) == len(moved.entries)
+    again = patch.converted(src)                # already this family: a copy
+    assert [e.name for e in again.entries] == [e.name for e in patch.entries]
