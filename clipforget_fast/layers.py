@@ -81,15 +81,17 @@ def image_tower_fingerprint(model: nn.Module) -> dict:
     return {"architecture": arch.hexdigest(), "weights": weights.hexdigest()}
 
 
-# the editable weights in both families (open_clip template, Hugging Face template): {i} a block, {p} one
-# of q, k, v (open_clip fuses them into one attn.in_proj_weight, in that row order)
+# the editable weights in both families (open_clip template, its layout, Hugging Face template; every HF
+# weight is "linear"): {i} a block, {p} one of q, k, v (open_clip fuses them into one attn.in_proj_weight,
+# in that row order); open_clip holds the two projections as raw [d_in, d_out] parameters
 _COUNTERPARTS = (
-    ("visual.proj", "visual_projection.weight"),
-    ("text_projection", "text_projection.weight"),
-    ("visual.transformer.resblocks.{i}.mlp.c_proj.weight", "vision_model.encoder.layers.{i}.mlp.fc2.weight"),
-    ("transformer.resblocks.{i}.mlp.c_proj.weight", "text_model.encoder.layers.{i}.mlp.fc2.weight"),
-    ("visual.transformer.resblocks.{i}.attn.in_proj_weight", "vision_model.encoder.layers.{i}.self_attn.{p}_proj.weight"),
-    ("transformer.resblocks.{i}.attn.in_proj_weight", "text_model.encoder.layers.{i}.self_attn.{p}_proj.weight"),
+    ("visual.proj", "in_out", "visual_projection.weight"),
+    ("text_projection", "in_out", "text_projection.weight"),
+    ("visual.transformer.resblocks.{i}.mlp.c_proj.weight", "linear", "vision_model.encoder.layers.{i}.mlp.fc2.weight"),
+    ("transformer.resblocks.{i}.mlp.c_proj.weight", "linear", "text_model.encoder.layers.{i}.mlp.fc2.weight"),
+    ("visual.transformer.resblocks.{i}.attn.in_proj_weight", "linear",
+     "vision_model.encoder.layers.{i}.self_attn.{p}_proj.weight"),
+    ("transformer.resblocks.{i}.attn.in_proj_weight", "linear", "text_model.encoder.layers.{i}.self_attn.{p}_proj.weight"),
 )
 
 
@@ -103,21 +105,21 @@ def _fields(template: str, name: str) -> dict | None:
 def hf_names(name: str) -> list[str]:
     """The Hugging Face CLIPModel weights that hold open_clip's editable weight ``name`` (three, q, k, v,
     for a fused ``attn.in_proj_weight``); ValueError for a weight no targets preset edits."""
-    for oc, hf in _COUNTERPARTS:
+    for oc, _, hf in _COUNTERPARTS:
         f = _fields(oc, name)
         if f is not None:
             return [hf.format(p=p, **f) for p in "qkv"] if "{p}" in hf else [hf.format(**f)]
     raise ValueError(f"{name!r} is not an editable open_clip weight (no Hugging Face counterpart known)")
 
 
-def open_clip_name(name: str) -> tuple[str, int | None]:
-    """(open_clip weight, row third 0/1/2 for q/k/v or None) holding Hugging Face's editable weight ``name``;
-    ValueError for a weight no targets preset edits."""
-    for oc, hf in _COUNTERPARTS:
+def open_clip_name(name: str) -> tuple[str, str, int | None]:
+    """(open_clip weight, its layout, row third 0/1/2 for q/k/v or None) holding Hugging Face's editable
+    weight ``name``; ValueError for a weight no targets preset edits."""
+    for oc, layout, hf in _COUNTERPARTS:
         f = _fields(hf, name)
         if f is not None:
             part = f.pop("p", None)
-            return oc.format(**f), (None if part is None else "qkv".index(part))
+            return oc.format(**f), layout, (None if part is None else "qkv".index(part))
     raise ValueError(f"{name!r} is not an editable Hugging Face CLIPModel weight (no open_clip counterpart known)")
 
 

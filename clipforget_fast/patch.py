@@ -110,18 +110,17 @@ class Patch:
         return out
 
     def _to_open_clip(self, params: dict, force: bool) -> list[PatchEntry]:
-        groups = {}                                   # open_clip name -> {q/k/v third or None: entry}
+        groups, layouts = {}, {}                      # open_clip name -> {q/k/v third or None: entry}
         for e in self.entries:
-            name, part = open_clip_name(e.name)
+            name, layouts[name], part = open_clip_name(e.name)
             groups.setdefault(name, {})[part] = e
         out = []
         for name, parts in groups.items():
             p = _param(params, name)
             if None in parts:                         # one weight: the same factors, open_clip's layout
                 e = parts[None]
-                raw = name in ("visual.proj", "text_projection")       # [d_in, d_out] parameters
-                _check_base(e, p.t() if raw else p, force)
-                out.append(PatchEntry(name, "in_out" if raw else "linear", e.A.clone(), e.B.clone(), tensor_hash(p)))
+                _check_base(e, p.t() if layouts[name] == "in_out" else p, force)
+                out.append(PatchEntry(name, layouts[name], e.A.clone(), e.B.clone(), tensor_hash(p)))
                 continue
             if sorted(parts) != [0, 1, 2]:
                 raise ValueError(f"{name!r}: the patch holds only some of q, k, v; open_clip fuses all three")
