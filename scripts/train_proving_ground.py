@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clipforget_fast.proving_ground import metrics  # noqa: E402
-from clipforget_fast.proving_ground.model import WEIGHTS_PATH, build_model, get_tokenizer  # noqa: E402
+from clipforget_fast.proving_ground.model import (POOL_TYPES, WEIGHTS_PATH, build_model,  # noqa: E402
+                                                  checkpoint_pool_type, get_tokenizer)
 from clipforget_fast.proving_ground.render import (CLASS_PHRASES, CLASSES, COLOUR_NAMES,  # noqa: E402
                                                    DOMAIN_PHRASES, DOMAINS, render, render_raw,
                                                    to_model_input)
@@ -79,7 +80,8 @@ def save(model, path):
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
+    meta = {"pool_type": model.visual.pool_type} if model.visual.pool_type != "avg" else None
+    save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)
 
 
@@ -107,6 +109,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--wd", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", choices=POOL_TYPES, default="avg",
+                    help="what the image tower reads out: the mean of the patch tokens (the shipped model) or "
+                         "the class token, as OpenAI and LAION CLIP ViTs do; recorded in the checkpoint")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 was fastest on the shared 2-core training machine")
     ap.add_argument("--eval-every", type=int, default=250)
@@ -131,8 +136,11 @@ def main():
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    model = build_model().train()
+    model = build_model(args.pool).train()
     if args.init is not None:
+        if checkpoint_pool_type(args.init) != args.pool:
+            raise ValueError(f"--init {str(args.init)!r} was trained with pool_type "
+                             f"{checkpoint_pool_type(args.init)!r}, not --pool {args.pool!r}")
         model.load_state_dict({k: v.float() for k, v in load_file(str(args.init)).items()})
     tokenizer = get_tokenizer()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]

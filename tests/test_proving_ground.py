@@ -111,6 +111,39 @@ def test_load_offline_structure(loaded):
     assert tokens.shape == (1, cfg["text_cfg"]["context_length"])
 
 
+
+def test_class_token_pooling_variant(loaded, tmp_path):
+    """The same weights read out through the class token: pg.load follows the checkpoint's metadata."""
+    from safetensors.torch import load_file, save_file
+
+    from clipforget_fast.proving_ground.model import build_model, checkpoint_pool_type
+
+    model = loaded[0]
+    assert model.visual.pool_type == "avg" and checkpoint_pool_type(WEIGHTS_PATH) == "avg"
+    state = load_file(str(WEIGHTS_PATH))
+    tok_path = tmp_path / "tok.safetensors"
+    save_file(state, str(tok_path), metadata={"pool_type": "tok"})
+    tok_model, _, _ = pg.load(weights=tok_path)
+    assert tok_model.visual.pool_type == "tok"
+    x, _, _ = pg.render(["star", "cup"], ["sketch"], n_per_cell=2, seed=FRESH_SEED)
+    v = model.visual
+    tokens = []
+    hook = v.transformer.register_forward_hook(lambda m, a, o: tokens.append(o))
+    with torch.no_grad():
+        avg, tok = model.encode_image(x), tok_model.encode_image(x)
+    hook.remove()
+    with torch.no_grad():
+        out = v.ln_post(tokens[0])
+        torch.testing.assert_close(avg, out[:, 1:].mean(1) @ v.proj, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tok, out[:, 0] @ v.proj, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(avg, tok, atol=1e-2)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata={"pool_type": "max"})
+    with pytest.raises(ValueError, match="pool_type='max'"):
+        pg.load(weights=bad)
+    with pytest.raises(ValueError, match="pool_type='first'"):
+        build_model("first")
+
 def test_checkpoint_size():
     assert WEIGHTS_PATH.stat().st_size <= 25 * 1024 * 1024
 

@@ -4,6 +4,11 @@ The architecture is the JSON file next to this module, in open_clip's `model_con
 is the model name, registered with `open_clip.add_model_config`, so `open_clip.create_model(MODEL_NAME)`
 and `open_clip.get_tokenizer(MODEL_NAME)` work as for any built-in model. The trained weights are
 stored in fp16 under `weights/` (see MODEL_CARD.md for how they were made) and loaded as fp32.
+
+The image tower pools by averaging its patch tokens. `pool_type="tok"` builds the same network pooling
+its class token instead, as the OpenAI and LAION CLIP ViTs do (the weights have the same names and
+shapes; only what the tower reads out differs); a checkpoint trained that way records it in its
+safetensors metadata (`"pool_type"`), which `load` follows.
 """
 import json
 import logging
@@ -11,6 +16,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .render import MEAN, STD
@@ -32,8 +38,15 @@ def register():
     return json.loads(CONFIG_PATH.read_text())
 
 
-def build_model():
-    """A randomly initialised proving-ground CLIP (fp32, train mode)."""
+POOL_TYPES = ("avg", "tok")
+
+
+def build_model(pool_type: str = "avg"):
+    """A randomly initialised proving-ground CLIP (fp32, train mode); ``pool_type`` is what the image
+    tower reads out: ``"avg"`` (the mean of the patch tokens, the shipped model) or ``"tok"`` (the class
+    token)."""
+    if pool_type not in POOL_TYPES:
+        raise ValueError(f"pool_type={pool_type!r} must be one of {POOL_TYPES}")
     register()
     # open_clip logs "No pretrained weights loaded ... initialized randomly" for pretrained=None,
     # which reads as an error when load() fills the weights right after: keep it out of the log.
@@ -41,9 +54,11 @@ def build_model():
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        return open_clip.create_model(MODEL_NAME, pretrained=None, device="cpu")
+        model = open_clip.create_model(MODEL_NAME, pretrained=None, device="cpu")
     finally:
         quiet.setLevel(level)
+    model.visual.pool_type = pool_type     # read at forward time only: no weight depends on it
+    return model
 
 
 def get_tokenizer():
@@ -59,16 +74,27 @@ def get_preprocess():
                                      interpolation="bicubic", resize_mode="shortest")
 
 
+def checkpoint_pool_type(path) -> str:
+    """The image tower's pooling a proving-ground checkpoint was trained with (``"avg"`` when its
+    safetensors metadata does not say)."""
+    with safe_open(str(path), framework="pt") as f:
+        pool = (f.metadata() or {}).get("pool_type", "avg")
+    if pool not in POOL_TYPES:
+        raise ValueError(f"{str(path)!r}: metadata pool_type={pool!r} is not one of {POOL_TYPES}")
+    return pool
+
+
 def load(device="cpu", weights=None):
     """Load the committed, trained proving-ground model offline.
 
     Returns (model in eval mode, fp32, on `device`; tokenizer; preprocess). `weights` overrides the
-    checkpoint path (a safetensors file of this architecture).
+    checkpoint path (a safetensors file of this architecture); its metadata's ``"pool_type"`` (if any,
+    else ``"avg"``) says how the image tower pools.
     """
     path = Path(weights) if weights is not None else WEIGHTS_PATH
     if not path.is_file():
         raise ValueError(f"weights file not found: {str(path)!r}")
-    model = build_model()
+    model = build_model(checkpoint_pool_type(path))
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     model.load_state_dict(state, strict=True)
     model = model.to(device).eval()
