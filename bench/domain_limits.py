@@ -10,6 +10,15 @@
                                                     # last K blocks' mlp.c_proj)
     python bench/domain_limits.py --mlp-input       # the last block's mlp.c_fc fitted on real renders,
                                                     # the library's prototypes, Fourier-parametrized ones
+    python bench/domain_limits.py --detect          # how well each place of the image tower tells
+                                                    # the forgotten domains' images from the rest
+    python bench/domain_limits.py --class-token-mlp --weights W  # a class-token checkpoint (scripts/
+                                                    # train_proving_ground.py --pool tok): its last block's
+                                                    # MLP fitted on the class token, real renders vs stand-ins
+    python bench/domain_limits.py --class-token-gate --weights W  # the same place, data-free: a domain
+                                                    # gate from the prototypes and a gated low-rank action
+
+Every option takes --weights W: another proving-ground checkpoint instead of the shipped one.
 
 Real renders stand in for prototypes only here, as an upper bound that uses data (render seed 5·10⁶,
 apart from the held-out evaluation renders at 3·10⁶). Prints the tables; records nothing.
@@ -497,6 +506,214 @@ def mlp_input(h: q.Harness, steps: int = 150, keep_weight: float = 3.0) -> None:
             print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {name} | {fmt(s)} ({verdict}) |", flush=True)
 
 
+def tower_features(model, images: torch.Tensor) -> dict:
+    """{place: [n, width]} per-image features inside the image tower: the class token and the mean of the
+    patch tokens at each block's input, at the last block's MLP input (after its attention), and at the
+    last block's output; and the final embedding."""
+    v = model.visual
+    blocks = list(v.transformer.resblocks)
+    last = blocks[-1]
+    X = [_inputs_of(model, b, images) for b in blocks]
+    places = {f"block {i} input": x for i, x in enumerate(X)}
+    places["last MLP input"] = _inputs_of(model, last.ln_2, images)
+    out = []
+    hook = last.register_forward_hook(lambda m, a, o: out.append(o.detach()))
+    try:
+        with torch.no_grad():
+            E = torch.cat([F.normalize(model.encode_image(images[i:i + 200]), dim=-1)
+                           for i in range(0, len(images), 200)])
+    finally:
+        hook.remove()
+    places["last block output"] = torch.cat(out)
+    feats = {}
+    for name, x in places.items():
+        if name != "block 0 input":            # the class token is the same for every image there
+            feats[f"{name}, class token"] = x[:, 0]
+        feats[f"{name}, mean of patch tokens"] = x[:, 1:].mean(1)
+    feats["final embedding"] = E
+    return feats
+
+
+def linear_detector(X: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3):
+    """A logistic-regression detector (standardized features, L2 ``ridge``, L-BFGS) fitted on X [n, f]
+    with labels y [n] bool; returns the scoring function."""
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Z = (X - mu) / sd
+    w = torch.zeros(X.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(Z @ w + b, y.float()) + ridge * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda X2: ((X2 - mu) / sd) @ w + b
+
+
+def detect(h: q.Harness, per_cell: int = 20) -> None:
+    """How well a per-image linear detector at each place of the image tower tells the forgotten domains'
+    images from the rest: fitted on real renders (``per_cell`` per cell, render seed 5·10⁶: data, an
+    upper bound of what a gate there can see), scored on the held-out renders: AUC and the share of the
+    forgotten domains' images caught at 1 % and 5 % of the others flagged (a gate that catches 90 % of
+    them leaves ≤ 10 % forgotten accuracy; one that flags 1 % of the others costs them ~1 point)."""
+    imgs, ci, di = pg.render(C, D, per_cell, seed=REAL_SEED)
+    fit, test = tower_features(h.model, imgs), tower_features(h.model, h.images)
+    print("| forgotten domains | place (per image) | AUC | caught at 1 % flagged | at 5 % |\n|---|---|---|---|---|")
+    for doms in (["sketch"], ["pixel_art"], ["cartoon", "painting"], ["photo"]):
+        idx = torch.tensor([D.index(d) for d in doms])
+        y_fit, y_test = torch.isin(di, idx), torch.isin(h.di, idx)
+        for place in fit:
+            s = linear_detector(fit[place], y_fit)(test[place])
+            pos, neg = s[y_test], s[~y_test].sort().values
+            auc = float((pos[:, None] > neg[None]).float().mean())
+            caught = [float((pos > neg[int((1 - a) * len(neg))]).float().mean()) for a in (0.01, 0.05)]
+            print(f"| {','.join(doms)} | {place} | {auc:.4f} | {100 * caught[0]:.1f} % | {100 * caught[1]:.1f} % |",
+                  flush=True)
+
+
+TOKEN_MLP_REQUESTS = REQUESTS[3:] + REQUESTS[:3]
+
+
+def class_token_mlp(h: q.Harness, steps: int = 300, keep_weight: float = 10.0, per_cell: int = 20) -> None:
+    """On a model that pools its class token, the last block's MLP reaches the embedding through that one
+    token: a change of its ``mlp.c_fc`` and ``mlp.c_proj`` weights acts per image. Both fitted together by
+    Adam (``steps``, lr 3e-3) on the --fitted loss with ``keep_weight``, on real renders (``per_cell`` and
+    3 × ``per_cell`` per cell, render seed 5·10⁶: data, an upper bound) and on stand-ins: the library's
+    prototypes, the --fitted strong synthesis, Fourier-parametrized prototypes (8 per cell each); scored
+    on the held-out renders and templates."""
+    model, scale = h.model, h.model.logit_scale.exp().item()
+    v = model.visual
+    if v.pool_type != "tok" or v.final_ln_after_pool or v.attn_pool is not None:
+        raise SystemExit("--class-token-mlp needs a checkpoint that pools its class token (--weights, trained "
+                         "with scripts/train_proving_ground.py --pool tok)")
+    blk = v.transformer.resblocks[-1]
+    mlp = dict(blk.mlp.named_parameters())
+    with torch.no_grad():
+        T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
+
+    def token(images):                       # [n, width] the class token at the last MLP's input
+        return _inputs_of(model, blk.ln_2, images)[:, 0]
+
+    def embed(M, dW):
+        w = {n: mlp[n] + dW[n] for n in dW}
+        out = M + torch.func.functional_call(blk.mlp, w, (blk.ln_2(M),))
+        return F.normalize(v.ln_post(out) @ v.proj, dim=-1)
+
+    zero = {n: 0.0 for n in ("c_fc.weight", "c_proj.weight")}
+    M_test = token(h.images)
+    with torch.no_grad():                    # the cached path gives the harness's own accuracies
+        base = evaluate_embeddings(embed(M_test, zero), T_ho, h)
+    assert torch.equal(base.correct, h.before["held-out"].correct), "the class-token path differs from encode_image"
+    pci = torch.arange(len(C)).repeat_interleave(len(D) * 8)
+    pdi = torch.arange(len(D)).repeat_interleave(8).repeat(len(C))
+    sets = {}
+    for n in (per_cell, 3 * per_cell):
+        imgs, ci, di = pg.render(C, D, n, seed=REAL_SEED)
+        sets[f"real renders, {n} per cell"] = (imgs, ci, di)
+    for name, cfg in (("prototypes (library)", {}), ("prototypes (strong synthesis)", STRONG)):
+        t = time.perf_counter()
+        bank = synthesize_prototypes(model, h.tok, SPEC, ForgetConfig(prototypes_per_cell=8, **cfg))
+        print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+        sets[name] = (torch.cat([bank.images[(c, d)] for c in C for d in D]), pci, pdi)
+    t = time.perf_counter()
+    sets["prototypes (Fourier)"] = (fourier_prototypes(model, h.tok), pci, pdi)
+    print(f"prototypes (Fourier): {time.perf_counter() - t:.0f} s", flush=True)
+    print(f"| request | fitted on | last block's mlp.c_fc + mlp.c_proj on the class token ({steps} steps, keep weight "
+          f"{keep_weight:g}) |\n|---|---|---|")
+    for m, fc, fd in TOKEN_MLP_REQUESTS:
+        spec = q.spec_for(m, fc, fd)
+        for name, (imgs, ci, di) in sets.items():
+            M = token(imgs)
+            fm = torch.tensor([(C[c], D[d]) in spec.forget_cells for c, d in zip(ci.tolist(), di.tolist())])
+            with torch.no_grad():
+                p0 = F.log_softmax(scale * embed(M, zero) @ T_fit.t(), -1)
+            dW = {n: torch.zeros_like(mlp[n], requires_grad=True) for n in zero}
+            opt = torch.optim.Adam(list(dW.values()), lr=3e-3)
+            for _ in range(steps):
+                loss = forget_keep_loss(embed(M, dW), ci, fm, T_fit, scale, p0, keep_weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                s = q.score(spec, h.before["held-out"], evaluate_embeddings(embed(M_test, dW), T_ho, h))
+            verdict = "meets the targets" if not q.misses(spec, s, 1 / len(C)) else "misses"
+            print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {name} | {fmt(s)} ({verdict}) |", flush=True)
+
+
+def class_token_gate(h: q.Harness, rank: int = 16, sharpness: float = 3.0, ridge: float = 0.1, steps: int = 300,
+                     keep_weight: float = 10.0, per_cell: int = 8) -> None:
+    """A data-free image-side edit for a model that pools its class token: ``rank + 1`` of the least-used
+    hidden units of the last block's MLP (least mean |activation| × output norm on the prototypes) are
+    rewired into a gate and a gated linear map. Every rewired unit reads ``sharpness`` × the logit of a
+    linear detector of the forgotten domains (logistic, L2 ``ridge``, fitted on the MLP input of the
+    library's prototypes, ``per_cell`` per cell); unit 0 writes minus the sum of the others' outputs, so
+    that where the detector is far below 0 every unit is off, and far above it the units add
+    ``C Aᵀ ln_2(x)`` (units j ≥ 1 also read ``A[j]``): a rank-``rank`` map acting on the detected images
+    only. A and C are fitted by Adam on the prototypes (the --fitted loss, ``keep_weight``); scored on the
+    held-out renders and templates, with the detector's own share of held-out renders caught and flagged
+    at logit 0."""
+    model, scale = h.model, h.model.logit_scale.exp().item()
+    v = model.visual
+    if v.pool_type != "tok" or v.final_ln_after_pool or v.attn_pool is not None:
+        raise SystemExit("--class-token-gate needs a checkpoint that pools its class token (--weights, trained "
+                         "with scripts/train_proving_ground.py --pool tok)")
+    blk = v.transformer.resblocks[-1]
+    W1, b1 = blk.mlp.c_fc.weight.detach(), blk.mlp.c_fc.bias.detach()
+    W2, b2 = blk.mlp.c_proj.weight.detach(), blk.mlp.c_proj.bias.detach()
+    with torch.no_grad():
+        T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
+    bank = synthesize_prototypes(model, h.tok, SPEC, ForgetConfig(prototypes_per_cell=per_cell))
+    images = torch.cat([bank.images[(c, d)] for c in C for d in D])
+    ci = torch.arange(len(C)).repeat_interleave(len(D) * per_cell)
+    di = torch.arange(len(D)).repeat_interleave(per_cell).repeat(len(C))
+    with torch.no_grad():
+        M, M_test = (_inputs_of(model, blk.ln_2, x)[:, 0] for x in (images, h.images))
+        L, L_test = blk.ln_2(M), blk.ln_2(M_test)
+        usage = F.gelu(F.linear(L, W1, b1)).abs().mean(0) * W2.norm(dim=0)
+    units = usage.argsort()[:rank + 1]
+
+    def embed(Mx, Lx, w=None, b=None, A=None, Cm=None):
+        W1e, b1e, W2e = W1, b1, W2
+        if w is not None:
+            W1e, b1e, W2e = W1.clone(), b1.clone(), W2.clone()
+            W1e[units] = sharpness * w[None] + torch.cat([torch.zeros(1, A.shape[1]), A])
+            b1e[units] = sharpness * b
+            W2e[:, units] = torch.cat([-Cm.sum(1, keepdim=True), Cm], 1)
+        out = Mx + F.linear(F.gelu(F.linear(Lx, W1e, b1e)), W2e, b2)
+        return F.normalize(v.ln_post(out) @ v.proj, dim=-1)
+
+    print(f"| request | detector on the held-out renders: caught / others flagged | gated rank-{rank} action on "
+          f"{rank + 1} rewired units, fitted on the prototypes |\n|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for m, fc, fd in REQUESTS[3:] + REQUESTS[:3]:
+        spec = q.spec_for(m, fc, fd)
+        fm = torch.tensor([(C[c], D[d]) in spec.forget_cells for c, d in zip(ci.tolist(), di.tolist())])
+        dom = torch.tensor([D.index(d) for d in fd])
+        det = linear_detector(L, torch.isin(di, dom), ridge)
+        with torch.no_grad():                  # the detector as an affine function of ln_2(x)
+            b = det(torch.zeros(1, L.shape[1]))[0]
+            w = det(torch.eye(L.shape[1])) - b
+            st, yt = L_test @ w + b, torch.isin(h.di, dom)
+            p0 = F.log_softmax(scale * embed(M, L) @ T_fit.t(), -1)
+        A = (torch.randn(rank, L.shape[1], generator=g) * 0.1).requires_grad_(True)
+        Cm = (torch.randn(M.shape[1], rank, generator=g) * 0.01).requires_grad_(True)
+        opt = torch.optim.Adam([A, Cm], lr=3e-3)
+        for _ in range(steps):
+            loss = forget_keep_loss(embed(M, L, w, b, A, Cm), ci, fm, T_fit, scale, p0, keep_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            s = q.score(spec, h.before["held-out"], evaluate_embeddings(embed(M_test, L_test, w, b, A, Cm), T_ho, h))
+        verdict = "meets the targets" if not q.misses(spec, s, 1 / len(C)) else "misses"
+        print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {100 * float((st[yt] > 0).float().mean()):.1f} % / "
+              f"{100 * float((st[~yt] > 0).float().mean()):.1f} % | {fmt(s)} ({verdict}) |", flush=True)
+
+
 def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
     """An AccuracyMatrix of the held-out renders from their embeddings E and class embeddings T."""
     from clipforget_fast.evaluate import AccuracyMatrix
@@ -517,15 +734,21 @@ def main(argv=None) -> int:
     ap.add_argument("--fitted", action="store_true")
     ap.add_argument("--combined", action="store_true")
     ap.add_argument("--mlp-input", action="store_true")
+    ap.add_argument("--detect", action="store_true")
+    ap.add_argument("--class-token-mlp", action="store_true")
+    ap.add_argument("--class-token-gate", action="store_true")
+    ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
     ap.add_argument("--steps", type=int, default=300, help="--combined: Adam steps")
     ap.add_argument("--fit-per-cell", type=int, default=20, help="--combined: real renders per cell to fit on")
     ap.add_argument("--mode", choices=("global", "domain", "domain-complete"), help="--combined: only this mode")
     args = ap.parse_args(argv)
-    if not (args.oracle or args.transfer or args.image_redirect or args.fitted or args.combined or args.mlp_input):
-        ap.error("choose at least one of --oracle, --transfer, --image-redirect, --fitted, --combined, --mlp-input")
+    if not (args.oracle or args.transfer or args.image_redirect or args.fitted or args.combined or args.mlp_input
+            or args.detect or args.class_token_mlp or args.class_token_gate):
+        ap.error("choose at least one of --oracle, --transfer, --image-redirect, --fitted, --combined, --mlp-input, "
+                 "--detect, --class-token-mlp, --class-token-gate")
     torch.manual_seed(0)
-    h = q.Harness(args.per_cell, ForgetConfig())
+    h = q.Harness(args.per_cell, ForgetConfig(), args.weights)
     if args.oracle:
         oracle(h)
     if args.transfer:
@@ -538,6 +761,12 @@ def main(argv=None) -> int:
         combined(h, args.blocks, args.steps, args.fit_per_cell, args.mode)
     if args.mlp_input:
         mlp_input(h)
+    if args.detect:
+        detect(h)
+    if args.class_token_mlp:
+        class_token_mlp(h, args.steps)
+    if args.class_token_gate:
+        class_token_gate(h, steps=args.steps)
     return 0
 
 

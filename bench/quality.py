@@ -108,8 +108,11 @@ def misses(spec: ForgetSpec, s: Scores, chance: float) -> list[str]:
 
 
 class Harness:
-    def __init__(self, per_cell: int, config: ForgetConfig):
-        self.model, self.tok, _ = pg.load()
+    def __init__(self, per_cell: int, config: ForgetConfig, weights=None):
+        self.model, self.tok, _ = pg.load(weights=weights)
+        # how the tables name the model: another checkpoint by its file name and pooling
+        self.name = "proving ground" if weights is None else \
+            f"proving ground, {Path(weights).name}, {self.model.visual.pool_type} pooling"
         self.config = config
         self.images, self.ci, self.di = pg.render(list(pg.CLASSES), list(pg.DOMAINS), per_cell, seed=RENDER_SEED)
         self.ev = dict(classes=list(pg.CLASSES), domains=list(pg.DOMAINS), domain_phrases=pg.DOMAIN_PHRASES,
@@ -195,7 +198,7 @@ def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "defa
     lines.append(f"{failed} of {2 * len(requests)} request × template-set rows miss a target")
     print(lines[-1])
     if record:
-        append_results(f"quality: targets per mode, {edit} (proving ground)", lines)
+        append_results(f"quality: targets per mode, {edit} ({h.name})", lines)
     return 1 if failed else 0
 
 
@@ -289,7 +292,7 @@ def ablations(h: Harness, record: bool) -> None:
         lines.append(f"| {name} | " + " | ".join(cols) + f" | {miss} |")
         print(lines[-1], flush=True)
     if record:
-        append_results("quality: baselines and ablations (proving ground)", lines)
+        append_results(f"quality: baselines and ablations ({h.name})", lines)
 
 
 SEQUENTIAL = [(("global", ["fish"], None), ("global", ["house"], None)),
@@ -331,7 +334,7 @@ def sequential(h: Harness, record: bool) -> int:
                          f"({s.keep_drop:.2f}) | {restored:.2e} | {'ok' if not miss else 'MISS: ' + '; '.join(miss)} |")
     print("\n".join(lines))
     if record:
-        append_results("quality: sequential requests (proving ground)", lines)
+        append_results(f"quality: sequential requests ({h.name})", lines)
     return 1 if failed else 0
 
 
@@ -377,7 +380,7 @@ def recovery_probe(h: Harness, record: bool, train_per_cell: int = 5, steps: int
         rows.append(f"| {mode}: {','.join(fc or ['*'])} @ {','.join(fd or ['*'])} | {accs[0]:.1f} | {accs[1]:.1f} | {zs:.1f} |")
     print("\n".join(rows))
     if record:
-        append_results("quality: recovery probe (proving ground)",
+        append_results(f"quality: recovery probe ({h.name})",
                        [f"Linear probe on image embeddings, {train_per_cell} renders per cell for training, "
                         "the rest for testing; balanced accuracy, chance 50%.", ""] + rows)
 
@@ -402,7 +405,7 @@ def prototype_report(h: Harness, out: Path, record: bool) -> None:
             f"acceptance {st['mean_steps_to_accept']}, {st['seconds']:.1f} s; grid: {path}")
     print(line)
     if record:
-        append_results("quality: prototype synthesis (proving ground)", [line.replace(str(path), path.name)])
+        append_results(f"quality: prototype synthesis ({h.name})", [line.replace(str(path), path.name)])
 
 
 def main(argv=None) -> int:
@@ -419,18 +422,21 @@ def main(argv=None) -> int:
                     help="edit checked against the targets: the library's forget() or a bench variant")
     ap.add_argument("--seed", type=int, default=None, help="ForgetConfig.seed (prototype synthesis)")
     ap.add_argument("--prototypes-per-cell", type=int, default=None, help="ForgetConfig.prototypes_per_cell")
+    ap.add_argument("--weights", default=None,
+                    help="another proving-ground checkpoint (e.g. a class-token one from scripts/train_proving_ground.py "
+                         "--pool tok); the tables name it")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run of the harness itself: 2 renders per cell, 2 prototypes × 10 steps, "
                          "one request per mode, nothing recorded (its verdicts mean nothing)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.quick:
-        h = Harness(2, ForgetConfig(prototypes_per_cell=2, steps=10))
+        h = Harness(2, ForgetConfig(prototypes_per_cell=2, steps=10), args.weights)
         return check_targets(h, False, ABLATION_REQUESTS) and 0
     config = ForgetConfig() if args.edit == "default" else CLASS_REDIRECT
     config = config.replace(**{k: v for k, v in (("seed", args.seed), ("prototypes_per_cell", args.prototypes_per_cell))
                                if v is not None})
-    h = Harness(args.per_cell, config)
+    h = Harness(args.per_cell, config, args.weights)
     record = not args.no_record
     rc = 0
     if args.prototypes:
