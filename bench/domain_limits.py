@@ -217,6 +217,14 @@ def _avg_pool_tower(model, who: str):
     return v
 
 
+def _class_token_tower(model, who: str):
+    v = model.visual
+    if v.pool_type != "tok" or v.final_ln_after_pool or v.attn_pool is not None:
+        raise SystemExit(f"{who} needs a checkpoint that pools its class token (--weights, trained with "
+                         "scripts/train_proving_ground.py --pool tok)")
+    return v
+
+
 def _inputs_of(model, module, images: torch.Tensor) -> torch.Tensor:
     """[n, tokens, width]: what ``module`` of the image tower receives when ``images`` are encoded."""
     store = []
@@ -586,10 +594,7 @@ def class_token_mlp(h: q.Harness, steps: int = 300, keep_weight: float = 10.0, p
     prototypes, the --fitted strong synthesis, Fourier-parametrized prototypes (8 per cell each); scored
     on the held-out renders and templates."""
     model, scale = h.model, h.model.logit_scale.exp().item()
-    v = model.visual
-    if v.pool_type != "tok" or v.final_ln_after_pool or v.attn_pool is not None:
-        raise SystemExit("--class-token-mlp needs a checkpoint that pools its class token (--weights, trained "
-                         "with scripts/train_proving_ground.py --pool tok)")
+    v = _class_token_tower(model, "--class-token-mlp")
     blk = v.transformer.resblocks[-1]
     mlp = dict(blk.mlp.named_parameters())
     with torch.no_grad():
@@ -657,10 +662,7 @@ def class_token_gate(h: q.Harness, rank: int = 16, sharpness: float = 3.0, ridge
     held-out renders and templates, with the detector's own share of held-out renders caught and flagged
     at logit 0."""
     model, scale = h.model, h.model.logit_scale.exp().item()
-    v = model.visual
-    if v.pool_type != "tok" or v.final_ln_after_pool or v.attn_pool is not None:
-        raise SystemExit("--class-token-gate needs a checkpoint that pools its class token (--weights, trained "
-                         "with scripts/train_proving_ground.py --pool tok)")
+    v = _class_token_tower(model, "--class-token-gate")
     blk = v.transformer.resblocks[-1]
     W1, b1 = blk.mlp.c_fc.weight.detach(), blk.mlp.c_fc.bias.detach()
     W2, b2 = blk.mlp.c_proj.weight.detach(), blk.mlp.c_proj.bias.detach()

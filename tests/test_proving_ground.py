@@ -111,7 +111,6 @@ def test_load_offline_structure(loaded):
     assert tokens.shape == (1, cfg["text_cfg"]["context_length"])
 
 
-
 def test_class_token_pooling_variant(loaded, tmp_path):
     """The same weights read out through the class token: pg.load follows the checkpoint's metadata."""
     from safetensors.torch import load_file, save_file
@@ -143,6 +142,7 @@ def test_class_token_pooling_variant(loaded, tmp_path):
         pg.load(weights=bad)
     with pytest.raises(ValueError, match="pool_type='first'"):
         build_model("first")
+
 
 def test_checkpoint_size():
     assert WEIGHTS_PATH.stat().st_size <= 25 * 1024 * 1024
