@@ -520,19 +520,20 @@ def tower_features(model, images: torch.Tensor) -> dict:
     last block's output; and the final embedding."""
     v = model.visual
     blocks = list(v.transformer.resblocks)
-    last = blocks[-1]
-    X = [_inputs_of(model, b, images) for b in blocks]
-    places = {f"block {i} input": x for i, x in enumerate(X)}
-    places["last MLP input"] = _inputs_of(model, last.ln_2, images)
-    out = []
-    hook = last.register_forward_hook(lambda m, a, o: out.append(o.detach()))
-    try:
+    stores = {f"block {i} input": [] for i in range(len(blocks))}
+    stores.update({"last MLP input": [], "last block output": []})
+    hooks = [b.register_forward_pre_hook(lambda m, a, k=f"block {i} input": stores[k].append(a[0].detach()))
+             for i, b in enumerate(blocks)]
+    hooks.append(blocks[-1].ln_2.register_forward_pre_hook(lambda m, a: stores["last MLP input"].append(a[0].detach())))
+    hooks.append(blocks[-1].register_forward_hook(lambda m, a, o: stores["last block output"].append(o.detach())))
+    try:                                        # one pass: every place at once
         with torch.no_grad():
             E = torch.cat([F.normalize(model.encode_image(images[i:i + 200]), dim=-1)
                            for i in range(0, len(images), 200)])
     finally:
-        hook.remove()
-    places["last block output"] = torch.cat(out)
+        for hk in hooks:
+            hk.remove()
+    places = {k: torch.cat(x) for k, x in stores.items()}
     feats = {}
     for name, x in places.items():
         if name != "block 0 input":            # the class token is the same for every image there
@@ -627,12 +628,12 @@ def class_token_mlp(h: q.Harness, steps: int = 300, keep_weight: float = 10.0, p
     t = time.perf_counter()
     sets["prototypes (Fourier)"] = (fourier_prototypes(model, h.tok), pci, pdi)
     print(f"prototypes (Fourier): {time.perf_counter() - t:.0f} s", flush=True)
+    sets = {name: (token(imgs), ci, di) for name, (imgs, ci, di) in sets.items()}
     print(f"| request | fitted on | last block's mlp.c_fc + mlp.c_proj on the class token ({steps} steps, keep weight "
           f"{keep_weight:g}) |\n|---|---|---|")
     for m, fc, fd in TOKEN_MLP_REQUESTS:
         spec = q.spec_for(m, fc, fd)
-        for name, (imgs, ci, di) in sets.items():
-            M = token(imgs)
+        for name, (M, ci, di) in sets.items():
             fm = torch.tensor([(C[c], D[d]) in spec.forget_cells for c, d in zip(ci.tolist(), di.tolist())])
             with torch.no_grad():
                 p0 = F.log_softmax(scale * embed(M, zero) @ T_fit.t(), -1)
