@@ -295,18 +295,35 @@ def forget_keep_loss(E, cls, fm, T, scale, p0, keep_weight):
     return lf + keep_weight * lk
 
 
-def fit_weight(embed, weight, cls, fm, T, scale, p0, keep_weight, steps, lr=3e-3) -> torch.Tensor:
-    """The change dW of ``weight`` (``embed(dW)``: the rows' embeddings with it) fitted by Adam from 0 on
-    the forget/keep loss of the rows (``cls`` their classes, ``fm`` which are forgotten, ``p0`` their
-    log-probabilities before)."""
-    dW = torch.zeros_like(weight, requires_grad=True)
-    opt = torch.optim.Adam([dW], lr=lr)
+def fit_params(params, embed, cls, fm, T, scale, p0, keep_weight, steps, lr=3e-3) -> None:
+    """Fit the leaf tensors ``params`` in place by Adam on the forget/keep loss of the rows whose
+    embeddings ``embed()`` gives with them (``cls`` their classes, ``fm`` which are forgotten, ``p0``
+    their log-probabilities before)."""
+    opt = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
-        loss = forget_keep_loss(embed(dW), cls, fm, T, scale, p0, keep_weight)
+        loss = forget_keep_loss(embed(), cls, fm, T, scale, p0, keep_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def fit_weight(embed, weight, cls, fm, T, scale, p0, keep_weight, steps, lr=3e-3) -> torch.Tensor:
+    """The change dW of ``weight`` (``embed(dW)``: the rows' embeddings with it) fitted by Adam from 0 on
+    the forget/keep loss of the rows (as ``fit_params``)."""
+    dW = torch.zeros_like(weight, requires_grad=True)
+    fit_params([dW], lambda: embed(dW), cls, fm, T, scale, p0, keep_weight, steps, lr)
     return dW.detach()
+
+
+def verdict(spec, s: q.Scores) -> str:
+    return "meets the targets" if not q.misses(spec, s, 1 / len(C)) else "misses"
+
+
+def prototype_set(bank: PrototypeBank, per_cell: int):
+    """(images, class index, domain index) of a bank's ``per_cell`` prototypes of every cell, class-major."""
+    images = torch.cat([bank.images[(c, d)] for c in C for d in D])
+    return (images, torch.arange(len(C)).repeat_interleave(len(D) * per_cell),
+            torch.arange(len(D)).repeat_interleave(per_cell).repeat(len(C)))
 
 
 def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weight: float = 3.0) -> None:
@@ -322,9 +339,7 @@ def fitted(h: q.Harness, steps_text: int = 300, steps_mlp: int = 150, keep_weigh
         T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
     imgs, ci, di = pg.render(C, D, 20, seed=REAL_SEED)
     bank = synthesize_prototypes(model, h.tok, SPEC, ForgetConfig(prototypes_per_cell=8))
-    pimgs = torch.cat([bank.images[(c, d)] for c in C for d in D])
-    pci = torch.arange(len(C)).repeat_interleave(len(D) * 8)
-    pdi = torch.arange(len(D)).repeat_interleave(8).repeat(len(C))
+    pimgs, pci, pdi = prototype_set(bank, 8)
     test = LastBlock(model, h.images)
     fits = {"real renders": (LastBlock(model, imgs), ci, di), "prototypes": (LastBlock(model, pimgs), pci, pdi)}
     with torch.no_grad():
@@ -413,8 +428,7 @@ def combined(h: q.Harness, blocks: int = 1, steps: int = 300, per_cell: int = 20
         with torch.no_grad():
             after = evaluate_embeddings(test.embed(dWs), T_ho.index_add(0, free, shift), h)
         s = q.score(spec, h.before["held-out"], after)
-        verdict = "meets the targets" if not q.misses(spec, s, 1 / len(C)) else "misses"
-        print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {fmt(s)} ({verdict}) |", flush=True)
+        print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {fmt(s)} ({verdict(spec, s)}) |", flush=True)
 
 
 # sRGB colour correlation (the square root of its covariance over natural images, as feature visualization
@@ -472,14 +486,12 @@ def mlp_input(h: q.Harness, steps: int = 150, keep_weight: float = 3.0) -> None:
         T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
     real, rci, rdi = pg.render(C, D, 20, seed=REAL_SEED)
     bank = synthesize_prototypes(model, h.tok, SPEC, ForgetConfig(prototypes_per_cell=8))
-    pci = torch.arange(len(C)).repeat_interleave(len(D) * 8)
-    pdi = torch.arange(len(D)).repeat_interleave(8).repeat(len(C))
+    library = prototype_set(bank, 8)
     t = time.perf_counter()
     fourier = fourier_prototypes(model, h.tok)
     print(f"Fourier prototypes: {time.perf_counter() - t:.0f} s", flush=True)
     sets = {"real renders": (real, rci, rdi),
-            "prototypes (library)": (torch.cat([bank.images[(c, d)] for c in C for d in D]), pci, pdi),
-            "prototypes (Fourier)": (fourier, pci, pdi)}
+            "prototypes (library)": library, "prototypes (Fourier)": (fourier, *library[1:])}
     test = LastBlock(model, h.images)
     truth = h.ci * len(D) + h.di
     with torch.no_grad():
@@ -510,8 +522,8 @@ def mlp_input(h: q.Harness, steps: int = 150, keep_weight: float = 3.0) -> None:
             dW = fit_weight(blk.embed_input, blk.blk.mlp.c_fc.weight, ci, fm, T_fit, scale, p0, keep_weight, steps)
             with torch.no_grad():
                 s = q.score(spec, h.before["held-out"], evaluate_embeddings(test.embed_input(dW), T_ho, h))
-            verdict = "meets the targets" if not q.misses(spec, s, 1 / len(C)) else "misses"
-            print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {name} | {fmt(s)} ({verdict}) |", flush=True)
+            print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {name} | {fmt(s)} ({verdict(spec, s)}) |",
+                  flush=True)
 
 
 def tower_features(model, images: torch.Tensor) -> dict:
@@ -545,7 +557,7 @@ def tower_features(model, images: torch.Tensor) -> dict:
 
 def linear_detector(X: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3):
     """A logistic-regression detector (standardized features, L2 ``ridge``, L-BFGS) fitted on X [n, f]
-    with labels y [n] bool; returns the scoring function."""
+    with labels y [n] bool; returns it as (w [f], b) on the raw features: logit = X w + b."""
     mu, sd = X.mean(0), X.std(0) + 1e-6
     Z = (X - mu) / sd
     w = torch.zeros(X.shape[1], requires_grad=True)
@@ -559,8 +571,8 @@ def linear_detector(X: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3):
         return loss
 
     opt.step(closure)
-    w, b = w.detach(), b.detach()
-    return lambda X2: ((X2 - mu) / sd) @ w + b
+    w = w.detach() / sd
+    return w, b.detach()[0] - mu @ w
 
 
 def detect(h: q.Harness, per_cell: int = 20) -> None:
@@ -576,7 +588,8 @@ def detect(h: q.Harness, per_cell: int = 20) -> None:
         idx = torch.tensor([D.index(d) for d in doms])
         y_fit, y_test = torch.isin(di, idx), torch.isin(h.di, idx)
         for place in fit:
-            s = linear_detector(fit[place], y_fit)(test[place])
+            w, b = linear_detector(fit[place], y_fit)
+            s = test[place] @ w + b
             pos, neg = s[y_test], s[~y_test].sort().values
             auc = float((pos[:, None] > neg[None]).float().mean())
             caught = [float((pos > neg[int((1 - a) * len(neg))]).float().mean()) for a in (0.01, 0.05)]
@@ -614,8 +627,6 @@ def class_token_mlp(h: q.Harness, steps: int = 300, keep_weight: float = 10.0, p
     with torch.no_grad():                    # the cached path gives the harness's own accuracies
         base = evaluate_embeddings(embed(M_test, zero), T_ho, h)
     assert torch.equal(base.correct, h.before["held-out"].correct), "the class-token path differs from encode_image"
-    pci = torch.arange(len(C)).repeat_interleave(len(D) * 8)
-    pdi = torch.arange(len(D)).repeat_interleave(8).repeat(len(C))
     sets = {}
     for n in (per_cell, 3 * per_cell):
         imgs, ci, di = pg.render(C, D, n, seed=REAL_SEED)
@@ -624,9 +635,9 @@ def class_token_mlp(h: q.Harness, steps: int = 300, keep_weight: float = 10.0, p
         t = time.perf_counter()
         bank = synthesize_prototypes(model, h.tok, SPEC, ForgetConfig(prototypes_per_cell=8, **cfg))
         print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
-        sets[name] = (torch.cat([bank.images[(c, d)] for c in C for d in D]), pci, pdi)
+        sets[name] = prototype_set(bank, 8)
     t = time.perf_counter()
-    sets["prototypes (Fourier)"] = (fourier_prototypes(model, h.tok), pci, pdi)
+    sets["prototypes (Fourier)"] = (fourier_prototypes(model, h.tok), *sets[name][1:])
     print(f"prototypes (Fourier): {time.perf_counter() - t:.0f} s", flush=True)
     sets = {name: (token(imgs), ci, di) for name, (imgs, ci, di) in sets.items()}
     print(f"| request | fitted on | last block's mlp.c_fc + mlp.c_proj on the class token ({steps} steps, keep weight "
@@ -638,16 +649,11 @@ def class_token_mlp(h: q.Harness, steps: int = 300, keep_weight: float = 10.0, p
             with torch.no_grad():
                 p0 = F.log_softmax(scale * embed(M, zero) @ T_fit.t(), -1)
             dW = {n: torch.zeros_like(mlp[n], requires_grad=True) for n in zero}
-            opt = torch.optim.Adam(list(dW.values()), lr=3e-3)
-            for _ in range(steps):
-                loss = forget_keep_loss(embed(M, dW), ci, fm, T_fit, scale, p0, keep_weight)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            fit_params(list(dW.values()), lambda: embed(M, dW), ci, fm, T_fit, scale, p0, keep_weight, steps)
             with torch.no_grad():
                 s = q.score(spec, h.before["held-out"], evaluate_embeddings(embed(M_test, dW), T_ho, h))
-            verdict = "meets the targets" if not q.misses(spec, s, 1 / len(C)) else "misses"
-            print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {name} | {fmt(s)} ({verdict}) |", flush=True)
+            print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {name} | {fmt(s)} ({verdict(spec, s)}) |",
+                  flush=True)
 
 
 def class_token_gate(h: q.Harness, rank: int = 16, sharpness: float = 3.0, ridge: float = 0.1, steps: int = 300,
@@ -670,9 +676,7 @@ def class_token_gate(h: q.Harness, rank: int = 16, sharpness: float = 3.0, ridge
     with torch.no_grad():
         T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
     bank = synthesize_prototypes(model, h.tok, SPEC, ForgetConfig(prototypes_per_cell=per_cell))
-    images = torch.cat([bank.images[(c, d)] for c in C for d in D])
-    ci = torch.arange(len(C)).repeat_interleave(len(D) * per_cell)
-    di = torch.arange(len(D)).repeat_interleave(per_cell).repeat(len(C))
+    images, ci, di = prototype_set(bank, per_cell)
     with torch.no_grad():
         M, M_test = (_inputs_of(model, blk.ln_2, x)[:, 0] for x in (images, h.images))
         L, L_test = blk.ln_2(M), blk.ln_2(M_test)
@@ -696,25 +700,17 @@ def class_token_gate(h: q.Harness, rank: int = 16, sharpness: float = 3.0, ridge
         spec = q.spec_for(m, fc, fd)
         fm = torch.tensor([(C[c], D[d]) in spec.forget_cells for c, d in zip(ci.tolist(), di.tolist())])
         dom = torch.tensor([D.index(d) for d in fd])
-        det = linear_detector(L, torch.isin(di, dom), ridge)
-        with torch.no_grad():                  # the detector as an affine function of ln_2(x)
-            b = det(torch.zeros(1, L.shape[1]))[0]
-            w = det(torch.eye(L.shape[1])) - b
+        w, b = linear_detector(L, torch.isin(di, dom), ridge)
+        with torch.no_grad():
             st, yt = L_test @ w + b, torch.isin(h.di, dom)
             p0 = F.log_softmax(scale * embed(M, L) @ T_fit.t(), -1)
         A = (torch.randn(rank, L.shape[1], generator=g) * 0.1).requires_grad_(True)
         Cm = (torch.randn(M.shape[1], rank, generator=g) * 0.01).requires_grad_(True)
-        opt = torch.optim.Adam([A, Cm], lr=3e-3)
-        for _ in range(steps):
-            loss = forget_keep_loss(embed(M, L, w, b, A, Cm), ci, fm, T_fit, scale, p0, keep_weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        fit_params([A, Cm], lambda: embed(M, L, w, b, A, Cm), ci, fm, T_fit, scale, p0, keep_weight, steps)
         with torch.no_grad():
             s = q.score(spec, h.before["held-out"], evaluate_embeddings(embed(M_test, L_test, w, b, A, Cm), T_ho, h))
-        verdict = "meets the targets" if not q.misses(spec, s, 1 / len(C)) else "misses"
         print(f"| {m}: {','.join(fc or ['*'])} @ {','.join(fd)} | {100 * float((st[yt] > 0).float().mean()):.1f} % / "
-              f"{100 * float((st[~yt] > 0).float().mean()):.1f} % | {fmt(s)} ({verdict}) |", flush=True)
+              f"{100 * float((st[~yt] > 0).float().mean()):.1f} % | {fmt(s)} ({verdict(spec, s)}) |", flush=True)
 
 
 def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
