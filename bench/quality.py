@@ -177,8 +177,6 @@ def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "defa
     for mode, fc, fd in requests:
         spec = spec_for(mode, fc, fd)
         what = f"{','.join(fc or ['*'])} @ {','.join(fd or ['*'])}"
-        if h.config.edit == "auto":
-            what += f" ({h.config.edit_for(spec)})"
         try:
             res, patch, secs = h.run(spec)
         except ValueError as e:             # the edit refuses this kind of request: every row misses
@@ -186,6 +184,8 @@ def check_targets(h: Harness, record: bool, requests=REQUESTS, edit: str = "defa
             lines.append(f"| {mode} | {what} | both | | | | | | MISS: refused: {e} |")
             print(lines[-1], flush=True)
             continue
+        if h.config.edit == "auto":
+            what += f" ({patch.info['edit']})"
         check = self_check_summary(patch.info.get("self_check"))
         for name, s in res.items():
             miss = misses(spec, s, chance)

@@ -301,7 +301,7 @@ def cmd_info(args) -> int:
     d = {"file": args.patch, "library_version": p.version, "mode": spec.get("mode"), "edit": info.get("edit"),
          "classes": len(spec.get("classes", [])), "domains": len(spec.get("domains", [])),
          "forget_cells": spec.get("forget_cells"), "config_changed": changed,
-         "entries": [{"name": e.name, "layout": e.layout, "shape": list(_weight_shape(e)), "rank": e.rank}
+         "entries": [{"name": e.name, "layout": e.layout, "shape": list(e.shape), "rank": e.rank}
                      for e in p.entries],
          "timings": p.timings, "self_check": info.get("self_check")}
     if args.json:
@@ -402,11 +402,6 @@ def _number(v: float) -> float | None:
 def _matrix(acc) -> list:
     """Accuracy per [class][domain], None where a cell has no image."""
     return [[_number(v) for v in row] for row in acc.accuracy.tolist()]
-
-
-def _weight_shape(e) -> tuple[int, int]:
-    """(d_out, d_in) of the weight an entry edits."""
-    return e.A.shape[0], e.B.shape[0]
 
 
 def add_request_args(p: argparse.ArgumentParser, forget_optional: bool = False) -> None:

@@ -9,12 +9,20 @@ import dataclasses
 from dataclasses import dataclass
 
 TARGET_PRESETS = ("proj", "proj+mlp", "proj+mlp+attn", "mlp")
-EDITS = ("auto", "project", "class-redirect")
+EDITS = ("auto", "project", "class-redirect", "domain-gate")
 # retain_energy when it is left at None, per edit (measured on the proving ground: README)
 RETAIN_ENERGY = {"project": 0.99, "class-redirect": 0.9999}
 TOKEN_POLICIES = ("pooled", "all")
 SOLVERS = ("auto", "exact", "randomized")
 DTYPES = (None, "float32", "float16", "bfloat16")
+
+
+def whole_domains(spec) -> list[str]:
+    """The domains ``spec`` forgets whole (every class in them, and no cell elsewhere), in the spec's
+    order, when some domain is kept; [] for any other request."""
+    doms = {d for _, d in spec.forget_cells}
+    whole = {(c, d) for c in spec.classes for d in doms} == set(spec.forget_cells)
+    return [d for d in spec.domains if d in doms] if whole and len(doms) < len(spec.domains) else []
 
 
 @dataclass(frozen=True)
@@ -38,14 +46,16 @@ class ForgetConfig:
     retain_energy: float | None = None  # 1 - ε: energy of G_R that the kept subspace U_R must hold;
                                         # None = per edit: 0.99 for "project", 0.9999 for "class-redirect"
     forget_energy: float = 0.95         # energy of the R-free forget moment that U_F must hold
-    max_rank: int = 32                  # cap on k = rank of U_F per layer
+    max_rank: int = 32                  # cap on k = rank of U_F per layer (domain gate: of its gated map)
     solver: str = "auto"                # "exact" eigh, "randomized" range finder, "auto" by d_in
     oversample: int = 10                # randomized range finder: extra columns beyond the rank
     power_iters: int = 2                # randomized range finder: subspace iterations
     alpha: float = 1.0                  # 1 = project the forget directions out fully, 0.5 = halve them
-    edit: str = "auto"                  # "project" the directions out, "class-redirect" (text side), or
+    edit: str = "auto"                  # "project" the directions out, "class-redirect" (text side),
+                                        # "domain-gate" (image side, whole domains, class-token towers), or
                                         # "auto": class-redirect when some class is kept in every domain
-                                        # (and the config allows it), project otherwise (domain-complete)
+                                        # (and the config allows it); for whole domains the domain gate
+                                        # where the model allows it; project otherwise
     redirect_gain: float = 3.0          # class-redirect: how far forgotten prompts move against their class
     retain_weight: float = 1.0          # class-redirect: weight of holding the kept prompts' outputs
     domain_keep_weight: float = 3.0     # class-redirect, class kept in other domains: weight of keeping the
@@ -91,28 +101,39 @@ class ForgetConfig:
         need(self.domain_keep_weight > 0, "domain_keep_weight", "must be > 0")
         need(self.edit != "class-redirect" or (self.use_text and self.targets.startswith("proj")), "edit",
              "class-redirect edits the text projection: it needs use_text=True and a 'proj…' targets preset")
+        need(self.edit != "domain-gate" or (self.use_prototypes and self.prototypes_per_cell > 0), "edit",
+             "domain-gate is fitted on prototypes: it needs use_prototypes=True and prototypes_per_cell ≥ 1")
         need(self.token_policy in TOKEN_POLICIES, "token_policy", f"must be one of {TOKEN_POLICIES}")
         need(self.solver in SOLVERS, "solver", f"must be one of {SOLVERS}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.use_text or self.use_prototypes, "use_text", "use_text and use_prototypes are both off")
         need(isinstance(self.self_check, bool), "self_check", "must be True or False")
 
-    def edit_for(self, spec) -> str:
-        """The edit this config makes on ``spec`` ("project" or "class-redirect"): ``edit`` itself unless
-        it is "auto", which takes the class redirect when some class is kept in every domain (the
-        redirect holds those) and the config can run it (the text projection targeted; prototypes for
-        classes forgotten in some domains only), and the projection otherwise (``domain-complete``)."""
+    def edit_for(self, spec, gate_site: bool = False) -> str:
+        """The edit this config makes on ``spec``: ``edit`` itself unless it is "auto", which takes the
+        class redirect when some class is kept in every domain (the redirect holds those) and the config
+        can run it (the text projection targeted; prototypes for classes forgotten in some domains only);
+        the domain gate when the request forgets whole domains (``domain-complete``), the model has a
+        site for it (``gate_site``: an image tower read out of its class token) and there are
+        prototypes; and the projection otherwise."""
         if self.edit != "auto":
             return self.edit
         forgotten = {c for c, _ in spec.forget_cells}
         kept_everywhere = {c for c, _ in spec.cells} - forgotten
         partly = forgotten & {c for c, _ in spec.retain_cells}
-        can = self.use_text and self.targets.startswith("proj") and (
-            not partly or (self.use_prototypes and self.prototypes_per_cell > 0))
-        return "class-redirect" if kept_everywhere and can else "project"
+        prototypes = self.use_prototypes and self.prototypes_per_cell > 0
+        can = self.use_text and self.targets.startswith("proj") and (not partly or prototypes)
+        if kept_everywhere and can:
+            return "class-redirect"
+        if gate_site and prototypes and whole_domains(spec):
+            return "domain-gate"
+        return "project"
 
-    def retain_energy_for(self, edit: str) -> float:
-        """``retain_energy``, or the measured default of ``edit`` when it is None."""
+    def retain_energy_for(self, edit: str) -> float | None:
+        """``retain_energy``, or the measured default of ``edit`` when it is None (None for the domain
+        gate, which has no kept subspace)."""
+        if edit not in RETAIN_ENERGY:
+            return None
         return RETAIN_ENERGY[edit] if self.retain_energy is None else float(self.retain_energy)
 
     def replace(self, **changes) -> "ForgetConfig":

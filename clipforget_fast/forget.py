@@ -17,16 +17,17 @@ import torch
 from torch import nn
 
 from .capture import GramCapture
-from .config import ForgetConfig
+from .config import ForgetConfig, whole_domains
 from .distributed import World
 from .evaluate import AccuracyMatrix
-from .layers import Layer, context_length, encode_image, find_layers, image_tower_fingerprint
+from .gate import gate_entries, rewired_units
+from .layers import Layer, context_length, encode_image, find_layers, gate_site, image_tower_fingerprint
 from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
 from .redirect import class_shifts, class_targets, pseudo_images, redirect_entry
 from .spec import ForgetSpec
 from .synthesis import SYNTHESIS_FIELDS, PrototypeBank, autocast_dtype, frozen, synthesize
-from .text import class_embeddings, ensemble, tokenize
+from .text import class_embeddings, encode_tokens, ensemble, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,62 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
     return out
 
 
+def _has_gate_site(model) -> bool:
+    try:
+        gate_site(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World) -> Patch:
+    """forget() with the domain gate (gate.py): prompts, prototypes of every cell, the gate's entries
+    (solved on the leading rank, broadcast), self-check."""
+    if not whole_domains(spec):
+        raise ValueError(f"edit='domain-gate' forgets whole domains (every class in them, mode 'domain-complete'); "
+                         f"this request (mode {spec.mode!r}) forgets {len(spec.forget_cells)} cells that are not that")
+    site = gate_site(model)                               # ValueError naming what the tower lacks
+    device = torch.device(config.device) if config.device else next(model.parameters()).device
+    amp = autocast_dtype(config, device)
+    autocast = dict(device_type=device.type, dtype=amp, enabled=amp != torch.float32)
+    timings: dict[str, float] = {}
+    info: dict = {"edit": "domain-gate", "world_size": world.size}
+    cells, P = spec.cells, config.prototypes_per_cell
+    classes = list(spec.classes)
+    with frozen(model):
+        t = time.perf_counter()
+        prompts = [spec.prompts(c) for c in cells]
+        sizes = [len(ps) for ps in prompts]
+        tokens = tokenize(tokenizer, [p for ps in prompts for p in ps], device, context_length(model))
+        with torch.autocast(**autocast):
+            per_prompt = encode_tokens(model, tokens, config.batch_size)
+        cell_text = ensemble(per_prompt, sizes)
+        of_class = torch.tensor([classes.index(c) for c, _ in cells]).repeat_interleave(torch.tensor(sizes))
+        class_emb = torch.nn.functional.normalize(torch.stack(
+            [per_prompt[(of_class == k).to(device)].mean(0) for k in range(len(classes))]), dim=-1)
+        timings["prompts"] = time.perf_counter() - t
+        bank = _prototypes(model, cells, cell_text, config, device, bank, info, timings, world)
+        images = torch.cat([bank.images[c][:P].to(device) for c in cells])
+        forgotten = torch.tensor([c in spec.forget_cells for c in cells]).repeat_interleave(P)
+        t = time.perf_counter()
+        entries, gate = [], None
+        if world.leader:
+            entries, gate = gate_entries(model, site, images, forgotten, class_emb, config.max_rank,
+                                         config.batch_size, autocast, rewired_units(applied_patches(model), site))
+        entries, info["gate"] = world.broadcast((entries, gate))
+        timings["gate"] = time.perf_counter() - t
+    info["timings"] = timings
+    patch = Patch(entries, spec.to_dict(), config.to_dict(), info)
+    info["self_check"] = None
+    if config.self_check:
+        t = time.perf_counter()
+        with frozen(model):
+            info["self_check"] = _self_check(model, tokenizer, spec, patch, images, cells, P, per_prompt, sizes,
+                                             {"visual"}, config, autocast, world)
+        timings["self_check"] = time.perf_counter() - t
+    return patch
+
+
 def synthesize_prototypes(model: nn.Module, tokenizer, spec: ForgetSpec,
                           config: ForgetConfig = ForgetConfig(), *, distributed: bool | None = None,
                           group=None) -> PrototypeBank:
@@ -296,7 +353,9 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     layers = find_layers(model, config.targets, config.last_blocks)
     layers = [l for l in layers if (l.tower == "text" and config.use_text)
               or (l.tower == "visual" and config.use_prototypes and config.prototypes_per_cell > 0)]
-    edit = config.edit_for(spec)
+    edit = config.edit_for(spec, gate_site=_has_gate_site(model))
+    if edit == "domain-gate":
+        return _forget_domain_gate(model, tokenizer, spec, config, prototypes, World(distributed, group))
     redirect = edit == "class-redirect"
     retain_energy = config.retain_energy_for(edit)
     forgotten_classes = {c for c, _ in spec.forget_cells}

@@ -82,9 +82,12 @@ def image_tower_fingerprint(model: nn.Module) -> dict:
 
 
 # the editable weights in both families (open_clip template, its layout, Hugging Face template; every HF
-# weight is "linear"): {i} a block, {p} one of q, k, v (open_clip fuses them into one attn.in_proj_weight,
-# in that row order); open_clip holds the two projections as raw [d_in, d_out] parameters
+# weight is "linear", a bias "bias"): {i} a block, {p} one of q, k, v (open_clip fuses them into one attn.in_proj_weight,
+# in that row order); open_clip holds the two projections as raw [d_in, d_out] parameters. The image MLPs'
+# input weight and bias are edited by the domain gate only (gate.py).
 _COUNTERPARTS = (
+    ("visual.transformer.resblocks.{i}.mlp.c_fc.weight", "linear", "vision_model.encoder.layers.{i}.mlp.fc1.weight"),
+    ("visual.transformer.resblocks.{i}.mlp.c_fc.bias", "bias", "vision_model.encoder.layers.{i}.mlp.fc1.bias"),
     ("visual.proj", "in_out", "visual_projection.weight"),
     ("text_projection", "in_out", "text_projection.weight"),
     ("visual.transformer.resblocks.{i}.mlp.c_proj.weight", "linear", "vision_model.encoder.layers.{i}.mlp.fc2.weight"),
@@ -302,3 +305,53 @@ def context_length(model: nn.Module) -> int | None:
     if is_hf_clip(model):
         return model.config.text_config.max_position_embeddings
     return getattr(model, "context_length", None)
+
+
+@dataclass
+class GateSite:
+    """The last block of an image tower that reads its embedding out of the class token, as the domain
+    gate (gate.py) edits it: the class token's residual ``x`` enters the MLP as ``norm(x)``, and leaves
+    the block as ``x + fc_out(act(fc_in(norm(x))))``; the embedding is ``post_norm(that) @ proj``."""
+    prefix: str               # parameter-name prefix of the MLP, e.g. "visual.transformer.resblocks.11.mlp"
+    in_name: str              # its input weight's suffix: "c_fc" (open_clip) or "fc1" (Hugging Face)
+    out_name: str             # its output weight's suffix: "c_proj" or "fc2"
+    norm: nn.Module           # the LayerNorm in front of the MLP (ln_2 / layer_norm2)
+    fc_in: nn.Linear
+    act: nn.Module            # the MLP's activation (GELU, or QuickGELU in OpenAI's checkpoints)
+    fc_out: nn.Linear
+    post_norm: nn.Module      # the tower's final LayerNorm (ln_post / post_layernorm)
+    proj: torch.Tensor        # [width, embed] the image projection
+    batch_first: bool = True  # layout of the tokens the norm sees
+
+    def name(self, which: str, what: str = "weight") -> str:
+        """The parameter name of the MLP's "in" or "out" weight (or bias)."""
+        return f"{self.prefix}.{self.in_name if which == 'in' else self.out_name}.{what}"
+
+
+def gate_site(model: nn.Module) -> GateSite:
+    """The domain gate's site in ``model``'s image tower; ValueError when the tower does not read its
+    embedding out of the class token through a plain last block (an average-pooled tower, an attention
+    pool, a layer scale or a norm inside the MLP), naming what is in the way."""
+    check_model(model)
+    if is_hf_clip(model):
+        vm = model.vision_model
+        i = len(vm.encoder.layers) - 1
+        blk = vm.encoder.layers[i]
+        return GateSite(f"vision_model.encoder.layers.{i}.mlp", "fc1", "fc2", blk.layer_norm2, blk.mlp.fc1,
+                        blk.mlp.activation_fn, blk.mlp.fc2,
+                        vm.post_layernorm, model.visual_projection.weight.t())
+    vis = model.visual
+    if not pools_first_token(model) or getattr(vis, "attn_pool", None) is not None:
+        raise ValueError("the domain gate needs an image tower that reads its embedding out of the class token; "
+                         f"this one pools {'by attention' if getattr(vis, 'attn_pool', None) is not None else repr(vis.pool_type)}")
+    blocks = list(vis.transformer.resblocks)
+    i = len(blocks) - 1
+    blk = blocks[i]
+    mlp = getattr(blk, "mlp", None)
+    parts = [n for n, _ in mlp.named_children()] if mlp is not None else []
+    if parts != ["c_fc", "gelu", "c_proj"] or not isinstance(getattr(blk, "ls_2", None), nn.Identity):
+        raise ValueError(f"the domain gate needs a plain last block (mlp = c_fc, gelu, c_proj; no layer scale); "
+                         f"visual.transformer.resblocks.{i} has mlp parts {parts} and ls_2 "
+                         f"{type(getattr(blk, 'ls_2', None)).__name__}")
+    return GateSite(f"visual.transformer.resblocks.{i}.mlp", "c_fc", "c_proj", blk.ln_2, mlp.c_fc, mlp.gelu,
+                    mlp.c_proj, vis.ln_post, vis.proj, getattr(vis.transformer, "batch_first", True))

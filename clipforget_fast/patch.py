@@ -4,7 +4,8 @@ For a layer y = W x (W: [d_out, d_in]) and orthonormal forget directions U_F [d_
 
     W' = W (I - α U_F U_Fᵀ) = W + A Bᵀ,     A = -α W U_F  [d_out, k],   B = U_F  [d_in, k]
 
-A raw projection P ([d_in, d_out], y = x P) is W = Pᵀ, so P' = P + B Aᵀ. ``apply`` adds every entry
+A raw projection P ([d_in, d_out], y = x P) is W = Pᵀ, so P' = P + B Aᵀ. A bias b [d_out] (the domain
+gate rewires a few hidden units of an MLP, ``gate.py``) is held as A = the change [d_out, 1], B = [[1]]. ``apply`` adds every entry
 in one dispatch call (one kernel launch on GPU), ``revert`` subtracts it. A patch records a SHA-256 of
 each base tensor and refuses a model whose tensors differ, unless forced; it is saved as safetensors
 with its spec, config and library version in the metadata.
@@ -41,18 +42,25 @@ def tensor_hash(t: torch.Tensor) -> str:
 @dataclass(eq=False)
 class PatchEntry:
     name: str            # parameter name in model.named_parameters()
-    layout: str          # "linear" ([d_out, d_in]) or "in_out" ([d_in, d_out])
+    layout: str          # "linear" ([d_out, d_in]), "in_out" ([d_in, d_out]) or "bias" ([d_out]; k = 1, B = [[1]])
     A: torch.Tensor      # [d_out, k] fp32
-    B: torch.Tensor      # [d_in, k] fp32, orthonormal columns (the forget directions)
+    B: torch.Tensor      # [d_in, k] fp32, orthonormal columns (the directions of the inputs it changes)
     base_hash: str       # tensor_hash of the weight the patch was computed on
 
     @property
     def rank(self) -> int:
         return self.B.shape[1]
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the parameter this entry edits."""
+        if self.layout == "bias":
+            return (self.A.shape[0],)
+        return (self.A.shape[0], self.B.shape[0]) if self.layout == "linear" else (self.B.shape[0], self.A.shape[0])
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L, R) with param += L Rᵀ for this entry's storage layout."""
-        return (self.A, self.B) if self.layout == "linear" else (self.B, self.A)
+        """(L, R) with param += L Rᵀ for this entry's storage layout (a bias seen as [d_out, 1])."""
+        return (self.B, self.A) if self.layout == "in_out" else (self.A, self.B)
 
 
 @dataclass(eq=False)
@@ -104,9 +112,10 @@ class Patch:
             src = torch.cat(ws) if len(ws) > 1 else ws[0].t() if e.layout == "in_out" else ws[0]
             _check_base(e, src, force)
             rows = ws[0].shape[0]
+            layout = "bias" if e.layout == "bias" else "linear"
             for j, (n, w) in enumerate(zip(names, ws)):
                 A = e.A[j * rows:(j + 1) * rows] if len(ws) > 1 else e.A
-                out.append(PatchEntry(n, "linear", A.clone(), e.B.clone(), tensor_hash(w)))
+                out.append(PatchEntry(n, layout, A.clone(), e.B.clone(), tensor_hash(w)))
         return out
 
     def _to_open_clip(self, params: dict, force: bool) -> list[PatchEntry]:
@@ -140,9 +149,8 @@ class Patch:
             p = params.get(e.name)
             if p is None:
                 raise ValueError(f"patch targets {e.name!r}, which this model does not have")
-            want = (e.A.shape[0], e.B.shape[0]) if e.layout == "linear" else (e.B.shape[0], e.A.shape[0])
-            if tuple(p.shape) != want:
-                raise ValueError(f"patch entry {e.name!r} expects shape {want}, model has {tuple(p.shape)}")
+            if tuple(p.shape) != e.shape:
+                raise ValueError(f"patch entry {e.name!r} expects shape {e.shape}, model has {tuple(p.shape)}")
             out.append(p)
         return out
 
@@ -153,7 +161,8 @@ class Patch:
             lefts.append(L.to(p.device))
             rights.append(R.to(p.device))
         with torch.no_grad():
-            dispatch.lowrank_update_([p.data for p in params], lefts, rights, scale)
+            dispatch.lowrank_update_([p.data.view(-1, 1) if p.dim() == 1 else p.data for p in params], lefts, rights,
+                                     scale)
 
     def apply(self, model: nn.Module, force: bool = False) -> nn.Module:
         """Add the patch to ``model``'s weights in place; returns the model.

@@ -298,3 +298,26 @@ def test_patch_converted_to_the_other_family(oc_tokenizer, vocab, source):
     assert len(patch.converted(other, force=True).entries) == len(moved.entries)
     again = patch.converted(src)                # already this family: a copy
     assert [e.name for e in again.entries] == [e.name for e in patch.entries]
+
+
+def test_domain_gate_on_hf_and_converted(vocab):
+    """The domain gate finds its site in a Hugging Face CLIPModel (layer_norm2, fc1, fc2, post_layernorm,
+    visual_projection), and its patch (fc1's weight and bias, fc2's weight) converts to open_clip's
+    c_fc / c_proj with the same edited image features."""
+    oc = make_tiny_clip()
+    hf, tok = to_hf(oc), hf_tokenizer()
+    patch = forget(hf, tok, ForgetSpec(*vocab, forget_domains=["sketch"]), ForgetConfig(prototypes_per_cell=2, steps=8))
+    assert patch.info["edit"] == "domain-gate"
+    mlp = "vision_model.encoder.layers.1.mlp"
+    assert [e.name for e in patch.entries] == [f"{mlp}.fc1.weight", f"{mlp}.fc1.bias", f"{mlp}.fc2.weight"]
+    moved = patch.converted(oc)
+    oc_mlp = "visual.transformer.resblocks.1.mlp"
+    assert [(e.name, e.layout) for e in moved.entries] == [(f"{oc_mlp}.c_fc.weight", "linear"),
+                                                           (f"{oc_mlp}.c_fc.bias", "bias"),
+                                                           (f"{oc_mlp}.c_proj.weight", "linear")]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        plain = encode_image(oc, x)
+        with patch.applied(hf), moved.applied(oc):
+            torch.testing.assert_close(encode_image(hf, x), encode_image(oc, x), atol=2e-5, rtol=0)
+            assert (encode_image(oc, x) - plain).abs().max() > 1e-3

@@ -1,0 +1,208 @@
+"""Domain gate: a data-free image-side edit that forgets whole visual domains (``domain-complete``) in a
+model whose image tower reads its embedding out of the class token (open_clip ``pool_type="tok"``, the
+OpenAI and LAION ViTs, Hugging Face ``CLIPModel``).
+
+A projection of the image tower's weights acts on every image alike, so it cannot take the sketches of
+every class away and leave the photos of the same classes alone. Something in the tower has to tell the
+forgotten domains' images from the others per image, and act on those only. The last block's MLP sees
+one image's class token x through its LayerNorm, ℓ = norm(x), and m = r + 1 of its hidden units (the
+ones the prototypes use least) are rewired:
+
+    unit 0:      pre-activation  s·g(ℓ)                      output column  -(c_1 + … + c_r)/ε
+    unit j ≥ 1:  pre-activation  s·g(ℓ) + ε(a_jᵀℓ + α_j)     output column   c_j/ε
+
+g(ℓ) = wᵀℓ + b is a logistic detector of the forgotten domains fitted on the prototypes' ℓ. Where
+s·g ≪ 0 every rewired unit is off (GELU and QuickGELU are ≈ 0 far below 0); where s·g ≫ 0 they are
+linear and the block's output gains Σ_j c_j (a_jᵀℓ + α_j) = C (A ℓ + α), a rank-r affine map acting on
+the detected images only; ε keeps |ε(a_jᵀℓ + α_j)| at most half of the gate's typical s·g.
+
+The map is derived, not trained. For a class token y leaving the block, the embedding is
+e = post_norm(y) @ proj and the class logits are T e (T: the classes' text embeddings). The smallest
+change of y's centred part that scores every class alike (including the constant that post_norm's
+bias adds) is computed per prototype, in closed form (``neutral_shift``); C (A ℓ + α) is the rank-r
+ridge least-squares fit of those changes from ℓ over all prototypes (the same function for every image:
+the gate decides where it acts). The patch edits three tensors of that MLP (input weight and bias:
+m rows; output weight: m columns), reversibly like any other patch. The tower's other tokens pass the
+rewired units too; a class-token tower does not read them, but their features change.
+
+What it needs: prototypes that a linear read of the class token tells apart by domain as real images
+are (bench/RESULTS.md measures where that holds), and a hidden layer wider than m.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .layers import GateSite, encode_image
+from .patch import PatchEntry, tensor_hash
+
+GATE_LEVEL = 8.0      # s is chosen so that the detected prototypes' median pre-activation s·g is this
+ACTION_SHARE = 0.5    # ε keeps every |ε(a_jᵀℓ + α_j)| on the prototypes within this share of GATE_LEVEL
+
+
+@torch.no_grad()
+def capture(model, site: GateSite, images: torch.Tensor, batch_size: int, autocast: dict):
+    """(x [n, width], h [n, hidden]) fp32 for ``images``: the class token's residual entering the last
+    block's MLP norm, and the MLP's hidden activations of that token."""
+    xs, hs = [], []
+
+    def first(t):
+        return (t[:, 0] if site.batch_first else t[0]).float()
+
+    hooks = [site.norm.register_forward_pre_hook(lambda m, a: xs.append(first(a[0]))),
+             site.fc_out.register_forward_pre_hook(lambda m, a: hs.append(first(a[0])))]
+    try:
+        with torch.autocast(**autocast):
+            for i in range(0, len(images), batch_size):
+                encode_image(model, images[i:i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(xs), torch.cat(hs)
+
+
+def layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """``norm`` (a LayerNorm) applied in fp32."""
+    return F.layer_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.bias.float(), norm.eps)
+
+
+def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A logistic-regression detector of ``labels`` [n] bool from ``feats`` [n, f] (features standardized,
+    L2 penalty ``ridge`` on the standardized weights, L-BFGS from zero: deterministic); returned on the
+    raw features as (w [f], b [] ): logit = feats @ w + b."""
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
+    z = (feats - mu) / sd
+    w = torch.zeros(feats.shape[1], dtype=feats.dtype, device=feats.device, requires_grad=True)
+    b = torch.zeros((), dtype=feats.dtype, device=feats.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+    y = labels.to(feats.dtype)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + ridge * w.pow(2).sum() / len(y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w = w.detach() / sd
+    return w, b.detach() - mu @ w
+
+
+def neutral_shift(y: torch.Tensor, post_norm, proj: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    """[n, width] the smallest change Δ of the centred part of each class token ``y`` [n, width] after
+    which ``post_norm(y + Δ) @ proj`` scores every row of ``class_emb`` [k, E] (normalized here, as a
+    zero-shot classifier's rows are) alike.
+
+    With γ, β post_norm's scale and bias, u = y + Δ centred and σ = ‖u‖/√width, the logits are
+    T proj̃ᵀ(γ ⊙ u)/σ + T proj̃ᵀβ (proj̃: proj as [width, E]); every class scores alike when the centred
+    classes T_c = T - mean(T) see K u = -σ T_c projᵀβ, K = T_c projᵀ diag(γ) (centring). u keeps y's part
+    in K's null space and takes u∥ = -σ K⁺ T_c projᵀβ, with σ solved from ‖u‖² = width σ²."""
+    y = y.float()
+    width = y.shape[1]
+    gamma, beta = post_norm.weight.float(), post_norm.bias.float()
+    P, T = proj.float(), F.normalize(class_emb.float(), dim=-1)
+    Tc = T - T.mean(0)
+    K = (Tc @ P.t()) * gamma[None]                      # [k, width]
+    K = K - K.mean(1, keepdim=True)                     # acts on centred vectors
+    Kp = torch.linalg.pinv(K, rtol=1e-6)                # [width, k]
+    q = Kp @ (Tc @ (beta @ P))                          # [width]: the bias's share, per unit of σ
+    room = width - float(q @ q)
+    if room <= 0.5 * width:                             # the bias cannot be neutralized by a centred u
+        q, room = torch.zeros_like(q), float(width)
+    yc = y - y.mean(1, keepdim=True)
+    perp = yc - (yc @ K.t()) @ Kp.t()                   # y's centred part outside K's row space
+    sigma = perp.norm(dim=1, keepdim=True) / math.sqrt(room)
+    return perp - sigma * q[None] - yc
+
+
+def reduced_rank_fit(X: torch.Tensor, Y: torch.Tensor, rank: int, ridge: float = 1e-3):
+    """The rank-``rank`` affine map ℓ ↦ C (A ℓ + α) closest to Y [n, d] from X [n, f] in ridge least
+    squares (the full ridge solution, then its fitted values' leading right singular vectors). Returns
+    (A [r, f], α [r], C [d, r] with orthonormal columns, R² of the fit)."""
+    Xa = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=X.device)], 1)
+    G = Xa.t() @ Xa
+    lam = ridge * float(torch.trace(G)) / G.shape[0]
+    Bfull = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device), Xa.t() @ Y)
+    _, _, Vh = torch.linalg.svd(Xa @ Bfull, full_matrices=False)
+    C = Vh[:rank].t()                                   # [d, r]
+    Aa = (Bfull @ C).t()                                # [r, f + 1]
+    resid = Y - (Xa @ Aa.t()) @ C.t()
+    r2 = 1 - float(resid.pow(2).sum() / (Y - Y.mean(0)).pow(2).sum().clamp_min(1e-30))
+    return Aa[:, :-1], Aa[:, -1], C, r2
+
+
+@torch.no_grad()
+def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.Tensor, class_emb: torch.Tensor,
+                 rank: int, batch_size: int, autocast: dict, taken=()) -> tuple[list[PatchEntry], dict]:
+    """The domain gate's patch entries (see the module docstring) and what it measured on the prototypes.
+
+    images:    [n, 3, H, W] the prototypes of every cell of the request.
+    forgotten: [n] bool, whether a prototype's cell lies in a forgotten domain.
+    class_emb: [k, E] normalized class embeddings (the zero-shot classifier the action neutralizes).
+    rank:      r, the rank of the gated map (r + 1 units are rewired).
+    taken:     hidden units not to rewire (those of gates already applied: ``rewired_units``).
+    """
+    forgotten = forgotten.to(images.device)
+    if forgotten.all() or not forgotten.any():
+        raise ValueError("the domain gate needs prototypes of both the forgotten and the kept domains")
+    x, h = capture(model, site, images, batch_size, autocast)
+    W1, b1 = site.fc_in.weight.detach().float(), site.fc_in.bias.detach().float()
+    W2 = site.fc_out.weight.detach().float()
+    hidden, width = W1.shape
+    r = min(rank, class_emb.shape[0] - 1, width - 1)
+    if r < 1:
+        raise ValueError("the domain gate needs at least two classes to neutralize")
+    taken = sorted(set(taken))
+    if hidden - len(taken) <= r + 1:
+        raise ValueError(f"the domain gate rewires {r + 1} hidden units; the MLP has {hidden}"
+                         + (f", {len(taken)} of them rewired by gates already applied" if taken else ""))
+    ell = layer_norm(x, site.norm)
+    usage = h.abs().mean(0) * W2.norm(dim=0)
+    free = usage.clone()
+    free[taken] = float("inf")
+    units = free.argsort()[:r + 1].sort().values
+    w, b = detector(ell, forgotten)
+    g = ell @ w + b
+    caught, flagged = float((g[forgotten] > 0).float().mean()), float((g[~forgotten] > 0).float().mean())
+    # the class token leaving the block without the rewired units' old contributions, and its neutral shift
+    y = x + h @ W2.t() + site.fc_out.bias.detach().float() - h[:, units] @ W2[:, units].t()
+    delta = neutral_shift(y, site.post_norm, site.proj.detach(), class_emb.to(y.device))
+    A, alpha, C, r2 = reduced_rank_fit(ell, delta, r)
+    g_on = g[forgotten & (g > 0)]
+    s = GATE_LEVEL / float(g_on.median()) if len(g_on) else 1.0
+    v = ell @ A.t() + alpha
+    eps = ACTION_SHARE * GATE_LEVEL / float(v.abs().max().clamp_min(1e-12))
+    # new rows of the input weight and bias, new columns of the output weight, for the m units
+    rows = s * w[None].expand(r + 1, width).clone()
+    rows[1:] += eps * A
+    bias = torch.full((r + 1,), s * float(b), dtype=rows.dtype, device=rows.device)
+    bias[1:] += eps * alpha
+    cols = torch.cat([-C.sum(1, keepdim=True), C], 1) / eps      # [width, m]
+    E = torch.zeros(hidden, r + 1, dtype=rows.dtype, device=rows.device)
+    E[units, torch.arange(r + 1, device=rows.device)] = 1.0
+    Q, R = torch.linalg.qr((rows - W1[units]).t())                # ΔW1 = E Rᵀ Qᵀ
+    db = torch.zeros(hidden, 1, dtype=rows.dtype, device=rows.device)
+    db[units, 0] = bias - b1[units]
+    entries = [
+        PatchEntry(site.name("in"), "linear", (E @ R.t()).cpu(), Q.contiguous().cpu(), tensor_hash(site.fc_in.weight)),
+        PatchEntry(site.name("in", "bias"), "bias", db.cpu(), torch.ones(1, 1), tensor_hash(site.fc_in.bias)),
+        PatchEntry(site.name("out"), "linear", (cols - W2[:, units]).cpu(), E.cpu(), tensor_hash(site.fc_out.weight)),
+    ]
+    info = {"units": units.tolist(), "rank": r, "sharpness": round(s, 6), "action_scale": round(eps, 6),
+            "prototypes_caught": round(caught, 4), "prototypes_flagged": round(flagged, 4),
+            "action_fit_r2": round(r2, 4),
+            "units_share_of_mlp_output": round(float(usage[units].sum() / usage.sum()), 6)}
+    return entries, info
+
+
+def rewired_units(patches, site: GateSite) -> list[int]:
+    """The hidden units of ``site``'s MLP that the gates among ``patches`` rewire (their input-weight rows)."""
+    units = set()
+    for p in patches:
+        for e in p.entries:
+            if e.name == site.name("in"):
+                units.update(torch.nonzero(e.A.abs().sum(1)).flatten().tolist())
+    return sorted(units)

@@ -1,0 +1,128 @@
+"""The domain gate (clipforget_fast/gate.py): the neutral shift, the gate's on/off behaviour on a tiny
+random open_clip model, its patch (bias entries included) and the requests and towers it refuses."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipforget_fast import ForgetConfig, ForgetSpec, Patch, forget
+from clipforget_fast.gate import gate_entries, neutral_shift, rewired_units
+from clipforget_fast.layers import encode_image, gate_site
+
+from conftest import make_tiny_clip
+
+OFF = dict(device_type="cpu", enabled=False)
+
+
+def scores(emb, T):
+    return F.normalize(emb, dim=-1) @ F.normalize(T, dim=-1).t()
+
+
+def test_neutral_shift_scores_every_class_alike():
+    torch.manual_seed(1)
+    width, E, k = 24, 16, 6
+    ln = nn.LayerNorm(width)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_(0, 0.3)             # the bias alone favours some classes: the shift must undo that too
+    proj, T, y = torch.randn(width, E), torch.randn(k, E), 3 * torch.randn(10, width) + 1
+    with torch.no_grad():
+        d = neutral_shift(y, ln, proj, T)
+        before, after = scores(ln(y) @ proj, T), scores(ln(y + d) @ proj, T)
+    spread = lambda s: (s.max(1).values - s.min(1).values)   # noqa: E731
+    assert spread(before).min() > 0.1
+    assert spread(after).max() < 1e-4
+    # the part of y's centred vector that no class reads is kept as it is
+    Tn = F.normalize(T, dim=-1)
+    K = (Tn - Tn.mean(0)) @ proj.t() * ln.weight[None]
+    K = K - K.mean(1, keepdim=True)
+    null = torch.eye(width) - torch.linalg.pinv(K) @ K
+    yc = y - y.mean(1, keepdim=True)
+    u = (y + d) - (y + d).mean(1, keepdim=True)
+    torch.testing.assert_close(u @ null.t(), yc @ null.t(), atol=1e-4, rtol=0)
+
+
+def domain_images(n, marked, seed):
+    """Random images; the "marked" domain carries a bright red stripe a linear read tells apart."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g) * 0.5
+    if marked:
+        x[:, 0, 8:24] += 2.5
+    return x
+
+
+def test_gate_acts_on_the_detected_domain_only():
+    model = make_tiny_clip()
+    site = gate_site(model)
+    T = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+    fit = torch.cat([domain_images(40, False, 0), domain_images(40, True, 1)])
+    forgotten = torch.arange(80) >= 40
+    entries, info = gate_entries(model, site, fit, forgotten, T, rank=8, batch_size=64, autocast=OFF)
+    assert info["rank"] == 4 and len(info["units"]) == 5          # k - 1 classes to neutralize
+    assert info["prototypes_caught"] == 1.0 and info["prototypes_flagged"] == 0.0
+    assert info["action_fit_r2"] > 0.9
+    # units already rewired (by an applied gate) are left alone; the next least used take their place
+    _, other = gate_entries(model, site, fit, forgotten, T, rank=8, batch_size=64, autocast=OFF,
+                            taken=info["units"][:2])
+    assert set(info["units"][2:]) < set(other["units"]) and not set(other["units"]) & set(info["units"][:2])
+    patch = Patch(entries)
+    kept, gone = domain_images(30, False, 10), domain_images(30, True, 11)      # fresh images
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = [encode_image(model, x) for x in (kept, gone)]
+        patch.apply(model)
+        after = [encode_image(model, x) for x in (kept, gone)]
+        patch.revert(model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], atol=1e-5, rtol=0)
+    # the kept domain's embeddings stay (the rewired units' old share is all they lose) ...
+    assert F.cosine_similarity(before[0], after[0]).min() > 0.99
+    # ... and the forgotten domain's images score the classes almost alike
+    spread = lambda s: (s.max(1).values - s.min(1).values)   # noqa: E731
+    assert spread(scores(after[1], T)).mean() < 0.2 * spread(scores(before[1], T)).mean()
+
+
+def test_forget_with_the_gate_saves_reloads_and_refuses(tmp_path, tokenizer, vocab):
+    model = make_tiny_clip()
+    spec = ForgetSpec(*vocab, forget_domains=["sketch", "pixel_art"])
+    cfg = ForgetConfig(prototypes_per_cell=2, steps=8, edit="domain-gate")
+    patch = forget(model, tokenizer, spec, cfg)
+    assert patch.info["edit"] == "domain-gate" and patch.info["gate"]["rank"] == len(vocab[0]) - 1
+    assert [e.layout for e in patch.entries] == ["linear", "bias", "linear"]
+    assert patch.info["self_check"]["forgotten"]["before"] >= 0
+    again = Patch.load(patch.save(tmp_path / "gate.safetensors"))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        with patch.applied(model):
+            a = encode_image(model, x)
+        with again.applied(model):
+            b = encode_image(model, x)
+        assert (a - encode_image(model, x)).abs().max() > 1e-3
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="forgets whole domains"):
+        forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"]), cfg)
+    model.visual.pool_type = "avg"
+    with pytest.raises(ValueError, match="class token; this one pools 'avg'"):
+        forget(model, tokenizer, spec, cfg)
+    with pytest.raises(ValueError, match="domain-gate is fitted on prototypes"):
+        ForgetConfig(edit="domain-gate", prototypes_per_cell=0)
+
+
+def test_a_second_gate_takes_other_units_and_both_revert(tokenizer, vocab):
+    """Forget sketch, then pixel art on the patched model: the second gate rewires units the first left
+    alone (else it would undo it), and the patches revert in reverse order to the base weights."""
+    model = make_tiny_clip()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = ForgetConfig(prototypes_per_cell=2, steps=8)
+    first = forget(model, tokenizer, ForgetSpec(*vocab, forget_domains=["sketch"]), cfg)
+    first.apply(model)
+    second = forget(model, tokenizer, ForgetSpec(*vocab, forget_domains=["pixel_art"]), cfg)
+    assert second.info["edit"] == "domain-gate"
+    site = gate_site(model)
+    assert rewired_units([first], site) == first.info["gate"]["units"]
+    assert not set(first.info["gate"]["units"]) & set(second.info["gate"]["units"])
+    second.apply(model)
+    second.revert(model)
+    first.revert(model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], atol=1e-5, rtol=0)
