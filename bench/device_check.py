@@ -43,8 +43,9 @@ from common import machine, measure  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Weight shapes of ViT-H-14 layers (d=1280 image tower, d=1024 text tower) plus a ragged one.
-REAL_LAYERS = [(3840, 1280), (1280, 1280), (5120, 1280), (1280, 5120), (1024, 4096), (1281, 777)]
-QUICK_LAYERS = [(7, 33), (70, 150), (131, 17)]
+# the last of each: a bias seen as a [d, 1] column (the domain gate's "bias" entries)
+REAL_LAYERS = [(3840, 1280), (1280, 1280), (5120, 1280), (1280, 5120), (1024, 4096), (1281, 777), (5120, 1)]
+QUICK_LAYERS = [(7, 33), (70, 150), (131, 17), (29, 1)]
 
 
 def open_clip_or_exit():

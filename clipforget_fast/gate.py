@@ -65,13 +65,14 @@ def capture(model, site: GateSite, images: torch.Tensor, batch_size: int, autoca
 
 def layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
     """``norm`` (a LayerNorm) applied in fp32."""
-    return F.layer_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.bias.float(), norm.eps)
+    return F.layer_norm(x.float(), x.shape[-1:], norm.weight.detach().float(), norm.bias.detach().float(), norm.eps)
 
 
 def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """A logistic-regression detector of ``labels`` [n] bool from ``feats`` [n, f] (features standardized,
     L2 penalty ``ridge`` on the standardized weights, L-BFGS from zero: deterministic); returned on the
     raw features as (w [f], b [] ): logit = feats @ w + b."""
+    feats = feats.detach()
     mu, sd = feats.mean(0), feats.std(0) + 1e-6
     z = (feats - mu) / sd
     w = torch.zeros(feats.shape[1], dtype=feats.dtype, device=feats.device, requires_grad=True)

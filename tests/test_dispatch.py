@@ -98,7 +98,7 @@ def test_cpp_kernel_matches_reference(monkeypatch):
     monkeypatch.setenv("CLIPFORGET_BACKEND", "cpp")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for k in (1, 5, 32):
-            ws = [torch.randn(s).to(dtype) for s in [(7, 33), (70, 130), (131, 64), (1, 5)]]
+            ws = [torch.randn(s).to(dtype) for s in [(7, 33), (70, 130), (131, 64), (1, 5), (9, 1)]]
             lefts = [torch.randn(w.shape[0], k) for w in ws]
             rights = [torch.randn(w.shape[1], k) for w in ws]
             exact = [w.to(torch.float32, copy=True) for w in ws]

@@ -108,8 +108,10 @@ def test_lowrank_update_matches_reference(interp, dtype, k):
 
 
 def test_lowrank_update_mixed_dtypes_and_ranks(interp):
-    ws = [torch.randn(9, 21), torch.randn(33, 8).half(), torch.randn(17, 19), torch.randn(5, 40).half()]
-    ks = [1, 17, 0, 2]
+    # the last two: biases seen as [d, 1] columns (a patch's "bias" entries)
+    ws = [torch.randn(9, 21), torch.randn(33, 8).half(), torch.randn(17, 19), torch.randn(5, 40).half(),
+          torch.randn(13).view(-1, 1), torch.randn(29).half().view(-1, 1)]
+    ks = [1, 17, 0, 2, 1, 1]
     lefts = [torch.randn(w.shape[0], k) for w, k in zip(ws, ks)]
     rights = [torch.randn(w.shape[1], k, dtype=torch.float64) for w, k in zip(ws, ks)]
     ref = [w.clone() for w in ws]
