@@ -17,12 +17,14 @@ SOLVERS = ("auto", "exact", "randomized")
 DTYPES = (None, "float32", "float16", "bfloat16")
 
 
-def whole_domains(spec) -> list[str]:
-    """The domains ``spec`` forgets whole (every class in them, and no cell elsewhere), in the spec's
-    order, when some domain is kept; [] for any other request."""
+def gated_request(spec) -> tuple[list[str], list[str]] | None:
+    """(classes, domains) when ``spec`` forgets those classes in those domains and nothing else (every
+    cell of the product, and some domain kept): the requests the domain gate can take; None otherwise."""
+    cls = {c for c, _ in spec.forget_cells}
     doms = {d for _, d in spec.forget_cells}
-    whole = {(c, d) for c in spec.classes for d in doms} == set(spec.forget_cells)
-    return [d for d in spec.domains if d in doms] if whole and len(doms) < len(spec.domains) else []
+    if {(c, d) for c in cls for d in doms} != set(spec.forget_cells) or len(doms) == len(spec.domains):
+        return None
+    return [c for c in spec.classes if c in cls], [d for d in spec.domains if d in doms]
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class ForgetConfig:
         can = self.use_text and self.targets.startswith("proj") and (not partly or prototypes)
         if kept_everywhere and can:
             return "class-redirect"
-        if gate_site and prototypes and whole_domains(spec):
+        if gate_site and prototypes and gated_request(spec) and not kept_everywhere:
             return "domain-gate"
         return "project"
 

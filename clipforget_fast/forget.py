@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .capture import GramCapture
-from .config import ForgetConfig, whole_domains
+from .config import ForgetConfig, gated_request
 from .distributed import World
 from .evaluate import AccuracyMatrix
 from .gate import gate_entries, rewired_units
@@ -268,9 +268,11 @@ def _has_gate_site(model) -> bool:
 def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World) -> Patch:
     """forget() with the domain gate (gate.py): prompts, prototypes of every cell, the gate's entries
     (solved on the leading rank, broadcast), self-check."""
-    if not whole_domains(spec):
-        raise ValueError(f"edit='domain-gate' forgets whole domains (every class in them, mode 'domain-complete'); "
-                         f"this request (mode {spec.mode!r}) forgets {len(spec.forget_cells)} cells that are not that")
+    gated = gated_request(spec)
+    if gated is None:
+        raise ValueError("edit='domain-gate' forgets some classes (or all) in some domains (the forgotten cells "
+                         f"must be every pair of their classes and domains, with a domain kept); this request "
+                         f"(mode {spec.mode!r}) forgets {len(spec.forget_cells)} cells that are not that")
     site = gate_site(model)                               # ValueError naming what the tower lacks
     device = torch.device(config.device) if config.device else next(model.parameters()).device
     amp = autocast_dtype(config, device)
@@ -293,12 +295,13 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         timings["prompts"] = time.perf_counter() - t
         bank = _prototypes(model, cells, cell_text, config, device, bank, info, timings, world)
         images = torch.cat([bank.images[c][:P].to(device) for c in cells])
-        forgotten = torch.tensor([c in spec.forget_cells for c in cells]).repeat_interleave(P)
+        forgotten = torch.tensor([d in gated[1] for _, d in cells]).repeat_interleave(P)   # the gate's domains
         t = time.perf_counter()
         entries, gate = [], None
         if world.leader:
             entries, gate = gate_entries(model, site, images, forgotten, class_emb, config.max_rank,
-                                         config.batch_size, autocast, rewired_units(applied_patches(model), site))
+                                         config.batch_size, autocast, rewired_units(applied_patches(model), site),
+                                         neutralize=[classes.index(c) for c in gated[0]])
         entries, info["gate"] = world.broadcast((entries, gate))
         timings["gate"] = time.perf_counter() - t
     info["timings"] = timings

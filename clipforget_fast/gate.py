@@ -92,20 +92,25 @@ def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = 0.1) -> t
     return w, b.detach() - mu @ w
 
 
-def neutral_shift(y: torch.Tensor, post_norm, proj: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+def neutral_shift(y: torch.Tensor, post_norm, proj: torch.Tensor, class_emb: torch.Tensor,
+                  neutralize=None) -> torch.Tensor:
     """[n, width] the smallest change Δ of the centred part of each class token ``y`` [n, width] after
     which ``post_norm(y + Δ) @ proj`` scores every row of ``class_emb`` [k, E] (normalized here, as a
-    zero-shot classifier's rows are) alike.
+    zero-shot classifier's rows are) alike; with ``neutralize`` (class indices), after which those
+    classes score the mean of all k (so none of them wins, and the others keep their order as far as
+    their directions are apart from those).
 
     With γ, β post_norm's scale and bias, u = y + Δ centred and σ = ‖u‖/√width, the logits are
-    T proj̃ᵀ(γ ⊙ u)/σ + T proj̃ᵀβ (proj̃: proj as [width, E]); every class scores alike when the centred
-    classes T_c = T - mean(T) see K u = -σ T_c projᵀβ, K = T_c projᵀ diag(γ) (centring). u keeps y's part
-    in K's null space and takes u∥ = -σ K⁺ T_c projᵀβ, with σ solved from ‖u‖² = width σ²."""
+    T proj̃ᵀ(γ ⊙ u)/σ + T proj̃ᵀβ (proj̃: proj as [width, E]); the classes in question score the mean when
+    their rows of T_c = T - mean(T) see K u = -σ T_c projᵀβ, K = T_c projᵀ diag(γ) (centring). u keeps y's
+    part in K's null space and takes u∥ = -σ K⁺ T_c projᵀβ, with σ solved from ‖u‖² = width σ²."""
     y = y.float()
     width = y.shape[1]
-    gamma, beta = post_norm.weight.float(), post_norm.bias.float()
-    P, T = proj.float(), F.normalize(class_emb.float(), dim=-1)
+    gamma, beta = post_norm.weight.detach().float(), post_norm.bias.detach().float()
+    P, T = proj.detach().float(), F.normalize(class_emb.float(), dim=-1)
     Tc = T - T.mean(0)
+    if neutralize is not None:
+        Tc = Tc[torch.as_tensor(neutralize, dtype=torch.long, device=Tc.device)]
     K = (Tc @ P.t()) * gamma[None]                      # [k, width]
     K = K - K.mean(1, keepdim=True)                     # acts on centred vectors
     Kp = torch.linalg.pinv(K, rtol=1e-6)                # [width, k]
@@ -137,13 +142,15 @@ def reduced_rank_fit(X: torch.Tensor, Y: torch.Tensor, rank: int, ridge: float =
 
 @torch.no_grad()
 def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.Tensor, class_emb: torch.Tensor,
-                 rank: int, batch_size: int, autocast: dict, taken=()) -> tuple[list[PatchEntry], dict]:
+                 rank: int, batch_size: int, autocast: dict, taken=(), neutralize=None) -> tuple[list[PatchEntry], dict]:
     """The domain gate's patch entries (see the module docstring) and what it measured on the prototypes.
 
     images:    [n, 3, H, W] the prototypes of every cell of the request.
     forgotten: [n] bool, whether a prototype's cell lies in a forgotten domain.
     class_emb: [k, E] normalized class embeddings (the zero-shot classifier the action neutralizes).
-    rank:      r, the rank of the gated map (r + 1 units are rewired).
+    rank:      r, the rank of the gated map (r + 1 units are rewired), at most k - 1 (all classes
+               neutralized) or the number of classes in ``neutralize``.
+    neutralize: class indices (rows of class_emb) the gated images must not be recognized as; None: all.
     taken:     hidden units not to rewire (those of gates already applied: ``rewired_units``).
     """
     forgotten = forgotten.to(images.device)
@@ -153,9 +160,12 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     W1, b1 = site.fc_in.weight.detach().float(), site.fc_in.bias.detach().float()
     W2 = site.fc_out.weight.detach().float()
     hidden, width = W1.shape
-    r = min(rank, class_emb.shape[0] - 1, width - 1)
-    if r < 1:
-        raise ValueError("the domain gate needs at least two classes to neutralize")
+    k = class_emb.shape[0]
+    if neutralize is not None and len(set(neutralize)) == k:
+        neutralize = None                               # every class: the same as all alike
+    r = min(rank, k - 1 if neutralize is None else len(set(neutralize)), width - 1)
+    if k < 2 or r < 1:
+        raise ValueError("the domain gate needs at least two classes, and one to neutralize")
     taken = sorted(set(taken))
     if hidden - len(taken) <= r + 1:
         raise ValueError(f"the domain gate rewires {r + 1} hidden units; the MLP has {hidden}"
@@ -170,7 +180,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     caught, flagged = float((g[forgotten] > 0).float().mean()), float((g[~forgotten] > 0).float().mean())
     # the class token leaving the block without the rewired units' old contributions, and its neutral shift
     y = x + h @ W2.t() + site.fc_out.bias.detach().float() - h[:, units] @ W2[:, units].t()
-    delta = neutral_shift(y, site.post_norm, site.proj.detach(), class_emb.to(y.device))
+    delta = neutral_shift(y, site.post_norm, site.proj, class_emb.to(y.device), neutralize)
     A, alpha, C, r2 = reduced_rank_fit(ell, delta, r)
     g_on = g[forgotten & (g > 0)]
     s = GATE_LEVEL / float(g_on.median()) if len(g_on) else 1.0
@@ -192,7 +202,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
         PatchEntry(site.name("in", "bias"), "bias", db.cpu(), torch.ones(1, 1), tensor_hash(site.fc_in.bias)),
         PatchEntry(site.name("out"), "linear", (cols - W2[:, units]).cpu(), E.cpu(), tensor_hash(site.fc_out.weight)),
     ]
-    info = {"units": units.tolist(), "rank": r, "sharpness": round(s, 6), "action_scale": round(eps, 6),
+    info = {"units": units.tolist(), "rank": r, "neutralized": "all" if neutralize is None else sorted(set(neutralize)), "sharpness": round(s, 6), "action_scale": round(eps, 6),
             "prototypes_caught": round(caught, 4), "prototypes_flagged": round(flagged, 4),
             "action_fit_r2": round(r2, 4),
             "units_share_of_mlp_output": round(float(usage[units].sum() / usage.sum()), 6)}

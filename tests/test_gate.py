@@ -32,6 +32,11 @@ def test_neutral_shift_scores_every_class_alike():
     spread = lambda s: (s.max(1).values - s.min(1).values)   # noqa: E731
     assert spread(before).min() > 0.1
     assert spread(after).max() < 1e-4
+    # some classes only: those score the mean of all, the others keep their order where they lead
+    with torch.no_grad():
+        d2 = neutral_shift(y, ln, proj, T, neutralize=[1, 4])
+        part = scores(ln(y + d2) @ proj, T)
+    torch.testing.assert_close(part[:, [1, 4]], part.mean(1, keepdim=True).expand(-1, 2), atol=1e-5, rtol=0)
     # the part of y's centred vector that no class reads is kept as it is
     Tn = F.normalize(T, dim=-1)
     K = (Tn - Tn.mean(0)) @ proj.t() * ln.weight[None]
@@ -99,8 +104,15 @@ def test_forget_with_the_gate_saves_reloads_and_refuses(tmp_path, tokenizer, voc
             b = encode_image(model, x)
         assert (a - encode_image(model, x)).abs().max() > 1e-3
     torch.testing.assert_close(a, b, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="forgets whole domains"):
-        forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"]), cfg)
+    # some classes in some domains: only those classes are neutralized, by a map of their rank
+    one = forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"]), cfg)
+    assert one.info["gate"]["neutralized"] == [0] and one.info["gate"]["rank"] == 1
+    assert len(one.info["gate"]["units"]) == 2
+    # cells that are not a product of classes and domains, or every domain: not the gate's
+    for bad in (ForgetSpec.from_cells(*vocab, [("dog", "sketch"), ("cat", "photo")]),
+                ForgetSpec(*vocab, forget_classes=["dog"])):
+        with pytest.raises(ValueError, match="must be every pair of their classes and domains"):
+            forget(model, tokenizer, bad, cfg)
     model.visual.pool_type = "avg"
     with pytest.raises(ValueError, match="class token; this one pools 'avg'"):
         forget(model, tokenizer, spec, cfg)
