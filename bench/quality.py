@@ -145,7 +145,7 @@ def fmt_forget(s: Scores) -> str:
     return " ".join(f"{d[:5]}:{a:.1f}" for d, a in s.forget_by_domain.items())
 
 
-EDITS = ("default", "class-redirect")   # forget() with the default config, or with CLASS_REDIRECT
+EDITS = ("default", "class-redirect", "domain-gate")   # forget() with the default config, or with that edit
 
 
 def config_diff(config: ForgetConfig) -> str:
@@ -433,7 +433,7 @@ def main(argv=None) -> int:
     if args.quick:
         h = Harness(2, ForgetConfig(prototypes_per_cell=2, steps=10), args.weights)
         return check_targets(h, False, ABLATION_REQUESTS) and 0
-    config = ForgetConfig() if args.edit == "default" else CLASS_REDIRECT
+    config = ForgetConfig() if args.edit == "default" else ForgetConfig(edit=args.edit)
     config = config.replace(**{k: v for k, v in (("seed", args.seed), ("prototypes_per_cell", args.prototypes_per_cell))
                                if v is not None})
     h = Harness(args.per_cell, config, args.weights)

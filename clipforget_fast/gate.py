@@ -39,6 +39,9 @@ from .layers import GateSite, encode_image
 from .patch import PatchEntry, tensor_hash
 
 GATE_LEVEL = 8.0      # s is chosen so that the detected prototypes' median pre-activation s·g is this
+DETECTOR_RIDGE = 10.0 # L2 penalty of the detector (standardized features, against the summed log loss),
+                      # chosen on the proving ground from 0.1, 10, 80 and 400 by the held-out renders the
+                      # detector catches and flags (bench/RESULTS.md)
 ACTION_SHARE = 0.5    # ε keeps every |ε(a_jᵀℓ + α_j)| on the prototypes within this share of GATE_LEVEL
 
 
@@ -68,7 +71,7 @@ def layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
     return F.layer_norm(x.float(), x.shape[-1:], norm.weight.detach().float(), norm.bias.detach().float(), norm.eps)
 
 
-def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = DETECTOR_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
     """A logistic-regression detector of ``labels`` [n] bool from ``feats`` [n, f] (features standardized,
     L2 penalty ``ridge`` on the standardized weights, L-BFGS from zero: deterministic); returned on the
     raw features as (w [f], b [] ): logit = feats @ w + b."""

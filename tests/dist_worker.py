@@ -27,7 +27,7 @@ SCENARIOS = {
     "redirect_domain": (dict(forget_classes=["dog", "car"], forget_domains=["sketch"]), CONFIG),
     "redirect_global": (dict(forget_classes=["cat"]), CONFIG),
     "project_complete": (dict(forget_domains=["pixel_art"]), CONFIG.replace(edit="project", targets="proj+mlp+attn")),
-    "gate_complete": (dict(forget_domains=["pixel_art"]), CONFIG),
+    "gate_complete": (dict(forget_domains=["pixel_art"]), CONFIG.replace(edit="domain-gate")),
 }
 
 

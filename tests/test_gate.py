@@ -125,7 +125,7 @@ def test_a_second_gate_takes_other_units_and_both_revert(tokenizer, vocab):
     alone (else it would undo it), and the patches revert in reverse order to the base weights."""
     model = make_tiny_clip()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = ForgetConfig(prototypes_per_cell=2, steps=8)
+    cfg = ForgetConfig(prototypes_per_cell=2, steps=8, edit="domain-gate")
     first = forget(model, tokenizer, ForgetSpec(*vocab, forget_domains=["sketch"]), cfg)
     first.apply(model)
     second = forget(model, tokenizer, ForgetSpec(*vocab, forget_domains=["pixel_art"]), cfg)

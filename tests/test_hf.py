@@ -306,7 +306,8 @@ def test_domain_gate_on_hf_and_converted(vocab):
     c_fc / c_proj with the same edited image features."""
     oc = make_tiny_clip()
     hf, tok = to_hf(oc), hf_tokenizer()
-    patch = forget(hf, tok, ForgetSpec(*vocab, forget_domains=["sketch"]), ForgetConfig(prototypes_per_cell=2, steps=8))
+    patch = forget(hf, tok, ForgetSpec(*vocab, forget_domains=["sketch"]),
+                   ForgetConfig(prototypes_per_cell=2, steps=8, edit="domain-gate"))
     assert patch.info["edit"] == "domain-gate"
     mlp = "vision_model.encoder.layers.1.mlp"
     assert [e.name for e in patch.entries] == [f"{mlp}.fc1.weight", f"{mlp}.fc1.bias", f"{mlp}.fc2.weight"]
