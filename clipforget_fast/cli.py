@@ -286,7 +286,7 @@ def cmd_apply(args) -> int:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         meta = {"clipforget_patches": json.dumps([{"file": Path(f).name, "mode": p.spec.get("mode"),
                                                    "edit": p.info.get("edit")} for f, p in zip(args.patch, patches)])}
-        if kind == PROVING_GROUND and model.visual.pool_type != "avg":
+        if kind == PROVING_GROUND:
             meta["pool_type"] = model.visual.pool_type          # pg.load reads it back
         atomic_safetensors(state, out, meta)
     print(f"merged {len(patches)} patch(es) into {kind} weights: wrote {out}")

@@ -80,7 +80,7 @@ def save(model, path):
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    meta = {"pool_type": model.visual.pool_type} if model.visual.pool_type != "avg" else None
+    meta = {"pool_type": model.visual.pool_type}
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)
 
@@ -109,9 +109,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--wd", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pool", choices=POOL_TYPES, default="avg",
-                    help="what the image tower reads out: the mean of the patch tokens (the shipped model) or "
-                         "the class token, as OpenAI and LAION CLIP ViTs do; recorded in the checkpoint")
+    ap.add_argument("--pool", choices=POOL_TYPES, default="tok",
+                    help="what the image tower reads out: the class token, as OpenAI and LAION CLIP ViTs do (the "
+                         "shipped model), or the mean of the patch tokens (the model shipped before it); recorded "
+                         "in the checkpoint")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 was fastest on the shared 2-core training machine")
     ap.add_argument("--eval-every", type=int, default=250)

@@ -61,13 +61,13 @@ def test_forget_info_apply_and_reload(capsys, tmp_path, base):
             assert torch.equal(w, want[name]), name
     assert not torch.equal(edited.text_projection, base.text_projection)
 
-    # a class-token checkpoint of the same weights stays one once merged
+    # the pooling survives the merge: the shipped class-token one, and an average-pooled checkpoint's
     from safetensors.torch import load_file, save_file
-    tok, merged_tok = tmp_path / "tok.safetensors", tmp_path / "merged_tok.safetensors"
-    save_file(load_file(str(WEIGHTS_PATH)), str(tok), metadata={"pool_type": "tok"})
-    run(capsys, "apply", "--model", "proving-ground", "--checkpoint", tok, "--patch", p, "--out", merged_tok)
-    assert pg.load(weights=merged_tok)[0].visual.pool_type == "tok"
-    assert pg.load(weights=merged)[0].visual.pool_type == "avg"
+    avg, merged_avg = tmp_path / "avg.safetensors", tmp_path / "merged_avg.safetensors"
+    save_file(load_file(str(WEIGHTS_PATH)), str(avg), metadata={"pool_type": "avg"})
+    run(capsys, "apply", "--model", "proving-ground", "--checkpoint", avg, "--patch", p, "--out", merged_avg)
+    assert pg.load(weights=merged_avg)[0].visual.pool_type == "avg"
+    assert pg.load(weights=merged)[0].visual.pool_type == "tok"
 
 
 def test_open_clip_loader_and_a_second_request_on_the_merged_weights(capsys, tmp_path, base):

@@ -5,10 +5,12 @@ is the model name, registered with `open_clip.add_model_config`, so `open_clip.c
 and `open_clip.get_tokenizer(MODEL_NAME)` work as for any built-in model. The trained weights are
 stored in fp16 under `weights/` (see MODEL_CARD.md for how they were made) and loaded as fp32.
 
-The image tower pools by averaging its patch tokens. `pool_type="tok"` builds the same network pooling
-its class token instead, as the OpenAI and LAION CLIP ViTs do (the weights have the same names and
-shapes; only what the tower reads out differs); a checkpoint trained that way records it in its
-safetensors metadata (`"pool_type"`), which `load` follows.
+The image tower reads its embedding out of the class token, as the OpenAI and LAION CLIP ViTs do (the
+config's `pool_type` "tok"). `pool_type="avg"` builds the same network averaging its patch tokens instead
+(the weights have the same names and shapes; only what the tower reads out differs), the pooling of the
+model shipped before this one. A checkpoint records its pooling in its safetensors metadata
+(`"pool_type"`), which `load` follows; one without it is average-pooled (those were written before the
+pooling was recorded).
 """
 import json
 import logging
@@ -41,13 +43,14 @@ def register():
 POOL_TYPES = ("avg", "tok")
 
 
-def build_model(pool_type: str = "avg"):
+def build_model(pool_type: str | None = None):
     """A randomly initialised proving-ground CLIP (fp32, train mode); ``pool_type`` is what the image
-    tower reads out: ``"avg"`` (the mean of the patch tokens, the shipped model) or ``"tok"`` (the class
-    token)."""
+    tower reads out: ``"tok"`` (the class token: the config's, and the shipped model's) or ``"avg"`` (the
+    mean of the patch tokens); None takes the config's."""
+    cfg = register()
+    pool_type = cfg["vision_cfg"]["pool_type"] if pool_type is None else pool_type
     if pool_type not in POOL_TYPES:
         raise ValueError(f"pool_type={pool_type!r} must be one of {POOL_TYPES}")
-    register()
     # open_clip logs "No pretrained weights loaded ... initialized randomly" for pretrained=None,
     # which reads as an error when load() fills the weights right after: keep it out of the log.
     quiet = logging.getLogger()
@@ -76,7 +79,7 @@ def get_preprocess():
 
 def checkpoint_pool_type(path) -> str:
     """The image tower's pooling a proving-ground checkpoint was trained with (``"avg"`` when its
-    safetensors metadata does not say)."""
+    safetensors metadata does not say: checkpoints written before the pooling was recorded)."""
     with safe_open(str(path), framework="pt") as f:
         pool = (f.metadata() or {}).get("pool_type", "avg")
     if pool not in POOL_TYPES:
@@ -88,8 +91,8 @@ def load(device="cpu", weights=None):
     """Load the committed, trained proving-ground model offline.
 
     Returns (model in eval mode, fp32, on `device`; tokenizer; preprocess). `weights` overrides the
-    checkpoint path (a safetensors file of this architecture); its metadata's ``"pool_type"`` (if any,
-    else ``"avg"``) says how the image tower pools.
+    checkpoint path (a safetensors file of this architecture); its metadata's ``"pool_type"`` says how
+    the image tower pools (``"avg"`` when it has none).
     """
     path = Path(weights) if weights is not None else WEIGHTS_PATH
     if not path.is_file():
