@@ -12,13 +12,19 @@
                                                     # the library's prototypes, Fourier-parametrized ones
     python bench/domain_limits.py --detect          # how well each place of the image tower tells
                                                     # the forgotten domains' images from the rest
-    python bench/domain_limits.py --class-token-mlp --weights W  # a class-token checkpoint (scripts/
-                                                    # train_proving_ground.py --pool tok): its last block's
-                                                    # MLP fitted on the class token, real renders vs stand-ins
-    python bench/domain_limits.py --class-token-gate --weights W  # the same place, data-free: a domain
-                                                    # gate from the prototypes and a gated low-rank action
+    python bench/domain_limits.py --class-token-mlp  # the last block's MLP fitted on the class token,
+                                                    # real renders vs stand-ins
+    python bench/domain_limits.py --class-token-gate  # the same place, data-free: a domain gate from the
+                                                    # prototypes and a gated low-rank action (fitted)
+    python bench/domain_limits.py --gate-detector   # the library's domain gate detector (gate.py), fitted
+                                                    # on the prototypes at several L2 penalties: held-out
+                                                    # renders caught and flagged
 
-Every option takes --weights W: another proving-ground checkpoint instead of the shipped one.
+Every option takes --weights W: another proving-ground checkpoint instead of the shipped one. The shipped
+model reads its class token out; --oracle, --transfer, --image-redirect, --fitted, --combined and
+--mlp-input were measured on the average-pooled model shipped before it and need that checkpoint
+(`git show 8b80cfa:clipforget_fast/proving_ground/weights/proving_ground_vit48.safetensors > avg.safetensors`,
+then --weights avg.safetensors) where they reach into the tower.
 
 Real renders stand in for prototypes only here, as an upper bound that uses data (render seed 5·10⁶,
 apart from the held-out evaluation renders at 3·10⁶). Prints the tables; records nothing.
@@ -39,7 +45,8 @@ import quality as q  # noqa: E402
 
 from clipforget_fast import ForgetConfig, forget, synthesize_prototypes  # noqa: E402
 from clipforget_fast import proving_ground as pg  # noqa: E402
-from clipforget_fast.layers import image_geometry  # noqa: E402
+from clipforget_fast.gate import capture, detector, layer_norm  # noqa: E402
+from clipforget_fast.layers import gate_site, image_geometry  # noqa: E402
 from clipforget_fast.redirect import class_shifts, forget_keep_terms, pseudo_images  # noqa: E402
 from clipforget_fast.synthesis import PrototypeBank, frozen  # noqa: E402
 from clipforget_fast.text import class_embeddings  # noqa: E402
@@ -213,15 +220,15 @@ REQUESTS = [("domain", ["house"], ["sketch"]), ("domain", ["star"], ["photo"]),
 def _avg_pool_tower(model, who: str):
     v = model.visual
     if v.pool_type != "avg" or v.final_ln_after_pool or v.attn_pool is not None:
-        raise SystemExit(f"{who} assumes average pooling after ln_post, as the proving ground has")
+        raise SystemExit(f"{who} assumes average pooling after ln_post, as the proving ground shipped before the "
+                         "class-token one had (--weights: see the module docstring)")
     return v
 
 
 def _class_token_tower(model, who: str):
     v = model.visual
     if v.pool_type != "tok" or v.final_ln_after_pool or v.attn_pool is not None:
-        raise SystemExit(f"{who} needs a checkpoint that pools its class token (--weights, trained with "
-                         "scripts/train_proving_ground.py --pool tok)")
+        raise SystemExit(f"{who} needs a checkpoint that pools its class token (the shipped one does)")
     return v
 
 
@@ -713,6 +720,34 @@ def class_token_gate(h: q.Harness, rank: int = 16, sharpness: float = 3.0, ridge
               f"{100 * float((st[~yt] > 0).float().mean()):.1f} % | {fmt(s)} ({verdict(spec, s)}) |", flush=True)
 
 
+GATE_RIDGES = (0.1, 10.0, 80.0, 400.0)
+
+
+def gate_detector(h: q.Harness) -> None:
+    """The library's domain gate detector (``gate.detector`` on the MLP input ℓ of the last block's class
+    token), fitted on the default config's prototypes (4 per cell) at each L2 penalty in GATE_RIDGES: the
+    share of the forgotten domains' held-out renders it catches (logit > 0) and of the others it flags,
+    and the same on its own prototypes. A caught image is neutralized, a flagged one too: every point
+    flagged costs a kept image's class, every point missed leaves a forgotten one recognized."""
+    model = h.model
+    site = gate_site(model)
+    off = dict(device_type="cpu", enabled=False)
+    ell_test = layer_norm(capture(model, site, h.images, 200, off)[0], site.norm)
+    bank = synthesize_prototypes(model, h.tok, SPEC, h.config)
+    images, _, di = prototype_set(bank, h.config.prototypes_per_cell)
+    ell = layer_norm(capture(model, site, images, 200, off)[0], site.norm)
+    print("| forgotten domains | detector L2 | held-out renders caught | flagged | prototypes caught | flagged |\n"
+          "|---|---|---|---|---|---|")
+    for doms in (["sketch"], ["pixel_art"], ["cartoon", "painting"], ["photo"]):
+        idx = torch.tensor([D.index(d) for d in doms])
+        y, y_test = torch.isin(di, idx), torch.isin(h.di, idx)
+        for ridge in GATE_RIDGES:
+            w, b = detector(ell, y, ridge)
+            st, sp = ell_test @ w + b, ell @ w + b
+            rates = [100 * float((s[m] > 0).float().mean()) for s, m in ((st, y_test), (st, ~y_test), (sp, y), (sp, ~y))]
+            print(f"| {','.join(doms)} | {ridge:g} | " + " | ".join(f"{r:.1f} %" for r in rates) + " |", flush=True)
+
+
 def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
     """An AccuracyMatrix of the held-out renders from their embeddings E and class embeddings T."""
     from clipforget_fast.evaluate import AccuracyMatrix
@@ -736,6 +771,7 @@ def main(argv=None) -> int:
     ap.add_argument("--detect", action="store_true")
     ap.add_argument("--class-token-mlp", action="store_true")
     ap.add_argument("--class-token-gate", action="store_true")
+    ap.add_argument("--gate-detector", action="store_true")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
     ap.add_argument("--steps", type=int, default=300, help="--combined: Adam steps")
@@ -743,9 +779,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("global", "domain", "domain-complete"), help="--combined: only this mode")
     args = ap.parse_args(argv)
     if not (args.oracle or args.transfer or args.image_redirect or args.fitted or args.combined or args.mlp_input
-            or args.detect or args.class_token_mlp or args.class_token_gate):
+            or args.detect or args.class_token_mlp or args.class_token_gate or args.gate_detector):
         ap.error("choose at least one of --oracle, --transfer, --image-redirect, --fitted, --combined, --mlp-input, "
-                 "--detect, --class-token-mlp, --class-token-gate")
+                 "--detect, --class-token-mlp, --class-token-gate, --gate-detector")
     torch.manual_seed(0)
     h = q.Harness(args.per_cell, ForgetConfig(), args.weights)
     if args.oracle:
@@ -766,6 +802,8 @@ def main(argv=None) -> int:
         class_token_mlp(h, args.steps)
     if args.class_token_gate:
         class_token_gate(h, steps=args.steps)
+    if args.gate_detector:
+        gate_detector(h)
     return 0
 
 

@@ -265,6 +265,7 @@ def ablations(h: Harness, record: bool) -> None:
         *[(f"multimodal, proj, α={a}", base.replace(alpha=a), None) for a in (0.25, 0.5, 0.75)],
         ("closed-form redirect, proj", base, redirect_edit),
         ("class redirect, text side (edit='class-redirect')", CLASS_REDIRECT, None),
+        ("domain gate, image side (edit='domain-gate')", h.config.replace(edit="domain-gate"), None),
         (f"the harness's config ({config_diff(h.config)}; edit='auto' picks per request)", h.config, None),
     ]
     chance = h.before["edit"].chance
