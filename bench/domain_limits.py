@@ -744,7 +744,8 @@ def gate_detector(h: q.Harness) -> None:
         for ridge in GATE_RIDGES:
             w, b = detector(ell, y, ridge)
             st, sp = ell_test @ w + b, ell @ w + b
-            rates = [100 * float((s[m] > 0).float().mean()) for s, m in ((st, y_test), (st, ~y_test), (sp, y), (sp, ~y))]
+            rates = [100 * float((s[m] > 0).float().mean())
+                     for s, m in ((st, y_test), (st, ~y_test), (sp, y), (sp, ~y))]
             print(f"| {','.join(doms)} | {ridge:g} | " + " | ".join(f"{r:.1f} %" for r in rates) + " |", flush=True)
 
 

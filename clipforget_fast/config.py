@@ -116,7 +116,7 @@ class ForgetConfig:
         class redirect when some class is kept in every domain (the redirect holds those) and the config
         can run it (the text projection targeted; prototypes for classes forgotten in some domains only),
         and the projection otherwise (``domain-complete``). The domain gate is never chosen by "auto": on
-        the proving ground it meets the targets on one request of the six it takes and costs the kept
+        the proving ground it meets the targets on one of the twelve requests measured and costs the kept
         cells up to 25 points where its detector fails (README)."""
         if self.edit != "auto":
             return self.edit

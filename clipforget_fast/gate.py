@@ -1,6 +1,7 @@
-"""Domain gate: a data-free image-side edit that forgets whole visual domains (``domain-complete``) in a
-model whose image tower reads its embedding out of the class token (open_clip ``pool_type="tok"``, the
-OpenAI and LAION ViTs, Hugging Face ``CLIPModel``).
+"""Domain gate: a data-free image-side edit that forgets chosen classes, or all of them, in chosen visual
+domains (``domain``, ``domain-complete``) in a model whose image tower reads its embedding out of the class
+token (open_clip ``pool_type="tok"``, the OpenAI and LAION ViTs, Hugging Face ``CLIPModel``). Opt-in
+(``edit="domain-gate"``): README and bench/RESULTS.md say how far it gets.
 
 A projection of the image tower's weights acts on every image alike, so it cannot take the sketches of
 every class away and leave the photos of the same classes alone. Something in the tower has to tell the
@@ -18,8 +19,9 @@ the detected images only; ε keeps |ε(a_jᵀℓ + α_j)| at most half of the ga
 
 The map is derived, not trained. For a class token y leaving the block, the embedding is
 e = post_norm(y) @ proj and the class logits are T e (T: the classes' text embeddings). The smallest
-change of y's centred part that scores every class alike (including the constant that post_norm's
-bias adds) is computed per prototype, in closed form (``neutral_shift``); C (A ℓ + α) is the rank-r
+change of y's centred part after which the forgotten classes score the mean of all classes (every class
+alike when all are forgotten; including the constant that post_norm's bias adds) is computed per
+prototype, in closed form (``neutral_shift``); C (A ℓ + α) is the rank-r
 ridge least-squares fit of those changes from ℓ over all prototypes (the same function for every image:
 the gate decides where it acts). The patch edits three tensors of that MLP (input weight and bias:
 m rows; output weight: m columns), reversibly like any other patch. The tower's other tokens pass the
@@ -71,7 +73,8 @@ def layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
     return F.layer_norm(x.float(), x.shape[-1:], norm.weight.detach().float(), norm.bias.detach().float(), norm.eps)
 
 
-def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = DETECTOR_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+def detector(feats: torch.Tensor, labels: torch.Tensor,
+             ridge: float = DETECTOR_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
     """A logistic-regression detector of ``labels`` [n] bool from ``feats`` [n, f] (features standardized,
     L2 penalty ``ridge`` on the standardized weights, L-BFGS from zero: deterministic); returned on the
     raw features as (w [f], b [] ): logit = feats @ w + b."""
@@ -145,7 +148,8 @@ def reduced_rank_fit(X: torch.Tensor, Y: torch.Tensor, rank: int, ridge: float =
 
 @torch.no_grad()
 def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.Tensor, class_emb: torch.Tensor,
-                 rank: int, batch_size: int, autocast: dict, taken=(), neutralize=None) -> tuple[list[PatchEntry], dict]:
+                 rank: int, batch_size: int, autocast: dict, taken=(),
+                 neutralize=None) -> tuple[list[PatchEntry], dict]:
     """The domain gate's patch entries (see the module docstring) and what it measured on the prototypes.
 
     images:    [n, 3, H, W] the prototypes of every cell of the request.
@@ -156,6 +160,11 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     neutralize: class indices (rows of class_emb) the gated images must not be recognized as; None: all.
     taken:     hidden units not to rewire (those of gates already applied: ``rewired_units``).
     """
+    probe = torch.tensor([-12.0, 12.0])
+    out = site.act(probe).float()
+    if not (abs(float(out[0])) < 1e-2 and abs(float(out[1]) - 12.0) < 1e-2):
+        raise ValueError(f"the domain gate needs an MLP activation that is about 0 far below 0 and the identity "
+                         f"far above (GELU, QuickGELU); {type(site.act).__name__} gives {out.tolist()} at ±12")
     forgotten = forgotten.to(images.device)
     if forgotten.all() or not forgotten.any():
         raise ValueError("the domain gate needs prototypes of both the forgotten and the kept domains")
@@ -201,11 +210,15 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     db = torch.zeros(hidden, 1, dtype=rows.dtype, device=rows.device)
     db[units, 0] = bias - b1[units]
     entries = [
-        PatchEntry(site.name("in"), "linear", (E @ R.t()).cpu(), Q.contiguous().cpu(), tensor_hash(site.fc_in.weight)),
+        PatchEntry(site.name("in"), "linear", (E @ R.t()).cpu(), Q.contiguous().cpu(),
+                   tensor_hash(site.fc_in.weight)),
         PatchEntry(site.name("in", "bias"), "bias", db.cpu(), torch.ones(1, 1), tensor_hash(site.fc_in.bias)),
-        PatchEntry(site.name("out"), "linear", (cols - W2[:, units]).cpu(), E.cpu(), tensor_hash(site.fc_out.weight)),
+        PatchEntry(site.name("out"), "linear", (cols - W2[:, units]).cpu(), E.cpu(),
+                   tensor_hash(site.fc_out.weight)),
     ]
-    info = {"units": units.tolist(), "rank": r, "neutralized": "all" if neutralize is None else sorted(set(neutralize)), "sharpness": round(s, 6), "action_scale": round(eps, 6),
+    info = {"units": units.tolist(), "rank": r,
+            "neutralized": "all" if neutralize is None else sorted(set(neutralize)),
+            "sharpness": round(s, 6), "action_scale": round(eps, 6),
             "prototypes_caught": round(caught, 4), "prototypes_flagged": round(flagged, 4),
             "action_fit_r2": round(r2, 4),
             "units_share_of_mlp_output": round(float(usage[units].sum() / usage.sum()), 6)}

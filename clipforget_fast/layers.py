@@ -82,9 +82,9 @@ def image_tower_fingerprint(model: nn.Module) -> dict:
 
 
 # the editable weights in both families (open_clip template, its layout, Hugging Face template; every HF
-# weight is "linear", a bias "bias"): {i} a block, {p} one of q, k, v (open_clip fuses them into one attn.in_proj_weight,
-# in that row order); open_clip holds the two projections as raw [d_in, d_out] parameters. The image MLPs'
-# input weight and bias are edited by the domain gate only (gate.py).
+# weight is "linear", a bias "bias"): {i} a block, {p} one of q, k, v (open_clip fuses them into one
+# attn.in_proj_weight, in that row order); open_clip holds the two projections as raw [d_in, d_out]
+# parameters. The image MLPs' input weight and bias are edited by the domain gate only (gate.py).
 _COUNTERPARTS = (
     ("visual.transformer.resblocks.{i}.mlp.c_fc.weight", "linear", "vision_model.encoder.layers.{i}.mlp.fc1.weight"),
     ("visual.transformer.resblocks.{i}.mlp.c_fc.bias", "bias", "vision_model.encoder.layers.{i}.mlp.fc1.bias"),
@@ -342,8 +342,9 @@ def gate_site(model: nn.Module) -> GateSite:
                         vm.post_layernorm, model.visual_projection.weight.t())
     vis = model.visual
     if not pools_first_token(model) or getattr(vis, "attn_pool", None) is not None:
+        how = "by attention" if getattr(vis, "attn_pool", None) is not None else repr(vis.pool_type)
         raise ValueError("the domain gate needs an image tower that reads its embedding out of the class token; "
-                         f"this one pools {'by attention' if getattr(vis, 'attn_pool', None) is not None else repr(vis.pool_type)}")
+                         f"this one pools {how}")
     blocks = list(vis.transformer.resblocks)
     i = len(blocks) - 1
     blk = blocks[i]

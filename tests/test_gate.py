@@ -118,6 +118,10 @@ def test_forget_with_the_gate_saves_reloads_and_refuses(tmp_path, tokenizer, voc
         forget(model, tokenizer, spec, cfg)
     with pytest.raises(ValueError, match="domain-gate is fitted on prototypes"):
         ForgetConfig(edit="domain-gate", prototypes_per_cell=0)
+    model.visual.pool_type = "tok"               # an activation that is not off far below 0: no gate
+    model.visual.transformer.resblocks[-1].mlp.gelu = nn.Tanh()
+    with pytest.raises(ValueError, match="about 0 far below 0.*Tanh"):
+        forget(model, tokenizer, spec, cfg)
 
 
 def test_a_second_gate_takes_other_units_and_both_revert(tokenizer, vocab):

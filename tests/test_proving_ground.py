@@ -170,8 +170,8 @@ def test_metrics_reject_bad_mode(loaded):
 # Thresholds set on the first model trained here (average-pooled, first stage) from its worst domain on
 # 30 fresh renders per cell: domain-aware 93.7 % (pixel_art), agnostic 79.5 % (pixel_art), domain
 # discrimination 98.5 % (cartoon); the committed class-token model's worst over three such sets
-# (MODEL_CARD.md) is 95.2 %, 90.0 % and 98.3 %, so they hold with margin. Here 3 renders per cell give 60 images per domain, a binomial standard error of
-# 3.1, 5.2 and 1.6 points; each bound sits about 2.5 standard errors (and at least 8 points) below the
+# (MODEL_CARD.md) is 95.2 %, 90.0 % and 98.3 %, so they hold with margin. Here 3 renders per cell give
+# 60 images per domain, a binomial standard error of 3.1, 5.2 and 1.6 points; each bound sits about 2.5 standard errors (and at least 8 points) below the
 # first-stage measurement. An untrained or foreign checkpoint scores near chance: 5 % for classes,
 # 20 % for domains.
 DA_MIN, AG_MIN, DD_MIN = 0.85, 0.65, 0.90
