@@ -19,6 +19,8 @@
     python bench/domain_limits.py --gate-detector   # the library's domain gate detector (gate.py), fitted
                                                     # on the prototypes at several L2 penalties: held-out
                                                     # renders caught and flagged
+    python bench/domain_limits.py --gate-keep-order # the domain gate on the nine domain requests at
+                                                    # several ForgetConfig.gate_keep_order values
 
 Every option takes --weights W: another proving-ground checkpoint instead of the shipped one. The shipped
 model reads its class token out; --oracle, --transfer, --image-redirect, --fitted, --combined and
@@ -749,6 +751,29 @@ def gate_detector(h: q.Harness) -> None:
             print(f"| {','.join(doms)} | {ridge:g} | " + " | ".join(f"{r:.1f} %" for r in rates) + " |", flush=True)
 
 
+GATE_KEEP_ORDERS = (0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+
+
+def gate_keep_order(h: q.Harness) -> None:
+    """The library's domain gate (``edit="domain-gate"``) on the harness's three domain requests and the
+    six more (``quality.MORE_DOMAIN_REQUESTS``) at each ``gate_keep_order`` in GATE_KEEP_ORDERS (one
+    prototype bank for all), scored on the held-out renders and templates; the rows that meet the targets."""
+    requests = [r for r in q.REQUESTS if r[0] == "domain"] + q.MORE_DOMAIN_REQUESTS
+    print("| gate_keep_order | request | forgotten | other classes drop | same classes drop | verdict |\n"
+          "|---|---|---|---|---|---|")
+    for keep in GATE_KEEP_ORDERS:
+        met = 0
+        for m, fc, fd in requests:
+            spec = q.spec_for(m, fc, fd)
+            res, _, _ = h.run(spec, h.config.replace(edit="domain-gate", gate_keep_order=keep))
+            s = res["held-out"]
+            miss = q.misses(spec, s, h.before["held-out"].chance)
+            met += not miss
+            print(f"| {keep:g} | {','.join(fc)} @ {','.join(fd)} | {q.fmt_forget(s)} | {s.keep_drop:.2f} | "
+                  f"{s.same_class_drop:.2f} | {'ok' if not miss else 'MISS'} |", flush=True)
+        print(f"| {keep:g} | **{met} of {len(requests)} requests meet the targets** | | | | |", flush=True)
+
+
 def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
     """An AccuracyMatrix of the held-out renders from their embeddings E and class embeddings T."""
     from clipforget_fast.evaluate import AccuracyMatrix
@@ -773,6 +798,7 @@ def main(argv=None) -> int:
     ap.add_argument("--class-token-mlp", action="store_true")
     ap.add_argument("--class-token-gate", action="store_true")
     ap.add_argument("--gate-detector", action="store_true")
+    ap.add_argument("--gate-keep-order", action="store_true")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
     ap.add_argument("--steps", type=int, default=300, help="--combined: Adam steps")
@@ -780,9 +806,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("global", "domain", "domain-complete"), help="--combined: only this mode")
     args = ap.parse_args(argv)
     if not (args.oracle or args.transfer or args.image_redirect or args.fitted or args.combined or args.mlp_input
-            or args.detect or args.class_token_mlp or args.class_token_gate or args.gate_detector):
+            or args.detect or args.class_token_mlp or args.class_token_gate or args.gate_detector
+            or args.gate_keep_order):
         ap.error("choose at least one of --oracle, --transfer, --image-redirect, --fitted, --combined, --mlp-input, "
-                 "--detect, --class-token-mlp, --class-token-gate, --gate-detector")
+                 "--detect, --class-token-mlp, --class-token-gate, --gate-detector, --gate-keep-order")
     torch.manual_seed(0)
     h = q.Harness(args.per_cell, ForgetConfig(), args.weights)
     if args.oracle:
@@ -805,6 +832,8 @@ def main(argv=None) -> int:
         class_token_gate(h, steps=args.steps)
     if args.gate_detector:
         gate_detector(h)
+    if args.gate_keep_order:
+        gate_keep_order(h)
     return 0
 
 

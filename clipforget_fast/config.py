@@ -60,6 +60,9 @@ class ForgetConfig:
                                         # otherwise (domain-complete)
     redirect_gain: float = 3.0          # class-redirect: how far forgotten prompts move against their class
     retain_weight: float = 1.0          # class-redirect: weight of holding the kept prompts' outputs
+    gate_keep_order: float = 100.0      # domain-gate, some classes forgotten: how much the other classes'
+                                        # scores relative to one another are held against the size of the
+                                        # change (gate.neutral_shift)
     domain_keep_weight: float = 3.0     # class-redirect, class kept in other domains: weight of keeping the
                                         # other cells' predictions against missing the forgotten cells, in
                                         # the fit of its embedding's shift
@@ -101,6 +104,7 @@ class ForgetConfig:
         need(self.redirect_gain > 0, "redirect_gain", "must be > 0")
         need(self.retain_weight >= 0, "retain_weight", "must be ≥ 0")
         need(self.domain_keep_weight > 0, "domain_keep_weight", "must be > 0")
+        need(self.gate_keep_order >= 0, "gate_keep_order", "must be ≥ 0")
         need(self.edit != "class-redirect" or (self.use_text and self.targets.startswith("proj")), "edit",
              "class-redirect edits the text projection: it needs use_text=True and a 'proj…' targets preset")
         need(self.edit != "domain-gate" or (self.use_prototypes and self.prototypes_per_cell > 0), "edit",

@@ -293,7 +293,8 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         if world.leader:
             entries, gate = gate_entries(model, site, images, forgotten, class_emb, config.max_rank,
                                          config.batch_size, autocast, rewired_units(applied_patches(model), site),
-                                         neutralize=[classes.index(c) for c in gated[0]])
+                                         neutralize=[classes.index(c) for c in gated[0]],
+                                         keep_order=config.gate_keep_order)
         entries, info["gate"] = world.broadcast((entries, gate))
         timings["gate"] = time.perf_counter() - t
     info["timings"] = timings

@@ -19,9 +19,9 @@ the detected images only; ε keeps |ε(a_jᵀℓ + α_j)| at most half of the ga
 
 The map is derived, not trained. For a class token y leaving the block, the embedding is
 e = post_norm(y) @ proj and the class logits are T e (T: the classes' text embeddings). The smallest
-change of y's centred part after which the forgotten classes score the mean of all classes (every class
-alike when all are forgotten; including the constant that post_norm's bias adds) is computed per
-prototype, in closed form (``neutral_shift``); C (A ℓ + α) is the rank-r
+change of y's centred part after which every class scores alike (when all are forgotten; including the
+constant that post_norm's bias adds), or the forgotten classes score the mean of all while the others
+keep their scores relative to one another, is computed per prototype, in closed form (``neutral_shift``); C (A ℓ + α) is the rank-r
 ridge least-squares fit of those changes from ℓ over all prototypes (the same function for every image:
 the gate decides where it acts). The patch edits three tensors of that MLP (input weight and bias:
 m rows; output weight: m columns), reversibly like any other patch. The tower's other tokens pass the
@@ -37,6 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .config import ForgetConfig
 from .layers import GateSite, encode_image
 from .patch import PatchEntry, tensor_hash
 
@@ -45,6 +46,8 @@ DETECTOR_RIDGE = 10.0 # L2 penalty of the detector (standardized features, again
                       # chosen on the proving ground from 0.1, 10, 80 and 400 by the held-out renders the
                       # detector catches and flags (bench/RESULTS.md)
 ACTION_SHARE = 0.5    # ε keeps every |ε(a_jᵀℓ + α_j)| on the prototypes within this share of GATE_LEVEL
+KEEP_ORDER = ForgetConfig.gate_keep_order   # chosen on the proving ground from 0, 1, 10, 100, 1000 and
+                                            # 10000 on its nine domain requests (bench/RESULTS.md)
 
 
 @torch.no_grad()
@@ -99,35 +102,52 @@ def detector(feats: torch.Tensor, labels: torch.Tensor,
 
 
 def neutral_shift(y: torch.Tensor, post_norm, proj: torch.Tensor, class_emb: torch.Tensor,
-                  neutralize=None) -> torch.Tensor:
-    """[n, width] the smallest change Δ of the centred part of each class token ``y`` [n, width] after
-    which ``post_norm(y + Δ) @ proj`` scores every row of ``class_emb`` [k, E] (normalized here, as a
-    zero-shot classifier's rows are) alike; with ``neutralize`` (class indices), after which those
-    classes score the mean of all k (so none of them wins, and the others keep their order as far as
-    their directions are apart from those).
+                  neutralize=None, keep_order: float = KEEP_ORDER) -> torch.Tensor:
+    """[n, width] the change Δ of each class token ``y`` [n, width] after which ``post_norm(y + Δ) @ proj``
+    scores every row of ``class_emb`` [k, E] (normalized here, as a zero-shot classifier's rows are)
+    alike; with ``neutralize`` (class indices), after which those classes score the mean of all k while
+    the others keep their scores relative to one another as far as ``keep_order`` buys.
 
-    With γ, β post_norm's scale and bias, u = y + Δ centred and σ = ‖u‖/√width, the logits are
-    T proj̃ᵀ(γ ⊙ u)/σ + T proj̃ᵀβ (proj̃: proj as [width, E]); the classes in question score the mean when
-    their rows of T_c = T - mean(T) see K u = -σ T_c projᵀβ, K = T_c projᵀ diag(γ) (centring). u keeps y's
-    part in K's null space and takes u∥ = -σ K⁺ T_c projᵀβ, with σ solved from ‖u‖² = width σ²."""
+    With γ, β post_norm's scale and bias, u = y + Δ centred and σ = ‖u‖/√width, the class scores less
+    their mean are z = K u/σ + b₀, K = T_c proj̃ᵀ diag(γ) (centring; T_c = T - mean(T), proj̃: proj as
+    [width, E]), b₀ = T_c proj̃ᵀβ.
+
+    Every class: z = 0 with the smallest change of y's centred part; u keeps y's part in K's null space
+    and takes u∥ = -σ K⁺b₀, with σ solved from ‖u‖² = width σ².
+    Some classes F: in units of y's scale, n = y_c/σ_y, the change d minimizes
+    ‖d‖² + μ ‖K_R d‖² (K_R: the other classes' rows, centred among themselves, so ‖K_R d‖ is how far their
+    scores move relative to one another; μ = keep_order / ‖K_R‖²) subject to K_F (n + d) = -b₀_F, i.e.
+    d = M⁻¹K_Fᵀ (K_F M⁻¹ K_Fᵀ)⁻¹ (-z_F), M = I + μ K_RᵀK_R; Δ = σ_y d."""
     y = y.float()
     width = y.shape[1]
     gamma, beta = post_norm.weight.detach().float(), post_norm.bias.detach().float()
     P, T = proj.detach().float(), F.normalize(class_emb.float(), dim=-1)
     Tc = T - T.mean(0)
-    if neutralize is not None:
-        Tc = Tc[torch.as_tensor(neutralize, dtype=torch.long, device=Tc.device)]
     K = (Tc @ P.t()) * gamma[None]                      # [k, width]
     K = K - K.mean(1, keepdim=True)                     # acts on centred vectors
-    Kp = torch.linalg.pinv(K, rtol=1e-6)                # [width, k]
-    q = Kp @ (Tc @ (beta @ P))                          # [width]: the bias's share, per unit of σ
-    room = width - float(q @ q)
-    if room <= 0.5 * width:                             # the bias cannot be neutralized by a centred u
-        q, room = torch.zeros_like(q), float(width)
+    b0 = Tc @ (beta @ P)                                # [k]
     yc = y - y.mean(1, keepdim=True)
-    perp = yc - (yc @ K.t()) @ Kp.t()                   # y's centred part outside K's row space
-    sigma = perp.norm(dim=1, keepdim=True) / math.sqrt(room)
-    return perp - sigma * q[None] - yc
+    if neutralize is None:
+        Kp = torch.linalg.pinv(K, rtol=1e-6)            # [width, k]
+        q = -(Kp @ b0)                                  # [width]: u∥ per unit of σ
+        room = width - float(q @ q)
+        if room <= 0.5 * width:                         # the bias cannot be neutralized by a centred u
+            q, room = torch.zeros_like(q), float(width)
+        perp = yc - (yc @ K.t()) @ Kp.t()               # y's centred part outside K's row space
+        sigma = perp.norm(dim=1, keepdim=True) / math.sqrt(room)
+        return perp + sigma * q[None] - yc
+    gone = torch.zeros(K.shape[0], dtype=torch.bool, device=K.device)
+    gone[torch.as_tensor(sorted(set(neutralize)), dtype=torch.long, device=K.device)] = True
+    sigma_y = (yc.norm(dim=1, keepdim=True) / math.sqrt(width)).clamp_min(1e-12)
+    z = (yc / sigma_y) @ K.t() + b0                     # [n, k]
+    KF, KR = K[gone], K[~gone]
+    KR = KR - KR.mean(0, keepdim=True)
+    scale = float(torch.linalg.matrix_norm(KR, ord=2)) ** 2 if len(KR) > 1 else 0.0
+    mu = keep_order / scale if scale > 0 else 0.0
+    M = torch.eye(width, dtype=K.dtype, device=K.device) + mu * KR.t() @ KR
+    MiKF = torch.linalg.solve(M, KF.t())                # [width, f]
+    d = -torch.linalg.solve(KF @ MiKF, z[:, gone].t()).t() @ MiKF.t()
+    return sigma_y * d
 
 
 def reduced_rank_fit(X: torch.Tensor, Y: torch.Tensor, rank: int, ridge: float = 1e-3):
@@ -148,8 +168,8 @@ def reduced_rank_fit(X: torch.Tensor, Y: torch.Tensor, rank: int, ridge: float =
 
 @torch.no_grad()
 def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.Tensor, class_emb: torch.Tensor,
-                 rank: int, batch_size: int, autocast: dict, taken=(),
-                 neutralize=None) -> tuple[list[PatchEntry], dict]:
+                 rank: int, batch_size: int, autocast: dict, taken=(), neutralize=None,
+                 keep_order: float = KEEP_ORDER) -> tuple[list[PatchEntry], dict]:
     """The domain gate's patch entries (see the module docstring) and what it measured on the prototypes.
 
     images:    [n, 3, H, W] the prototypes of every cell of the request.
@@ -158,6 +178,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     rank:      r, the rank of the gated map (r + 1 units are rewired), at most k - 1 (all classes
                neutralized) or the number of classes in ``neutralize``.
     neutralize: class indices (rows of class_emb) the gated images must not be recognized as; None: all.
+    keep_order: with ``neutralize``, the weight of the other classes' relative scores (``neutral_shift``).
     taken:     hidden units not to rewire (those of gates already applied: ``rewired_units``).
     """
     probe = torch.tensor([-12.0, 12.0])
@@ -192,7 +213,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     caught, flagged = float((g[forgotten] > 0).float().mean()), float((g[~forgotten] > 0).float().mean())
     # the class token leaving the block without the rewired units' old contributions, and its neutral shift
     y = x + h @ W2.t() + site.fc_out.bias.detach().float() - h[:, units] @ W2[:, units].t()
-    delta = neutral_shift(y, site.post_norm, site.proj, class_emb.to(y.device), neutralize)
+    delta = neutral_shift(y, site.post_norm, site.proj, class_emb.to(y.device), neutralize, keep_order)
     A, alpha, C, r2 = reduced_rank_fit(ell, delta, r)
     g_on = g[forgotten & (g > 0)]
     s = GATE_LEVEL / float(g_on.median()) if len(g_on) else 1.0
