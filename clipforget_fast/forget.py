@@ -257,6 +257,14 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
     return out
 
 
+def _has_gate_site(model) -> bool:
+    try:
+        gate_site(model)
+    except ValueError:
+        return False
+    return True
+
+
 def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World) -> Patch:
     """forget() with the domain gate (gate.py): prompts, prototypes of every cell, the gate's entries
     (solved on the leading rank, broadcast), self-check."""
@@ -349,7 +357,7 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     layers = find_layers(model, config.targets, config.last_blocks)
     layers = [l for l in layers if (l.tower == "text" and config.use_text)
               or (l.tower == "visual" and config.use_prototypes and config.prototypes_per_cell > 0)]
-    edit = config.edit_for(spec)
+    edit = config.edit_for(spec, gate_site=_has_gate_site(model))
     if edit == "domain-gate":
         return _forget_domain_gate(model, tokenizer, spec, config, prototypes, World(distributed, group))
     redirect = edit == "class-redirect"

@@ -80,25 +80,25 @@ def detector(feats: torch.Tensor, labels: torch.Tensor,
              ridge: float = DETECTOR_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
     """A logistic-regression detector of ``labels`` [n] bool from ``feats`` [n, f] (features standardized,
     L2 penalty ``ridge`` on the standardized weights, L-BFGS from zero: deterministic); returned on the
-    raw features as (w [f], b [] ): logit = feats @ w + b."""
-    feats = feats.detach()
-    mu, sd = feats.mean(0), feats.std(0) + 1e-6
-    z = (feats - mu) / sd
-    w = torch.zeros(feats.shape[1], dtype=feats.dtype, device=feats.device, requires_grad=True)
-    b = torch.zeros((), dtype=feats.dtype, device=feats.device, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
-    y = labels.to(feats.dtype)
+    raw features as (w [f], b [] ): logit = feats @ w + b. Fits with gradients whatever the caller's mode
+    (no_grad, inference_mode)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        feats, y = feats.detach().clone(), labels.detach().clone().to(feats.dtype)
+        mu, sd = feats.mean(0), feats.std(0) + 1e-6
+        z = (feats - mu) / sd
+        w = torch.zeros(feats.shape[1], dtype=feats.dtype, device=feats.device, requires_grad=True)
+        b = torch.zeros((), dtype=feats.dtype, device=feats.device, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
 
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + ridge * w.pow(2).sum() / len(y)
-        loss.backward()
-        return loss
+        def closure():
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + ridge * w.pow(2).sum() / len(y)
+            loss.backward()
+            return loss
 
-    with torch.enable_grad():
         opt.step(closure)
-    w = w.detach() / sd
-    return w, b.detach() - mu @ w
+        w = w.detach() / sd
+        return w, b.detach() - mu @ w
 
 
 def neutral_shift(y: torch.Tensor, post_norm, proj: torch.Tensor, class_emb: torch.Tensor,

@@ -35,14 +35,24 @@ def test_forget_all_modes(tiny_clip, tokenizer, vocab, kw, targets):
 
 
 @pytest.mark.parametrize("kw, edit", [(dict(forget_classes=["dog", "car"]), "class-redirect"),
-                                      (dict(forget_classes=["dog"], forget_domains=["sketch"]), "class-redirect"),
+                                      (dict(forget_classes=["dog"], forget_domains=["sketch"]), "domain-gate"),
                                       (dict(forget_domains=["sketch"]), "project")])
-def test_auto_edit_follows_the_request(tiny_clip, tokenizer, vocab, kw, edit):
+@pytest.mark.parametrize("pool", ["tok", "avg"])
+def test_auto_edit_follows_the_request(tiny_clip, tokenizer, vocab, kw, edit, pool):
+    """A class-token tower takes the domain gate for some classes in some domains; an average-pooled one
+    has no site for it and takes the class redirect there."""
+    tiny_clip.visual.pool_type = pool
+    if edit == "domain-gate" and pool == "avg":
+        edit = "class-redirect"
     spec = ForgetSpec(*vocab, **kw)
     cfg = FAST.replace(edit="auto")
-    assert cfg.edit_for(spec) == edit
+    assert cfg.edit_for(spec, gate_site=pool == "tok") == edit
     patch = forget(tiny_clip, tokenizer, spec, cfg)
     assert patch.info["edit"] == edit
+    if edit == "domain-gate":                             # the last image block's MLP
+        mlp = "visual.transformer.resblocks.1.mlp"
+        assert [e.name for e in patch.entries] == [f"{mlp}.c_fc.weight", f"{mlp}.c_fc.bias", f"{mlp}.c_proj.weight"]
+        return
     assert patch.info["retain_energy"] == {"project": 0.99, "class-redirect": 0.9999}[edit]
     if edit == "class-redirect":                          # text projection only
         assert {e.name for e in patch.entries} == {"text_projection"}
@@ -66,7 +76,13 @@ def test_auto_edit_falls_back_to_projection(vocab):
     # every class forgotten somewhere: nothing holds the text side; the domain gate only when asked for
     whole = ForgetSpec(*vocab, forget_domains=["photo"])
     assert ForgetConfig().edit_for(whole) == "project"
+    assert ForgetConfig().edit_for(whole, gate_site=True) == "project"
     assert ForgetConfig(edit="domain-gate").edit_for(whole) == "domain-gate"
+    # some classes in some domains: the gate where the model has its site and there are prototypes
+    part = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
+    assert ForgetConfig().edit_for(part, gate_site=True) == "domain-gate"
+    assert ForgetConfig(prototypes_per_cell=0).edit_for(part, gate_site=True) == "project"
+    assert ForgetConfig().edit_for(ForgetSpec(*vocab, forget_classes=["dog"]), gate_site=True) == "class-redirect"
     assert ForgetConfig().retain_energy_for("domain-gate") is None
     assert ForgetConfig(retain_energy=0.5).retain_energy_for("class-redirect") == 0.5
 
