@@ -24,7 +24,8 @@ CLASSES, DOMAINS = ["dog", "cat", "car", "tree"], ["photo", "sketch", "pixel_art
 SCENARIOS = {
     "project_domain": (dict(forget_classes=["dog"], forget_domains=["sketch"]),
                        CONFIG.replace(edit="project", targets="proj+mlp")),
-    "redirect_domain": (dict(forget_classes=["dog", "car"], forget_domains=["sketch"]), CONFIG),
+    "redirect_domain": (dict(forget_classes=["dog", "car"], forget_domains=["sketch"]),
+                        CONFIG.replace(edit="class-redirect")),
     "redirect_global": (dict(forget_classes=["cat"]), CONFIG),
     "project_complete": (dict(forget_domains=["pixel_art"]), CONFIG.replace(edit="project", targets="proj+mlp+attn")),
     "gate_complete": (dict(forget_domains=["pixel_art"]), CONFIG.replace(edit="domain-gate")),

@@ -222,13 +222,15 @@ def test_not_a_clip_model_is_named():
         find_layers(torch.nn.Linear(3, 3))
 
 
-def test_default_config_domain_request_on_hf(pair, vocab):
-    """The default edit of a domain request (class redirect with the fitted class shift: synthesis,
-    pseudo images, the shift's realization, the self-check) runs through the HF model's towers."""
+def test_class_redirect_domain_request_on_hf(pair, vocab):
+    """The class redirect of a domain request (the fitted class shift: synthesis, pseudo images, the
+    shift's realization, the self-check) runs through the HF model's towers. (The default config gives
+    this request the domain gate on a class-token tower, as an HF CLIPModel is.)"""
     _, hf, tok = pair
     spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
+    assert ForgetConfig().edit_for(spec, gate_site=True) == "domain-gate"
     base = {k: v.clone() for k, v in hf.state_dict().items()}
-    patch = forget(hf, tok, spec, ForgetConfig(prototypes_per_cell=2, steps=8))
+    patch = forget(hf, tok, spec, ForgetConfig(prototypes_per_cell=2, steps=8, edit="class-redirect"))
     assert patch.info["edit"] == "class-redirect"
     assert [e.name for e in patch.entries] == ["text_projection.weight"]
     assert set(patch.info["redirect"]["realized"]) == {"dog"}
