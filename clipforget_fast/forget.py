@@ -182,6 +182,17 @@ def _kept_group_warns(drop: float, lost: int, gained: int) -> bool:
     return drop > CHECK_KEEP_DROP and _binomial_tail(lost, lost + gained, 0.5) < CHECK_LEVEL
 
 
+def _class_rows(prompt_emb: torch.Tensor, cells: list, sizes: list[int], classes: list[str]) -> torch.Tensor:
+    """[len(classes), D] the zero-shot classifier from the cells' prompt embeddings (``sizes`` per cell,
+    in ``cells`` order): each class the normalized mean of its prompts' normalized embeddings over all
+    its cells (as ``evaluate`` builds it)."""
+    per_prompt = torch.nn.functional.normalize(prompt_emb.float(), dim=-1)
+    cls_of = torch.tensor([classes.index(c) for c, _ in cells], device=per_prompt.device)
+    cls_of = cls_of.repeat_interleave(torch.tensor(sizes, device=per_prompt.device))
+    return torch.nn.functional.normalize(torch.stack([per_prompt[cls_of == k].mean(0)
+                                                      for k in range(len(classes))]), dim=-1)
+
+
 @torch.no_grad()
 def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.Tensor, cells: list,
                 per_cell: int, prompt_emb: torch.Tensor, sizes: list[int], towers: set, config: ForgetConfig,
@@ -213,11 +224,7 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
 
     with torch.autocast(**autocast):
         if {(c, d) for c in classes for d in domains} <= set(cells):   # every cell's prompts were embedded
-            per_prompt = torch.nn.functional.normalize(prompt_emb.float(), dim=-1)
-            cls_of = torch.tensor([classes.index(c) for c, _ in cells], device=per_prompt.device)
-            cls_of = cls_of.repeat_interleave(torch.tensor(sizes, device=per_prompt.device))
-            clf0 = torch.nn.functional.normalize(torch.stack([per_prompt[cls_of == k].mean(0)
-                                                              for k in range(len(classes))]), dim=-1)
+            clf0 = _class_rows(prompt_emb, cells, sizes, classes)
         else:
             clf0 = classifier()
         emb0 = image_emb()
@@ -289,9 +296,7 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         with torch.autocast(**autocast):
             per_prompt = encode_tokens(model, tokens, config.batch_size)
         cell_text = ensemble(per_prompt, sizes)
-        of_class = torch.tensor([classes.index(c) for c, _ in cells]).repeat_interleave(torch.tensor(sizes))
-        class_emb = torch.nn.functional.normalize(torch.stack(
-            [per_prompt[(of_class == k).to(device)].mean(0) for k in range(len(classes))]), dim=-1)
+        class_emb = _class_rows(per_prompt, cells, sizes, classes)
         timings["prompts"] = time.perf_counter() - t
         bank = _prototypes(model, cells, cell_text, config, device, bank, info, timings, world)
         images = torch.cat([bank.images[c][:P].to(device) for c in cells])
