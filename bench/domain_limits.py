@@ -565,23 +565,9 @@ def tower_features(model, images: torch.Tensor) -> dict:
 
 
 def linear_detector(X: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3):
-    """A logistic-regression detector (standardized features, L2 ``ridge``, L-BFGS) fitted on X [n, f]
-    with labels y [n] bool; returns it as (w [f], b) on the raw features: logit = X w + b."""
-    mu, sd = X.mean(0), X.std(0) + 1e-6
-    Z = (X - mu) / sd
-    w = torch.zeros(X.shape[1], requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(Z @ w + b, y.float()) + ridge * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    w = w.detach() / sd
-    return w, b.detach()[0] - mu @ w
+    """The library's domain detector (``gate.detector``: logistic, standardized features, L-BFGS) with an
+    L2 penalty of ``ridge`` against the mean log loss; (w [f], b) on the raw features: logit = X w + b."""
+    return detector(X, y, ridge * len(y))
 
 
 def detect(h: q.Harness, per_cell: int = 20) -> None:
