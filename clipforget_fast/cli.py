@@ -239,7 +239,8 @@ def cmd_prototypes(args) -> int:
     config = build_config(args)
     family(args)
     if args.spec is None and args.forget_classes is None and args.forget_domains is None:
-        args.forget_domains = args.domains      # every cell is synthesized whatever is forgotten
+        # every cell is synthesized whatever is forgotten; the caller's namespace is left as it was
+        args = argparse.Namespace(**{**vars(args), "forget_domains": args.domains})
     spec = build_spec(args)
     model, tokenizer, _ = load_model(args)
     bank = synthesize_prototypes(model, tokenizer, spec, config)

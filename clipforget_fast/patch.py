@@ -322,9 +322,22 @@ def atomic_safetensors(tensors: dict, path, metadata: dict | None = None) -> Pat
 def plain_permissions(path, directory: bool = False) -> None:
     """Give a file (0666) or folder (0777) made by ``tempfile`` (0600 / 0700) the permissions a plain
     ``open`` / ``mkdir`` would have given it under the process's umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~process_umask())
+
+
+def process_umask() -> int:
+    """The process's umask. Read from /proc where the kernel reports it (Linux 4.7+): setting and
+    restoring it, the only other way, briefly changes it for every thread of the process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+    return umask
 
 
 def applied_patches(model: nn.Module) -> list[Patch]:

@@ -5,7 +5,7 @@ import torch
 from clipforget_fast import Patch, PatchEntry
 from clipforget_fast.forget import _patch_entry
 from clipforget_fast.layers import find_layers
-from clipforget_fast.patch import tensor_hash
+from clipforget_fast.patch import process_umask, tensor_hash
 
 from conftest import make_tiny_clip
 
@@ -178,3 +178,15 @@ def test_hash_sees_dtype_shape_and_values():
     assert tensor_hash(a) != tensor_hash(a.half())
     b = a.clone(); b[0, 0] = 1e-8
     assert tensor_hash(a) != tensor_hash(b)
+
+
+def test_process_umask_reads_the_current_umask():
+    import os
+
+    old = os.umask(0o027)
+    try:
+        assert process_umask() == 0o027
+        os.umask(0o002)
+        assert process_umask() == 0o002
+    finally:
+        os.umask(old)
