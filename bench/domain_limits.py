@@ -21,6 +21,8 @@
                                                     # renders caught and flagged
     python bench/domain_limits.py --gate-keep-order # the domain gate on the nine domain requests at
                                                     # several ForgetConfig.gate_keep_order values
+    python bench/domain_limits.py --gate-map-ridge --bank-seeds 0,1,2  # the gate's map ridge, on the
+                                                    # domain and domain-complete requests, three banks
 
 Every option takes --weights W: another proving-ground checkpoint instead of the shipped one. The shipped
 model reads its class token out; --oracle, --transfer, --image-redirect, --fitted, --combined and
@@ -760,6 +762,46 @@ def gate_keep_order(h: q.Harness) -> None:
         print(f"| {keep:g} | **{met} of {len(requests)} requests meet the targets** | | | | |", flush=True)
 
 
+MAP_RIDGES = (1e-3, 0.1, 0.3, 1.0)           # gate.MAP_RIDGE candidates (some classes neutralized)
+MAP_RIDGES_ALL = (1e-5, 1e-4, 1e-3)         # gate.MAP_RIDGE_ALL candidates (every class)
+
+
+def gate_map_ridge(h: q.Harness, seeds=(0,)) -> None:
+    """The library's domain gate at each ridge of its map's least squares: gate.MAP_RIDGE over MAP_RIDGES on
+    the nine domain requests, gate.MAP_RIDGE_ALL over MAP_RIDGES_ALL on the three domain-complete ones, for
+    prototype banks synthesized with each seed in ``seeds``; scored on the held-out renders and templates.
+    Each cell: forgotten accuracy / same classes' drop / other classes' drop (domain-complete: forgotten /
+    other domains' drop), * where the request meets its targets."""
+    from clipforget_fast import gate
+
+    saved = gate.MAP_RIDGE, gate.MAP_RIDGE_ALL
+    sweeps = [("MAP_RIDGE", MAP_RIDGES, [r for r in q.REQUESTS if r[0] == "domain"] + q.MORE_DOMAIN_REQUESTS),
+              ("MAP_RIDGE_ALL", MAP_RIDGES_ALL, [r for r in q.REQUESTS if r[0] == "domain-complete"])]
+    try:
+        for name, ridges, requests in sweeps:
+            print(f"| {name} | request | " + " | ".join(f"bank seed {s}" for s in seeds) + " |\n"
+                  "|---|---|" + "---|" * len(seeds))
+            for ridge in ridges:
+                setattr(gate, name, ridge)
+                met = [0] * len(seeds)
+                for m, fc, fd in requests:
+                    spec = q.spec_for(m, fc, fd)
+                    cells = []
+                    for i, seed in enumerate(seeds):
+                        res, _, _ = h.run(spec, h.config.replace(edit="domain-gate", seed=seed))
+                        sc = res["held-out"]
+                        ok = not q.misses(spec, sc, h.before["held-out"].chance)
+                        met[i] += ok
+                        same = "" if m == "domain-complete" else f"{sc.same_class_drop:.2f} / "
+                        cells.append(f"{q.fmt_forget(sc)} / {same}{sc.keep_drop:.2f}{' *' if ok else ''}")
+                    print(f"| {ridge:g} | {','.join(fc or ['*'])} @ {','.join(fd)} | " + " | ".join(cells) + " |",
+                          flush=True)
+                print(f"| {ridge:g} | **requests meeting the targets** | " + " | ".join(f"{n} of {len(requests)}"
+                                                                                 for n in met) + " |", flush=True)
+    finally:
+        gate.MAP_RIDGE, gate.MAP_RIDGE_ALL = saved
+
+
 def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
     """An AccuracyMatrix of the held-out renders from their embeddings E and class embeddings T."""
     from clipforget_fast.evaluate import AccuracyMatrix
@@ -785,6 +827,8 @@ def main(argv=None) -> int:
     ap.add_argument("--class-token-gate", action="store_true")
     ap.add_argument("--gate-detector", action="store_true")
     ap.add_argument("--gate-keep-order", action="store_true")
+    ap.add_argument("--gate-map-ridge", action="store_true")
+    ap.add_argument("--bank-seeds", default="0", help="--gate-map-ridge: prototype bank seeds, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
     ap.add_argument("--steps", type=int, default=300, help="--combined: Adam steps")
@@ -793,9 +837,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not (args.oracle or args.transfer or args.image_redirect or args.fitted or args.combined or args.mlp_input
             or args.detect or args.class_token_mlp or args.class_token_gate or args.gate_detector
-            or args.gate_keep_order):
+            or args.gate_keep_order or args.gate_map_ridge):
         ap.error("choose at least one of --oracle, --transfer, --image-redirect, --fitted, --combined, --mlp-input, "
-                 "--detect, --class-token-mlp, --class-token-gate, --gate-detector, --gate-keep-order")
+                 "--detect, --class-token-mlp, --class-token-gate, --gate-detector, --gate-keep-order, --gate-map-ridge")
     torch.manual_seed(0)
     h = q.Harness(args.per_cell, ForgetConfig(), args.weights)
     if args.oracle:
@@ -820,6 +864,8 @@ def main(argv=None) -> int:
         gate_detector(h)
     if args.gate_keep_order:
         gate_keep_order(h)
+    if args.gate_map_ridge:
+        gate_map_ridge(h, tuple(int(v) for v in args.bank_seeds.split(",")))
     return 0
 
 

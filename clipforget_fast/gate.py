@@ -21,8 +21,9 @@ The map is derived, not trained. For a class token y leaving the block, the embe
 e = post_norm(y) @ proj and the class logits are T e (T: the classes' text embeddings). The smallest
 change of y's centred part after which every class scores alike (when all are forgotten; including the
 constant that post_norm's bias adds), or the forgotten classes score the mean of all while the others
-keep their scores relative to one another, is computed per prototype, in closed form (``neutral_shift``); C (A ℓ + α) is the rank-r
-ridge least-squares fit of those changes from ℓ over all prototypes (the same function for every image:
+keep their scores relative to one another, is computed per prototype, in closed form (``neutral_shift``);
+C (A ℓ + α) is the rank-r ridge least-squares fit of those changes from ℓ over all prototypes (ridge
+``MAP_RIDGE``, or ``MAP_RIDGE_ALL`` when every class is neutralized; the same function for every image:
 the gate decides where it acts). The patch edits three tensors of that MLP (input weight and bias:
 m rows; output weight: m columns), reversibly like any other patch. The tower's other tokens pass the
 rewired units too; a class-token tower does not read them, but their features change.
@@ -46,6 +47,10 @@ DETECTOR_RIDGE = 10.0 # L2 penalty of the detector (standardized features, again
                       # chosen on the proving ground from 0.1, 10, 80 and 400 by the held-out renders the
                       # detector catches and flags (bench/RESULTS.md)
 ACTION_SHARE = 0.5    # ε keeps every |ε(a_jᵀℓ + α_j)| on the prototypes within this share of GATE_LEVEL
+MAP_RIDGE = 0.3       # ridge of the map's least squares (relative to the mean eigenvalue of ℓ's Gram matrix)
+MAP_RIDGE_ALL = 1e-5  # ... when every class is neutralized; both chosen on the proving ground from 1e-5 to 1
+                      # (bench/RESULTS.md): the few-class map shrunk hard moves the kept classes less,
+                      # the every-class map (r = k - 1 outputs) needs a close fit
 KEEP_ORDER = ForgetConfig.gate_keep_order   # chosen on the proving ground from 0, 1, 10, 100, 1000 and
                                             # 10000 on its nine domain requests (bench/RESULTS.md)
 
@@ -214,7 +219,8 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     # the class token leaving the block without the rewired units' old contributions, and its neutral shift
     y = x + h @ W2.t() + site.fc_out.bias.detach().float() - h[:, units] @ W2[:, units].t()
     delta = neutral_shift(y, site.post_norm, site.proj, class_emb.to(y.device), neutralize, keep_order)
-    A, alpha, C, r2 = reduced_rank_fit(ell, delta, r)
+    map_ridge = MAP_RIDGE_ALL if neutralize is None else MAP_RIDGE
+    A, alpha, C, r2 = reduced_rank_fit(ell, delta, r, map_ridge)
     g_on = g[forgotten & (g > 0)]
     s = GATE_LEVEL / float(g_on.median()) if len(g_on) else 1.0
     v = ell @ A.t() + alpha
@@ -241,7 +247,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
             "neutralized": "all" if neutralize is None else sorted(set(neutralize)),
             "sharpness": round(s, 6), "action_scale": round(eps, 6),
             "prototypes_caught": round(caught, 4), "prototypes_flagged": round(flagged, 4),
-            "action_fit_r2": round(r2, 4),
+            "action_fit_r2": round(r2, 4), "map_ridge": map_ridge,
             "units_share_of_mlp_output": round(float(usage[units].sum() / usage.sum()), 6)}
     return entries, info
 

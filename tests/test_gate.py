@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforget_fast import ForgetConfig, ForgetSpec, Patch, forget
+from clipforget_fast import gate
 from clipforget_fast.gate import gate_entries, neutral_shift, rewired_units
 from clipforget_fast.layers import encode_image, gate_site
 
@@ -75,7 +76,7 @@ def test_gate_acts_on_the_detected_domain_only():
     entries, info = gate_entries(model, site, fit, forgotten, T, rank=8, batch_size=64, autocast=OFF)
     assert info["rank"] == 4 and len(info["units"]) == 5          # k - 1 classes to neutralize
     assert info["prototypes_caught"] == 1.0 and info["prototypes_flagged"] == 0.0
-    assert info["action_fit_r2"] > 0.9
+    assert info["action_fit_r2"] > 0.9 and info["map_ridge"] == gate.MAP_RIDGE_ALL
     # units already rewired (by an applied gate) are left alone; the next least used take their place
     _, other = gate_entries(model, site, fit, forgotten, T, rank=8, batch_size=64, autocast=OFF,
                             taken=info["units"][:2])
@@ -117,6 +118,7 @@ def test_forget_with_the_gate_saves_reloads_and_refuses(tmp_path, tokenizer, voc
     # some classes in some domains: only those classes are neutralized, by a map of their rank
     one = forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"]), cfg)
     assert one.info["gate"]["neutralized"] == [0] and one.info["gate"]["rank"] == 1
+    assert one.info["gate"]["map_ridge"] == gate.MAP_RIDGE
     assert len(one.info["gate"]["units"]) == 2
     # cells that are not a product of classes and domains, or every domain: not the gate's
     for bad in (ForgetSpec.from_cells(*vocab, [("dog", "sketch"), ("cat", "photo")]),
