@@ -23,6 +23,8 @@
                                                     # several ForgetConfig.gate_keep_order values
     python bench/domain_limits.py --gate-map-ridge --bank-seeds 0,1,2  # the gate's map ridge, on the
                                                     # domain and domain-complete requests, three banks
+    python bench/domain_limits.py --gate-map-ceiling  # the gate's action with a perfect detector, fitted
+                                                    # on prototypes vs real renders, on domain-complete
 
 Every option takes --weights W: another proving-ground checkpoint instead of the shipped one. The shipped
 model reads its class token out; --oracle, --transfer, --image-redirect, --fitted, --combined and
@@ -802,6 +804,52 @@ def gate_map_ridge(h: q.Harness, seeds=(0,)) -> None:
         gate.MAP_RIDGE, gate.MAP_RIDGE_ALL = saved
 
 
+def gate_map_ceiling(h: q.Harness, per_cell: int = 20) -> None:
+    """How far the domain gate's kind of action can forget whole domains, apart from its detector: the
+    three domain-complete requests with the action added to every held-out render of the forgotten
+    domains and to no other (a perfect detector). The action is the library's: the rank-(k - 1) ridge fit
+    from the class token's MLP input ℓ of ``gate.neutral_shift`` (every class alike), fitted on the
+    library's prototypes (4 per cell) or on real renders (``per_cell`` per cell, render seed 5·10⁶: data,
+    an upper bound), at two ridges; and the exact shift of each held-out render's own class token (what
+    no map of ℓ computes). Forgotten accuracy per domain on the held-out renders and templates."""
+    from clipforget_fast.gate import neutral_shift, reduced_rank_fit
+
+    model = h.model
+    site = gate_site(model)
+    off = dict(device_type="cpu", enabled=False)
+    W2, b2 = site.fc_out.weight.detach().float(), site.fc_out.bias.detach().float()
+    with torch.no_grad():
+        T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
+
+    def tokens(images):                      # (ℓ, the class token leaving the block)
+        x, hid = capture(model, site, images, 200, off)
+        return layer_norm(x, site.norm), x + hid @ W2.t() + b2
+
+    def embed(y):
+        return F.normalize(layer_norm(y, site.post_norm) @ site.proj.detach().float(), dim=-1)
+
+    ell_t, y_t = tokens(h.images)
+    base = evaluate_embeddings(embed(y_t), T_ho, h)
+    assert torch.equal(base.correct, h.before["held-out"].correct), "the class-token path differs from encode_image"
+    bank = synthesize_prototypes(model, h.tok, SPEC, h.config)
+    fits = {"prototypes (library, 4 per cell)": tokens(prototype_set(bank, h.config.prototypes_per_cell)[0]),
+            f"real renders ({per_cell} per cell)": tokens(prototype_set(real_bank(per_cell), per_cell)[0])}
+    print("| request | action on every image of the forgotten domains | forgotten accuracy |\n|---|---|---|")
+    for m, fc, fd in [r for r in q.REQUESTS if r[0] == "domain-complete"]:
+        spec = q.spec_for(m, fc, fd)
+        on = torch.isin(h.di, torch.tensor([D.index(d) for d in fd]))[:, None].float()
+        rows = [("none", torch.zeros_like(y_t)), ("exact shift of each image's own class token",
+                                                  neutral_shift(y_t, site.post_norm, site.proj, T_fit))]
+        for name, (ell, y) in fits.items():
+            delta = neutral_shift(y, site.post_norm, site.proj, T_fit)
+            for ridge in (1e-5, 1e-3):
+                A, alpha, Cm, _ = reduced_rank_fit(ell, delta, len(C) - 1, ridge)
+                rows.append((f"map of ℓ fitted on {name}, ridge {ridge:g}", (ell_t @ A.t() + alpha) @ Cm.t()))
+        for name, d in rows:
+            s = q.score(spec, h.before["held-out"], evaluate_embeddings(embed(y_t + on * d), T_ho, h))
+            print(f"| * @ {','.join(fd)} | {name} | {q.fmt_forget(s)} |", flush=True)
+
+
 def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
     """An AccuracyMatrix of the held-out renders from their embeddings E and class embeddings T."""
     from clipforget_fast.evaluate import AccuracyMatrix
@@ -828,6 +876,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-detector", action="store_true")
     ap.add_argument("--gate-keep-order", action="store_true")
     ap.add_argument("--gate-map-ridge", action="store_true")
+    ap.add_argument("--gate-map-ceiling", action="store_true")
     ap.add_argument("--bank-seeds", default="0", help="--gate-map-ridge: prototype bank seeds, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
@@ -837,9 +886,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not (args.oracle or args.transfer or args.image_redirect or args.fitted or args.combined or args.mlp_input
             or args.detect or args.class_token_mlp or args.class_token_gate or args.gate_detector
-            or args.gate_keep_order or args.gate_map_ridge):
+            or args.gate_keep_order or args.gate_map_ridge or args.gate_map_ceiling):
         ap.error("choose at least one of --oracle, --transfer, --image-redirect, --fitted, --combined, --mlp-input, "
-                 "--detect, --class-token-mlp, --class-token-gate, --gate-detector, --gate-keep-order, --gate-map-ridge")
+                 "--detect, --class-token-mlp, --class-token-gate, --gate-detector, --gate-keep-order, --gate-map-ridge, "
+                 "--gate-map-ceiling")
     torch.manual_seed(0)
     h = q.Harness(args.per_cell, ForgetConfig(), args.weights)
     if args.oracle:
@@ -866,6 +916,8 @@ def main(argv=None) -> int:
         gate_keep_order(h)
     if args.gate_map_ridge:
         gate_map_ridge(h, tuple(int(v) for v in args.bank_seeds.split(",")))
+    if args.gate_map_ceiling:
+        gate_map_ceiling(h)
     return 0
 
 
