@@ -862,21 +862,26 @@ def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
 
 
 def main(argv=None) -> int:
+    # each measurement: its flag and how it runs on the harness and the parsed arguments, in this order
+    measurements = {
+        "oracle": lambda h, a: oracle(h),
+        "transfer": lambda h, a: transfer(h),
+        "image-redirect": lambda h, a: image_redirect(h),
+        "fitted": lambda h, a: fitted(h),
+        "combined": lambda h, a: combined(h, a.blocks, a.steps, a.fit_per_cell, a.mode),
+        "mlp-input": lambda h, a: mlp_input(h),
+        "detect": lambda h, a: detect(h),
+        "class-token-mlp": lambda h, a: class_token_mlp(h, a.steps),
+        "class-token-gate": lambda h, a: class_token_gate(h, steps=a.steps),
+        "gate-detector": lambda h, a: gate_detector(h),
+        "gate-keep-order": lambda h, a: gate_keep_order(h),
+        "gate-map-ridge": lambda h, a: gate_map_ridge(h, tuple(int(v) for v in a.bank_seeds.split(","))),
+        "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
+    }
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-cell", type=int, default=20, help="held-out renders per cell")
-    ap.add_argument("--oracle", action="store_true")
-    ap.add_argument("--transfer", action="store_true")
-    ap.add_argument("--image-redirect", action="store_true")
-    ap.add_argument("--fitted", action="store_true")
-    ap.add_argument("--combined", action="store_true")
-    ap.add_argument("--mlp-input", action="store_true")
-    ap.add_argument("--detect", action="store_true")
-    ap.add_argument("--class-token-mlp", action="store_true")
-    ap.add_argument("--class-token-gate", action="store_true")
-    ap.add_argument("--gate-detector", action="store_true")
-    ap.add_argument("--gate-keep-order", action="store_true")
-    ap.add_argument("--gate-map-ridge", action="store_true")
-    ap.add_argument("--gate-map-ceiling", action="store_true")
+    for flag in measurements:
+        ap.add_argument(f"--{flag}", action="store_true")
     ap.add_argument("--bank-seeds", default="0", help="--gate-map-ridge: prototype bank seeds, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
@@ -884,40 +889,13 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-per-cell", type=int, default=20, help="--combined: real renders per cell to fit on")
     ap.add_argument("--mode", choices=("global", "domain", "domain-complete"), help="--combined: only this mode")
     args = ap.parse_args(argv)
-    if not (args.oracle or args.transfer or args.image_redirect or args.fitted or args.combined or args.mlp_input
-            or args.detect or args.class_token_mlp or args.class_token_gate or args.gate_detector
-            or args.gate_keep_order or args.gate_map_ridge or args.gate_map_ceiling):
-        ap.error("choose at least one of --oracle, --transfer, --image-redirect, --fitted, --combined, --mlp-input, "
-                 "--detect, --class-token-mlp, --class-token-gate, --gate-detector, --gate-keep-order, --gate-map-ridge, "
-                 "--gate-map-ceiling")
+    chosen = [flag for flag in measurements if getattr(args, flag.replace("-", "_"))]
+    if not chosen:
+        ap.error("choose at least one of " + ", ".join(f"--{flag}" for flag in measurements))
     torch.manual_seed(0)
     h = q.Harness(args.per_cell, ForgetConfig(), args.weights)
-    if args.oracle:
-        oracle(h)
-    if args.transfer:
-        transfer(h)
-    if args.image_redirect:
-        image_redirect(h)
-    if args.fitted:
-        fitted(h)
-    if args.combined:
-        combined(h, args.blocks, args.steps, args.fit_per_cell, args.mode)
-    if args.mlp_input:
-        mlp_input(h)
-    if args.detect:
-        detect(h)
-    if args.class_token_mlp:
-        class_token_mlp(h, args.steps)
-    if args.class_token_gate:
-        class_token_gate(h, steps=args.steps)
-    if args.gate_detector:
-        gate_detector(h)
-    if args.gate_keep_order:
-        gate_keep_order(h)
-    if args.gate_map_ridge:
-        gate_map_ridge(h, tuple(int(v) for v in args.bank_seeds.split(",")))
-    if args.gate_map_ceiling:
-        gate_map_ceiling(h)
+    for flag in chosen:
+        measurements[flag](h, args)
     return 0
 
 
