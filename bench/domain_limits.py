@@ -25,6 +25,7 @@
                                                     # domain and domain-complete requests, three banks
     python bench/domain_limits.py --gate-map-ceiling  # the gate's action with a perfect detector, fitted
                                                     # on prototypes vs real renders, on domain-complete
+    python bench/domain_limits.py --gate-two-blocks # the gate's action in the last two blocks
 
 Every option takes --weights W: another proving-ground checkpoint instead of the shipped one. The shipped
 model reads its class token out; --oracle, --transfer, --image-redirect, --fitted, --combined and
@@ -38,6 +39,7 @@ apart from the held-out evaluation renders at 3·10⁶). Prints the tables; reco
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 import time
@@ -850,6 +852,89 @@ def gate_map_ceiling(h: q.Harness, per_cell: int = 20) -> None:
             print(f"| * @ {','.join(fd)} | {name} | {q.fmt_forget(s)} |", flush=True)
 
 
+def gate_two_blocks(h: q.Harness) -> None:
+    """The domain gate's action in two blocks: on the three domain-complete requests, a first map of
+    the class token at the MLP input of the block before the last, fitted on the prototypes to the neutral
+    shift of that block's output read as if it were the last, then the library's map in the last block,
+    fitted on the prototypes after the first. Each acts on the images its gate passes: every image of the
+    forgotten domains (perfect), or those a detector at its block fitted on the prototypes flags (the
+    second one fitted after the first acts, like the map). Every map: rank k - 1, ridge 1e-5. Forgotten
+    accuracy per domain and the other domains' drop on the held-out renders and templates."""
+    from clipforget_fast.gate import neutral_shift, reduced_rank_fit
+
+    model = h.model
+    site = gate_site(model)
+    blk = list(_class_token_tower(model, "--gate-two-blocks").transformer.resblocks)[-2]
+    first = dataclasses.replace(site, prefix="", norm=blk.ln_2, fc_in=blk.mlp.c_fc, fc_out=blk.mlp.c_proj)
+    off = dict(device_type="cpu", enabled=False)
+    with torch.no_grad():
+        T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
+
+    def tokens(where, images, add=None):
+        """(ℓ, the class token leaving the block) at ``where``, with ``add`` [n, width] added to the class
+        token leaving the block before the last."""
+        rows = iter(add.split(200)) if add is not None else None
+
+        def plus(mod, inp, out):
+            out = out.clone()
+            (out[:, 0] if site.batch_first else out[0]).add_(next(rows))
+            return out
+
+        hook = blk.register_forward_hook(plus) if add is not None else None
+        try:
+            x, hid = capture(model, where, images, 200, off)
+        finally:
+            if hook is not None:
+                hook.remove()
+        W2, b2 = where.fc_out.weight.detach().float(), where.fc_out.bias.detach().float()
+        return layer_norm(x, where.norm), x + hid @ W2.t() + b2
+
+    def fitted_map(ell, y):
+        A, alpha, Cm, _ = reduced_rank_fit(ell, neutral_shift(y, site.post_norm, site.proj, T_fit), len(C) - 1, 1e-5)
+        return lambda e: (e @ A.t() + alpha) @ Cm.t()
+
+    def embed(y):
+        return F.normalize(layer_norm(y, site.post_norm) @ site.proj.detach().float(), dim=-1)
+
+    bank = synthesize_prototypes(model, h.tok, SPEC, h.config)
+    protos, _, di = prototype_set(bank, h.config.prototypes_per_cell)
+    ell1_p, y1_p = tokens(first, protos)
+    ell1_t, y1_t = tokens(first, h.images)
+    ell_p, y_p = tokens(site, protos)
+    ell_t, y_t = tokens(site, h.images)
+    print("| request | gates | first block's gate: caught / flagged | last block's: caught / flagged | result |\n"
+          "|---|---|---|---|---|")
+    for m, fc, fd in [r for r in q.REQUESTS if r[0] == "domain-complete"]:
+        spec = q.spec_for(m, fc, fd)
+        idx = torch.tensor([D.index(d) for d in fd])
+        fp, ft = torch.isin(di, idx), torch.isin(h.di, idx)
+
+        def rates(on):
+            return f"{100 * float(on[ft].float().mean()):.1f} % / {100 * float(on[~ft].float().mean()):.1f} %"
+
+        def result(y):
+            return fmt(q.score(spec, h.before["held-out"], evaluate_embeddings(embed(y), T_ho, h)))
+
+        last = fitted_map(ell_p, y_p)
+        w, b = detector(ell_p, fp)
+        for name, on in (("last block only, perfect", ft), ("last block only, detector", ell_t @ w + b > 0)):
+            print(f"| * @ {','.join(fd)} | {name} | | {rates(on)} | {result(y_t + last(ell_t) * on[:, None])} |")
+        one = fitted_map(ell1_p, y1_p)
+        w1, b1 = detector(ell1_p, fp)
+        for name, on_p, on_t in (("two blocks, perfect", fp, ft),
+                                 ("two blocks, detectors", ell1_p @ w1 + b1 > 0, ell1_t @ w1 + b1 > 0)):
+            ell2_p, y2_p = tokens(site, protos, one(ell1_p) * on_p[:, None])
+            ell2_t, y2_t = tokens(site, h.images, one(ell1_t) * on_t[:, None])
+            two = fitted_map(ell2_p, y2_p)
+            if name.endswith("perfect"):
+                on2 = ft
+            else:
+                w2, b2 = detector(ell2_p, fp)
+                on2 = ell2_t @ w2 + b2 > 0
+            print(f"| * @ {','.join(fd)} | {name} | {rates(on_t)} | {rates(on2)} | "
+                  f"{result(y2_t + two(ell2_t) * on2[:, None])} |", flush=True)
+
+
 def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
     """An AccuracyMatrix of the held-out renders from their embeddings E and class embeddings T."""
     from clipforget_fast.evaluate import AccuracyMatrix
@@ -877,6 +962,7 @@ def main(argv=None) -> int:
         "gate-keep-order": lambda h, a: gate_keep_order(h),
         "gate-map-ridge": lambda h, a: gate_map_ridge(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
+        "gate-two-blocks": lambda h, a: gate_two_blocks(h),
     }
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-cell", type=int, default=20, help="held-out renders per cell")
