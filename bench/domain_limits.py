@@ -806,6 +806,32 @@ def gate_map_ridge(h: q.Harness, seeds=(0,)) -> None:
         gate.MAP_RIDGE, gate.MAP_RIDGE_ALL = saved
 
 
+def _block_tokens(model, where, images: torch.Tensor, add=None, before=None):
+    """(ℓ, y) of the class token at a GateSite-like ``where`` of the image tower: its MLP input after the
+    norm, and the token leaving that block, fp32. ``add`` [n, width] is added to the class token leaving
+    the block ``before`` (a module run ahead of ``where``)."""
+    rows = iter(add.split(200)) if add is not None else None
+
+    def plus(mod, inp, out):
+        out = out.clone()
+        (out[:, 0] if where.batch_first else out[0]).add_(next(rows))
+        return out
+
+    hook = before.register_forward_hook(plus) if add is not None else None
+    try:
+        x, hid = capture(model, where, images, 200, dict(device_type="cpu", enabled=False))
+    finally:
+        if hook is not None:
+            hook.remove()
+    W2, b2 = where.fc_out.weight.detach().float(), where.fc_out.bias.detach().float()
+    return layer_norm(x, where.norm), x + hid @ W2.t() + b2
+
+
+def _final_embedding(site, y: torch.Tensor) -> torch.Tensor:
+    """The normalized image embedding of class tokens ``y`` leaving the last block."""
+    return F.normalize(layer_norm(y, site.post_norm) @ site.proj.detach().float(), dim=-1)
+
+
 def gate_map_ceiling(h: q.Harness, per_cell: int = 20) -> None:
     """How far the domain gate's kind of action can forget whole domains, apart from its detector: the
     three domain-complete requests with the action added to every held-out render of the forgotten
@@ -818,17 +844,14 @@ def gate_map_ceiling(h: q.Harness, per_cell: int = 20) -> None:
 
     model = h.model
     site = gate_site(model)
-    off = dict(device_type="cpu", enabled=False)
-    W2, b2 = site.fc_out.weight.detach().float(), site.fc_out.bias.detach().float()
     with torch.no_grad():
         T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
 
-    def tokens(images):                      # (ℓ, the class token leaving the block)
-        x, hid = capture(model, site, images, 200, off)
-        return layer_norm(x, site.norm), x + hid @ W2.t() + b2
+    def tokens(images):
+        return _block_tokens(model, site, images)
 
     def embed(y):
-        return F.normalize(layer_norm(y, site.post_norm) @ site.proj.detach().float(), dim=-1)
+        return _final_embedding(site, y)
 
     ell_t, y_t = tokens(h.images)
     base = evaluate_embeddings(embed(y_t), T_ho, h)
@@ -866,35 +889,18 @@ def gate_two_blocks(h: q.Harness) -> None:
     site = gate_site(model)
     blk = list(_class_token_tower(model, "--gate-two-blocks").transformer.resblocks)[-2]
     first = dataclasses.replace(site, prefix="", norm=blk.ln_2, fc_in=blk.mlp.c_fc, fc_out=blk.mlp.c_proj)
-    off = dict(device_type="cpu", enabled=False)
     with torch.no_grad():
         T_fit, T_ho = agnostic_text(model, h.tok), agnostic_text(model, h.tok, q.HELD_OUT_TEMPLATES)
 
-    def tokens(where, images, add=None):
-        """(ℓ, the class token leaving the block) at ``where``, with ``add`` [n, width] added to the class
-        token leaving the block before the last."""
-        rows = iter(add.split(200)) if add is not None else None
-
-        def plus(mod, inp, out):
-            out = out.clone()
-            (out[:, 0] if site.batch_first else out[0]).add_(next(rows))
-            return out
-
-        hook = blk.register_forward_hook(plus) if add is not None else None
-        try:
-            x, hid = capture(model, where, images, 200, off)
-        finally:
-            if hook is not None:
-                hook.remove()
-        W2, b2 = where.fc_out.weight.detach().float(), where.fc_out.bias.detach().float()
-        return layer_norm(x, where.norm), x + hid @ W2.t() + b2
+    def tokens(where, images, add=None):     # with ``add`` on the class token leaving the block before the last
+        return _block_tokens(model, where, images, add, blk)
 
     def fitted_map(ell, y):
         A, alpha, Cm, _ = reduced_rank_fit(ell, neutral_shift(y, site.post_norm, site.proj, T_fit), len(C) - 1, 1e-5)
         return lambda e: (e @ A.t() + alpha) @ Cm.t()
 
     def embed(y):
-        return F.normalize(layer_norm(y, site.post_norm) @ site.proj.detach().float(), dim=-1)
+        return _final_embedding(site, y)
 
     bank = synthesize_prototypes(model, h.tok, SPEC, h.config)
     protos, _, di = prototype_set(bank, h.config.prototypes_per_cell)
