@@ -122,10 +122,10 @@ class ForgetConfig:
         them: ``gated_request``), the model has a site for it (``gate_site``: ``layers.gate_site``
         finds one) and there are prototypes; else the class redirect when some class is kept in every
         domain and the config can run it (the text projection targeted; prototypes for classes
-        forgotten in some domains only); and the projection otherwise (``domain-complete``). Measured on
-        the proving ground (README): the gate meets 4 of 9 ``domain`` requests, the redirect none; on
-        ``domain-complete`` the gate meets none and costs the kept cells up to 25 points where its
-        detector fails, the projection forgets nothing and costs nothing."""
+        forgotten in some domains only); and the projection otherwise (``domain-complete``). Why, as
+        measured on the proving ground (README, "Quality status"): on ``domain`` requests the gate meets
+        more than the redirect does; on ``domain-complete`` it meets none and costs the kept cells where
+        its detector fails, while the projection forgets nothing and costs nothing."""
         if self.edit != "auto":
             return self.edit
         forgotten = {c for c, _ in spec.forget_cells}

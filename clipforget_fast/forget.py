@@ -264,23 +264,26 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
     return out
 
 
-def _has_gate_site(model) -> bool:
+def _find_gate_site(model):
+    """(the domain gate's site, None), or (None, the ValueError naming what the tower lacks)."""
     try:
-        gate_site(model)
-    except ValueError:
-        return False
-    return True
+        return gate_site(model), None
+    except ValueError as e:
+        return None, e
 
 
-def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World) -> Patch:
-    """forget() with the domain gate (gate.py): prompts, prototypes of every cell, the gate's entries
-    (solved on the leading rank, broadcast), self-check."""
+def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World,
+                        site, site_error) -> Patch:
+    """forget() with the domain gate (gate.py) at ``site`` (or ``site_error`` when the model has none):
+    prompts, prototypes of every cell, the gate's entries (solved on the leading rank, broadcast),
+    self-check."""
     gated = gated_request(spec)
     if gated is None:
         raise ValueError("edit='domain-gate' forgets some classes (or all) in some domains (the forgotten cells "
                          f"must be every pair of their classes and domains, with a domain kept); this request "
                          f"(mode {spec.mode!r}) forgets {len(spec.forget_cells)} cells that are not that")
-    site = gate_site(model)                               # ValueError naming what the tower lacks
+    if site is None:
+        raise site_error
     device = torch.device(config.device) if config.device else next(model.parameters()).device
     amp = autocast_dtype(config, device)
     autocast = dict(device_type=device.type, dtype=amp, enabled=amp != torch.float32)
@@ -362,9 +365,11 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     layers = find_layers(model, config.targets, config.last_blocks)
     layers = [l for l in layers if (l.tower == "text" and config.use_text)
               or (l.tower == "visual" and config.use_prototypes and config.prototypes_per_cell > 0)]
-    edit = config.edit_for(spec, gate_site=_has_gate_site(model))
+    site, site_error = _find_gate_site(model)
+    edit = config.edit_for(spec, gate_site=site is not None)
     if edit == "domain-gate":
-        return _forget_domain_gate(model, tokenizer, spec, config, prototypes, World(distributed, group))
+        return _forget_domain_gate(model, tokenizer, spec, config, prototypes, World(distributed, group), site,
+                                   site_error)
     redirect = edit == "class-redirect"
     retain_energy = config.retain_energy_for(edit)
     forgotten_classes = {c for c, _ in spec.forget_cells}

@@ -6,9 +6,9 @@ For a layer y = W x (W: [d_out, d_in]) and orthonormal forget directions U_F [d_
 
 A raw projection P ([d_in, d_out], y = x P) is W = Pᵀ, so P' = P + B Aᵀ. A bias b [d_out] (the domain
 gate rewires a few hidden units of an MLP, ``gate.py``) is held as A = the change [d_out, 1], B = [[1]].
-``apply`` adds every entry in one dispatch call (one kernel launch on GPU), ``revert`` subtracts it. A patch records a SHA-256 of
-each base tensor and refuses a model whose tensors differ, unless forced; it is saved as safetensors
-with its spec, config and library version in the metadata.
+``apply`` adds every entry in one dispatch call (one kernel launch on GPU), ``revert`` subtracts it. A
+patch records a SHA-256 of each base tensor and refuses a model whose tensors differ, unless forced; it
+is saved as safetensors with its spec, config and library version in the metadata.
 """
 from __future__ import annotations
 

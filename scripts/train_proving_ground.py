@@ -139,9 +139,10 @@ def main():
 
     model = build_model(args.pool).train()
     if args.init is not None:
-        if checkpoint_pool_type(args.init) != args.pool:
-            raise ValueError(f"--init {str(args.init)!r} was trained with pool_type "
-                             f"{checkpoint_pool_type(args.init)!r}, not --pool {args.pool!r}")
+        init_pool = checkpoint_pool_type(args.init)
+        if init_pool != args.pool:
+            raise ValueError(f"--init {str(args.init)!r} was trained with pool_type {init_pool!r}, "
+                             f"not --pool {args.pool!r}")
         model.load_state_dict({k: v.float() for k, v in load_file(str(args.init)).items()})
     tokenizer = get_tokenizer()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
