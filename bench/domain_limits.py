@@ -21,8 +21,10 @@
                                                     # renders caught and flagged
     python bench/domain_limits.py --gate-keep-order # the domain gate on the nine domain requests at
                                                     # several ForgetConfig.gate_keep_order values
-    python bench/domain_limits.py --gate-map-ridge --bank-seeds 0,1,2  # the gate's map ridge, on the
-                                                    # domain and domain-complete requests, three banks
+    python bench/domain_limits.py --gate-map-ridge --bank-seeds 0,1,2  # the gate's map ridge on the
+                                                    # domain requests, three prototype banks
+    python bench/domain_limits.py --gate-collapse --bank-seeds 0,1,2  # the gate's push on the
+                                                    # domain-complete requests, a detector per domain or one
     python bench/domain_limits.py --gate-map-ceiling  # the gate's action with a perfect detector, fitted
                                                     # on prototypes vs real renders, on domain-complete
     python bench/domain_limits.py --gate-two-blocks # the gate's action in the last two blocks
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import itertools
 import sys
 import time
@@ -767,43 +770,72 @@ def gate_keep_order(h: q.Harness) -> None:
 
 
 MAP_RIDGES = (1e-3, 0.1, 0.3, 1.0)           # gate.MAP_RIDGE candidates (some classes neutralized)
-MAP_RIDGES_ALL = (1e-5, 1e-4, 1e-3)         # gate.MAP_RIDGE_ALL candidates (every class)
+COLLAPSES = (3.0, 10.0, 30.0)                # gate.COLLAPSE candidates (every class forgotten)
+
+
+def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, variants=((None, None),)) -> None:
+    """The library's domain gate on ``requests`` for each value in ``values`` (set by ``setting(value)``)
+    and each (name, wrapper) in ``variants`` (``wrapper`` replaces ``forget``'s call of
+    ``gate.gate_entries``), with prototype banks synthesized with each seed in ``seeds``; scored on the
+    held-out renders and templates. Each cell: forgotten accuracy / same classes' drop / other classes'
+    drop (domain-complete: forgotten / other domains' drop), * where the request meets its targets."""
+    module = importlib.import_module("clipforget_fast.forget")     # the module, not the function
+    print(f"| {label} | request | " + " | ".join(f"bank seed {s}" for s in seeds) + " |\n"
+          "|---|---|" + "---|" * len(seeds))
+    saved = module.gate_entries
+    try:
+        for value, (vname, wrapper) in itertools.product(values, variants):
+            setting(value)
+            module.gate_entries = wrapper(saved) if wrapper else saved
+            tag = f"{value:g}" + (f", {vname}" if vname else "")
+            met = [0] * len(seeds)
+            for m, fc, fd in requests:
+                spec = q.spec_for(m, fc, fd)
+                cells = []
+                for i, seed in enumerate(seeds):
+                    res, _, _ = h.run(spec, h.config.replace(edit="domain-gate", seed=seed))
+                    sc = res["held-out"]
+                    ok = not q.misses(spec, sc, h.before["held-out"].chance)
+                    met[i] += ok
+                    same = "" if m == "domain-complete" else f"{sc.same_class_drop:.2f} / "
+                    cells.append(f"{q.fmt_forget(sc)} / {same}{sc.keep_drop:.2f}{' *' if ok else ''}")
+                print(f"| {tag} | {','.join(fc or ['*'])} @ {','.join(fd)} | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {tag} | **requests meeting the targets** | " + " | ".join(f"{n} of {len(requests)}"
+                                                                         for n in met) + " |", flush=True)
+    finally:
+        module.gate_entries = saved
 
 
 def gate_map_ridge(h: q.Harness, seeds=(0,)) -> None:
-    """The library's domain gate at each ridge of its map's least squares: gate.MAP_RIDGE over MAP_RIDGES on
-    the nine domain requests, gate.MAP_RIDGE_ALL over MAP_RIDGES_ALL on the three domain-complete ones, for
-    prototype banks synthesized with each seed in ``seeds``; scored on the held-out renders and templates.
-    Each cell: forgotten accuracy / same classes' drop / other classes' drop (domain-complete: forgotten /
-    other domains' drop), * where the request meets its targets."""
+    """The library's domain gate at each ridge of its map's least squares (gate.MAP_RIDGE over MAP_RIDGES)
+    on the nine domain requests, for prototype banks synthesized with each seed in ``seeds``."""
     from clipforget_fast import gate
 
-    saved = gate.MAP_RIDGE, gate.MAP_RIDGE_ALL
-    sweeps = [("MAP_RIDGE", MAP_RIDGES, [r for r in q.REQUESTS if r[0] == "domain"] + q.MORE_DOMAIN_REQUESTS),
-              ("MAP_RIDGE_ALL", MAP_RIDGES_ALL, [r for r in q.REQUESTS if r[0] == "domain-complete"])]
+    saved = gate.MAP_RIDGE
     try:
-        for name, ridges, requests in sweeps:
-            print(f"| {name} | request | " + " | ".join(f"bank seed {s}" for s in seeds) + " |\n"
-                  "|---|---|" + "---|" * len(seeds))
-            for ridge in ridges:
-                setattr(gate, name, ridge)
-                met = [0] * len(seeds)
-                for m, fc, fd in requests:
-                    spec = q.spec_for(m, fc, fd)
-                    cells = []
-                    for i, seed in enumerate(seeds):
-                        res, _, _ = h.run(spec, h.config.replace(edit="domain-gate", seed=seed))
-                        sc = res["held-out"]
-                        ok = not q.misses(spec, sc, h.before["held-out"].chance)
-                        met[i] += ok
-                        same = "" if m == "domain-complete" else f"{sc.same_class_drop:.2f} / "
-                        cells.append(f"{q.fmt_forget(sc)} / {same}{sc.keep_drop:.2f}{' *' if ok else ''}")
-                    print(f"| {ridge:g} | {','.join(fc or ['*'])} @ {','.join(fd)} | " + " | ".join(cells) + " |",
-                          flush=True)
-                print(f"| {ridge:g} | **requests meeting the targets** | " + " | ".join(f"{n} of {len(requests)}"
-                                                                                 for n in met) + " |", flush=True)
+        _bank_sweep(h, "MAP_RIDGE", MAP_RIDGES,
+                    [r for r in q.REQUESTS if r[0] == "domain"] + q.MORE_DOMAIN_REQUESTS, seeds,
+                    lambda v: setattr(gate, "MAP_RIDGE", v))
     finally:
-        gate.MAP_RIDGE, gate.MAP_RIDGE_ALL = saved
+        gate.MAP_RIDGE = saved
+
+
+def gate_collapse(h: q.Harness, seeds=(0,)) -> None:
+    """The library's domain gate on the three domain-complete requests at each push (gate.COLLAPSE over
+    COLLAPSES), with a detector per forgotten domain (the library's) or one for their union, for
+    prototype banks synthesized with each seed in ``seeds``."""
+    from clipforget_fast import gate
+
+    def union(entries):                     # gate_entries without the domain labels: one detector
+        return lambda *a, **k: entries(*a, **{**k, "domain_of": None})
+
+    saved = gate.COLLAPSE
+    try:
+        _bank_sweep(h, "COLLAPSE", COLLAPSES, [r for r in q.REQUESTS if r[0] == "domain-complete"], seeds,
+                    lambda v: setattr(gate, "COLLAPSE", v),
+                    (("a detector per domain", None), ("one detector for their union", union)))
+    finally:
+        gate.COLLAPSE = saved
 
 
 def _block_tokens(model, where, images: torch.Tensor, add=None, before=None):
@@ -967,6 +999,7 @@ def main(argv=None) -> int:
         "gate-detector": lambda h, a: gate_detector(h),
         "gate-keep-order": lambda h, a: gate_keep_order(h),
         "gate-map-ridge": lambda h, a: gate_map_ridge(h, tuple(int(v) for v in a.bank_seeds.split(","))),
+        "gate-collapse": lambda h, a: gate_collapse(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
         "gate-two-blocks": lambda h, a: gate_two_blocks(h),
     }
@@ -974,7 +1007,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-cell", type=int, default=20, help="held-out renders per cell")
     for flag in measurements:
         ap.add_argument(f"--{flag}", action="store_true")
-    ap.add_argument("--bank-seeds", default="0", help="--gate-map-ridge: prototype bank seeds, comma-separated")
+    ap.add_argument("--bank-seeds", default="0",
+                    help="--gate-map-ridge, --gate-collapse: prototype bank seeds, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
     ap.add_argument("--steps", type=int, default=300, help="--combined: Adam steps")

@@ -304,13 +304,14 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         bank = _prototypes(model, cells, cell_text, config, device, bank, info, timings, world)
         images = torch.cat([bank.images[c][:P].to(device) for c in cells])
         forgotten = torch.tensor([d in gated[1] for _, d in cells]).repeat_interleave(P)   # the gate's domains
+        domain_of = torch.tensor([spec.domains.index(d) for _, d in cells]).repeat_interleave(P)
         t = time.perf_counter()
         entries, gate = [], None
         if world.leader:
             entries, gate = gate_entries(model, site, images, forgotten, class_emb, config.max_rank,
                                          config.batch_size, autocast, rewired_units(applied_patches(model), site),
                                          neutralize=[classes.index(c) for c in gated[0]],
-                                         keep_order=config.gate_keep_order)
+                                         keep_order=config.gate_keep_order, domain_of=domain_of)
         entries, info["gate"] = world.broadcast((entries, gate))
         timings["gate"] = time.perf_counter() - t
     info["timings"] = timings

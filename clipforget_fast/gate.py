@@ -6,27 +6,36 @@ token (open_clip ``pool_type="tok"``, the OpenAI and LAION ViTs, Hugging Face ``
 A projection of the image tower's weights acts on every image alike, so it cannot take the sketches of
 every class away and leave the photos of the same classes alone. Something in the tower has to tell the
 forgotten domains' images from the others per image, and act on those only. The last block's MLP sees
-one image's class token x through its LayerNorm, ℓ = norm(x), and m = r + 1 of its hidden units (the
-ones the prototypes use least) are rewired:
+one image's class token x through its LayerNorm, ℓ = norm(x), and a few of its hidden units (the ones
+the prototypes use least) are rewired. g(ℓ) = wᵀℓ + b is a logistic detector of the forgotten domains
+fitted on the prototypes' ℓ; where s·g ≪ 0 a unit with pre-activation s·g is off (GELU and QuickGELU are
+≈ 0 far below 0), where s·g ≫ 0 it is linear.
+
+Some classes forgotten (``domain``): m = r + 1 units carry a gated rank-r affine map,
 
     unit 0:      pre-activation  s·g(ℓ)                      output column  -(c_1 + … + c_r)/ε
     unit j ≥ 1:  pre-activation  s·g(ℓ) + ε(a_jᵀℓ + α_j)     output column   c_j/ε
 
-g(ℓ) = wᵀℓ + b is a logistic detector of the forgotten domains fitted on the prototypes' ℓ. Where
-s·g ≪ 0 every rewired unit is off (GELU and QuickGELU are ≈ 0 far below 0); where s·g ≫ 0 they are
-linear and the block's output gains Σ_j c_j (a_jᵀℓ + α_j) = C (A ℓ + α), a rank-r affine map acting on
-the detected images only; ε keeps |ε(a_jᵀℓ + α_j)| at most half of the gate's typical s·g.
+so the detected images' block output gains Σ_j c_j (a_jᵀℓ + α_j) = C (A ℓ + α); ε keeps
+|ε(a_jᵀℓ + α_j)| at most half of the gate's typical s·g. The map is derived, not trained. For a class
+token y leaving the block, the embedding is e = post_norm(y) @ proj and the class logits are T e (T: the
+classes' text embeddings). The smallest change of y after which the forgotten classes score the mean of
+all while the others keep their scores relative to one another is computed per prototype, in closed
+form (``neutral_shift``); C (A ℓ + α) is the rank-r ridge least-squares fit (ridge ``MAP_RIDGE``) of
+those changes from ℓ over all prototypes: the same function for every image, the gate decides where it
+acts.
 
-The map is derived, not trained. For a class token y leaving the block, the embedding is
-e = post_norm(y) @ proj and the class logits are T e (T: the classes' text embeddings). The smallest
-change of y's centred part after which every class scores alike (when all are forgotten; including the
-constant that post_norm's bias adds), or the forgotten classes score the mean of all while the others
-keep their scores relative to one another, is computed per prototype, in closed form (``neutral_shift``);
-C (A ℓ + α) is the rank-r ridge least-squares fit of those changes from ℓ over all prototypes (ridge
-``MAP_RIDGE``, or ``MAP_RIDGE_ALL`` when every class is neutralized; the same function for every image:
-the gate decides where it acts). The patch edits three tensors of that MLP (input weight and bias:
-m rows; output weight: m columns), reversibly like any other patch. The tower's other tokens pass the
-rewired units too; a class-token tower does not read them, but their features change.
+Every class forgotten (``domain-complete``): no map of ℓ cancels the class of every image it acts on
+(the class signal scales with the token; bench/RESULTS.md measures the best one leaving 12 % of
+sketches recognized with a perfect detector). Instead one unit per forgotten domain, with that domain's
+own detector, writes a large constant: the direction of that domain's mean class token over its
+prototypes, COLLAPSE times a typical token's norm (``_collapse``). A detected image's embedding becomes
+that of the domain's average image, whatever its class, so any classifier of it is at chance; an image
+the detector misses is untouched.
+
+The patch edits three tensors of that MLP (input weight and bias: m rows; output weight: m columns),
+reversibly like any other patch. The tower's other tokens pass the rewired units too; a class-token
+tower does not read them, but their features change.
 
 What it needs: prototypes that a linear read of the class token tells apart by domain as real images
 are (bench/RESULTS.md measures where that holds), and a hidden layer wider than m.
@@ -47,10 +56,13 @@ DETECTOR_RIDGE = 10.0 # L2 penalty of the detector (standardized features, again
                       # chosen on the proving ground from 0.1, 10, 80 and 400 by the held-out renders the
                       # detector catches and flags (bench/RESULTS.md)
 ACTION_SHARE = 0.5    # ε keeps every |ε(a_jᵀℓ + α_j)| on the prototypes within this share of GATE_LEVEL
-MAP_RIDGE = 0.3       # ridge of the map's least squares (relative to the mean eigenvalue of ℓ's Gram matrix)
-MAP_RIDGE_ALL = 1e-5  # ... when every class is neutralized; both chosen on the proving ground from 1e-5 to 1
-                      # (bench/RESULTS.md): the few-class map shrunk hard moves the kept classes less,
-                      # the every-class map (r = k - 1 outputs) needs a close fit
+MAP_RIDGE = 0.3       # ridge of the map's least squares (relative to the mean eigenvalue of ℓ's Gram matrix),
+                      # chosen on the proving ground from 1e-3 to 1 (bench/RESULTS.md): the map shrunk
+                      # hard moves the kept classes less
+COLLAPSE = 10.0       # every class forgotten: the push at the median detected prototype, in multiples of
+                      # the median class token's norm; chosen on the proving ground from 3, 10 and 30
+                      # (bench/RESULTS.md): the smallest at which every image of the forgotten domains,
+                      # all gated, lands at chance on its three domain-complete requests
 KEEP_ORDER = ForgetConfig.gate_keep_order   # chosen on the proving ground from 0, 1, 10, 100, 1000 and
                                             # 10000 on its nine domain requests (bench/RESULTS.md)
 
@@ -174,17 +186,20 @@ def reduced_rank_fit(X: torch.Tensor, Y: torch.Tensor, rank: int, ridge: float =
 @torch.no_grad()
 def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.Tensor, class_emb: torch.Tensor,
                  rank: int, batch_size: int, autocast: dict, taken=(), neutralize=None,
-                 keep_order: float = KEEP_ORDER) -> tuple[list[PatchEntry], dict]:
+                 keep_order: float = KEEP_ORDER, domain_of: torch.Tensor | None = None
+                 ) -> tuple[list[PatchEntry], dict]:
     """The domain gate's patch entries (see the module docstring) and what it measured on the prototypes.
 
     images:    [n, 3, H, W] the prototypes of every cell of the request.
     forgotten: [n] bool, whether a prototype's cell lies in a forgotten domain.
     class_emb: [k, E] normalized class embeddings (the zero-shot classifier the action neutralizes).
-    rank:      r, the rank of the gated map (r + 1 units are rewired), at most k - 1 (all classes
-               neutralized) or the number of classes in ``neutralize``.
+    rank:      r, the rank of the gated map (r + 1 units are rewired), at most the number of classes in
+               ``neutralize``; unused when every class is forgotten (the collapse).
     neutralize: class indices (rows of class_emb) the gated images must not be recognized as; None: all.
     keep_order: with ``neutralize``, the weight of the other classes' relative scores (``neutral_shift``).
     taken:     hidden units not to rewire (those of gates already applied: ``rewired_units``).
+    domain_of: [n] int, the domain of each prototype: with every class forgotten, one unit (one detector)
+               per forgotten domain instead of one for their union.
     """
     probe = torch.tensor([-12.0, 12.0])
     out = site.act(probe).float()
@@ -194,62 +209,122 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     forgotten = forgotten.to(images.device)
     if forgotten.all() or not forgotten.any():
         raise ValueError("the domain gate needs prototypes of both the forgotten and the kept domains")
+    k = class_emb.shape[0]
+    if neutralize is not None and len(set(neutralize)) == k:
+        neutralize = None                               # every class: the same as all alike
+    if k < 2:
+        raise ValueError("the domain gate needs at least two classes")
+    if neutralize is None:                              # the collapse: a unit per forgotten domain
+        if domain_of is None:
+            groups = [forgotten]
+        else:
+            domain_of = domain_of.to(images.device)
+            groups = [forgotten & (domain_of == j) for j in sorted(set(domain_of[forgotten].tolist()))]
+        m = len(groups)
+    else:
+        r = min(rank, len(set(neutralize)), site.fc_in.weight.shape[1] - 1)
+        if r < 1:
+            raise ValueError("the domain gate needs a class to neutralize and a rank of at least 1")
+        m = r + 1
     x, h = capture(model, site, images, batch_size, autocast)
     W1, b1 = site.fc_in.weight.detach().float(), site.fc_in.bias.detach().float()
     W2 = site.fc_out.weight.detach().float()
     hidden, width = W1.shape
-    k = class_emb.shape[0]
-    if neutralize is not None and len(set(neutralize)) == k:
-        neutralize = None                               # every class: the same as all alike
-    r = min(rank, k - 1 if neutralize is None else len(set(neutralize)), width - 1)
-    if k < 2 or r < 1:
-        raise ValueError("the domain gate needs at least two classes, and one to neutralize")
     taken = sorted(set(taken))
-    if hidden - len(taken) <= r + 1:
-        raise ValueError(f"the domain gate rewires {r + 1} hidden units; the MLP has {hidden}"
+    if hidden - len(taken) <= m:
+        raise ValueError(f"the domain gate rewires {m} hidden units; the MLP has {hidden}"
                          + (f", {len(taken)} of them rewired by gates already applied" if taken else ""))
     ell = layer_norm(x, site.norm)
     usage = h.abs().mean(0) * W2.norm(dim=0)
     free = usage.clone()
     free[taken] = float("inf")
-    units = free.argsort()[:r + 1].sort().values
+    units = free.argsort()[:m].sort().values
+    # the class token leaving the block without the rewired units' old contributions
+    y = x + h @ W2.t() + site.fc_out.bias.detach().float() - h[:, units] @ W2[:, units].t()
+    info = {"units": units.tolist(), "neutralized": "all" if neutralize is None else sorted(set(neutralize))}
+    if neutralize is None:
+        rows, bias, cols, info_action = _collapse(ell, y, groups)
+    else:
+        rows, bias, cols, info_action = _neutral_map(ell, y, forgotten, site, class_emb, neutralize, r, keep_order)
+    info.update(info_action)
+    info["units_share_of_mlp_output"] = round(float(usage[units].sum() / usage.sum()), 6)
+    return _rewire(site, units, rows, bias, cols, W1, b1, W2), info
+
+
+def _sharpness(g: torch.Tensor, on: torch.Tensor) -> float:
+    """s such that the median pre-activation s·g of the prototypes ``on`` that the detector g catches is
+    GATE_LEVEL."""
+    g_on = g[on & (g > 0)]
+    return GATE_LEVEL / float(g_on.median()) if len(g_on) else 1.0
+
+
+def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor]):
+    """Every class forgotten: unit j (one per forgotten domain, ``groups`` [n] bool each) has the
+    pre-activation s_j·g_j(ℓ), g_j a detector of that domain against every other prototype, and the output
+    column K v_j, v_j the direction of that domain's mean centred class token. A detected image's token
+    becomes mostly K v_j, the same for every class: its embedding carries that domain's average image and
+    too little of its own to tell its class, whatever templates read it. K makes the push at the median
+    detected prototype COLLAPSE times the median centred token's norm."""
+    yc = y - y.mean(1, keepdim=True)
+    K = COLLAPSE * float(yc.norm(dim=1).median()) / GATE_LEVEL
+    rows, bias, cols, sharp = [], [], [], []
+    fired = torch.zeros(len(ell), dtype=torch.bool, device=ell.device)
+    for grp in groups:
+        w, b = detector(ell, grp)
+        g = ell @ w + b
+        s = _sharpness(g, grp)
+        v = yc[grp].mean(0)
+        rows.append(s * w)
+        bias.append(s * b)
+        cols.append(K * v / v.norm().clamp_min(1e-12))
+        sharp.append(round(s, 6))
+        fired |= g > 0
+    anyf = torch.stack(groups).any(0)
+    info = {"action": "collapse", "detectors": len(groups), "sharpness": sharp, "push": round(K, 6),
+            "prototypes_caught": round(float(fired[anyf].float().mean()), 4),
+            "prototypes_flagged": round(float(fired[~anyf].float().mean()), 4)}
+    return torch.stack(rows), torch.stack(bias), torch.stack(cols, 1), info
+
+
+def _neutral_map(ell, y, forgotten, site, class_emb, neutralize, r, keep_order):
+    """Some classes forgotten: unit 0 and units 1..r carry the detector and the rank-r map C (A ℓ + α) of
+    the module docstring, fitted to ``neutral_shift`` of every prototype."""
     w, b = detector(ell, forgotten)
     g = ell @ w + b
     caught, flagged = float((g[forgotten] > 0).float().mean()), float((g[~forgotten] > 0).float().mean())
-    # the class token leaving the block without the rewired units' old contributions, and its neutral shift
-    y = x + h @ W2.t() + site.fc_out.bias.detach().float() - h[:, units] @ W2[:, units].t()
     delta = neutral_shift(y, site.post_norm, site.proj, class_emb.to(y.device), neutralize, keep_order)
-    map_ridge = MAP_RIDGE_ALL if neutralize is None else MAP_RIDGE
-    A, alpha, C, r2 = reduced_rank_fit(ell, delta, r, map_ridge)
-    g_on = g[forgotten & (g > 0)]
-    s = GATE_LEVEL / float(g_on.median()) if len(g_on) else 1.0
+    A, alpha, C, r2 = reduced_rank_fit(ell, delta, r, MAP_RIDGE)
+    s = _sharpness(g, forgotten)
     v = ell @ A.t() + alpha
     eps = ACTION_SHARE * GATE_LEVEL / float(v.abs().max().clamp_min(1e-12))
-    # new rows of the input weight and bias, new columns of the output weight, for the m units
+    width = ell.shape[1]
     rows = s * w[None].expand(r + 1, width).clone()
     rows[1:] += eps * A
     bias = torch.full((r + 1,), s * float(b), dtype=rows.dtype, device=rows.device)
     bias[1:] += eps * alpha
-    cols = torch.cat([-C.sum(1, keepdim=True), C], 1) / eps      # [width, m]
-    E = torch.zeros(hidden, r + 1, dtype=rows.dtype, device=rows.device)
-    E[units, torch.arange(r + 1, device=rows.device)] = 1.0
+    cols = torch.cat([-C.sum(1, keepdim=True), C], 1) / eps      # [width, r + 1]
+    info = {"action": "map", "rank": r, "sharpness": round(s, 6), "action_scale": round(eps, 6),
+            "prototypes_caught": round(caught, 4), "prototypes_flagged": round(flagged, 4),
+            "action_fit_r2": round(r2, 4), "map_ridge": MAP_RIDGE}
+    return rows, bias, cols, info
+
+
+def _rewire(site: GateSite, units, rows, bias, cols, W1, b1, W2) -> list[PatchEntry]:
+    """Patch entries that give the MLP's hidden ``units`` the input rows ``rows`` [m, width] and biases
+    ``bias`` [m] and the output columns ``cols`` [width, m]: low-rank deltas of its three tensors."""
+    hidden, m = W1.shape[0], len(units)
+    E = torch.zeros(hidden, m, dtype=rows.dtype, device=rows.device)
+    E[units, torch.arange(m, device=rows.device)] = 1.0
     Q, R = torch.linalg.qr((rows - W1[units]).t())                # ΔW1 = E Rᵀ Qᵀ
     db = torch.zeros(hidden, 1, dtype=rows.dtype, device=rows.device)
     db[units, 0] = bias - b1[units]
-    entries = [
+    return [
         PatchEntry(site.name("in"), "linear", (E @ R.t()).cpu(), Q.contiguous().cpu(),
                    tensor_hash(site.fc_in.weight)),
         PatchEntry(site.name("in", "bias"), "bias", db.cpu(), torch.ones(1, 1), tensor_hash(site.fc_in.bias)),
         PatchEntry(site.name("out"), "linear", (cols - W2[:, units]).cpu(), E.cpu(),
                    tensor_hash(site.fc_out.weight)),
     ]
-    info = {"units": units.tolist(), "rank": r,
-            "neutralized": "all" if neutralize is None else sorted(set(neutralize)),
-            "sharpness": round(s, 6), "action_scale": round(eps, 6),
-            "prototypes_caught": round(caught, 4), "prototypes_flagged": round(flagged, 4),
-            "action_fit_r2": round(r2, 4), "map_ridge": map_ridge,
-            "units_share_of_mlp_output": round(float(usage[units].sum() / usage.sum()), 6)}
-    return entries, info
 
 
 def rewired_units(patches, site: GateSite) -> list[int]:

@@ -67,35 +67,70 @@ def domain_images(n, marked, seed):
     return x
 
 
+def run_patch(model, patch, *batches):
+    """Embeddings of ``batches`` before and with ``patch``, which is reverted to the weights bit for bit."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = [encode_image(model, x) for x in batches]
+        patch.apply(model)
+        after = [encode_image(model, x) for x in batches]
+        patch.revert(model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], atol=1e-5, rtol=0)
+    return before, after
+
+
 def test_gate_acts_on_the_detected_domain_only():
+    """Some classes forgotten: a gated map after which the detected images score those classes at the
+    mean of all; the kept domain's embeddings stay."""
+    model = make_tiny_clip()
+    site = gate_site(model)
+    T = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+    fit = torch.cat([domain_images(40, False, 0), domain_images(40, True, 1)])
+    forgotten = torch.arange(80) >= 40
+    entries, info = gate_entries(model, site, fit, forgotten, T, rank=8, batch_size=64, autocast=OFF,
+                                 neutralize=[1, 3])
+    assert info["action"] == "map" and info["rank"] == 2 and len(info["units"]) == 3
+    assert info["prototypes_caught"] == 1.0 and info["prototypes_flagged"] == 0.0
+    assert info["action_fit_r2"] > 0.8 and info["map_ridge"] == gate.MAP_RIDGE   # a shrunk fit (ridge 0.3)
+    # units already rewired (by an applied gate) are left alone; the next least used take their place
+    _, other = gate_entries(model, site, fit, forgotten, T, rank=8, batch_size=64, autocast=OFF,
+                            taken=info["units"][:2], neutralize=[1, 3])
+    assert set(info["units"][2:]) < set(other["units"]) and not set(other["units"]) & set(info["units"][:2])
+    kept, gone = domain_images(30, False, 10), domain_images(30, True, 11)      # fresh images
+    before, after = run_patch(model, Patch(entries), kept, gone)
+    # the kept domain's embeddings stay (the rewired units' old share is all they lose) ...
+    assert F.cosine_similarity(before[0], after[0]).min() > 0.99
+    # ... and the forgotten domain's images score classes 1 and 3 at the mean of all, or closer to it
+    off = lambda e: (scores(e, T)[:, [1, 3]] - scores(e, T).mean(1, keepdim=True)).abs().mean()  # noqa: E731
+    assert off(after[1]) < 0.3 * off(before[1])
+
+
+def test_gate_collapses_every_class_in_the_detected_domains():
+    """Every class forgotten: one unit per forgotten domain writes that domain's mean token, so every
+    detected image embeds alike, whatever its class; the kept domain's embeddings stay."""
     model = make_tiny_clip()
     site = gate_site(model)
     T = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
     fit = torch.cat([domain_images(40, False, 0), domain_images(40, True, 1)])
     forgotten = torch.arange(80) >= 40
     entries, info = gate_entries(model, site, fit, forgotten, T, rank=8, batch_size=64, autocast=OFF)
-    assert info["rank"] == 4 and len(info["units"]) == 5          # k - 1 classes to neutralize
+    assert info["action"] == "collapse" and info["neutralized"] == "all" and len(info["units"]) == 1
     assert info["prototypes_caught"] == 1.0 and info["prototypes_flagged"] == 0.0
-    assert info["action_fit_r2"] > 0.9 and info["map_ridge"] == gate.MAP_RIDGE_ALL
-    # units already rewired (by an applied gate) are left alone; the next least used take their place
-    _, other = gate_entries(model, site, fit, forgotten, T, rank=8, batch_size=64, autocast=OFF,
-                            taken=info["units"][:2])
-    assert set(info["units"][2:]) < set(other["units"]) and not set(other["units"]) & set(info["units"][:2])
-    patch = Patch(entries)
-    kept, gone = domain_images(30, False, 10), domain_images(30, True, 11)      # fresh images
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        before = [encode_image(model, x) for x in (kept, gone)]
-        patch.apply(model)
-        after = [encode_image(model, x) for x in (kept, gone)]
-        patch.revert(model)
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, state[k], atol=1e-5, rtol=0)
-    # the kept domain's embeddings stay (the rewired units' old share is all they lose) ...
+    kept, gone = domain_images(30, False, 10), domain_images(30, True, 11)
+    before, after = run_patch(model, Patch(entries), kept, gone)
     assert F.cosine_similarity(before[0], after[0]).min() > 0.99
-    # ... and the forgotten domain's images score the classes almost alike
-    spread = lambda s: (s.max(1).values - s.min(1).values)   # noqa: E731
-    assert spread(scores(after[1], T)).mean() < 0.2 * spread(scores(before[1], T)).mean()
+    spread = lambda e: 1 - F.cosine_similarity(e, e.mean(0, keepdim=True)).mean()   # noqa: E731
+    assert spread(after[1]) < 0.02 * spread(before[1])
+    # several forgotten domains: a unit (a detector) each; the domain labels must be those of the images
+    third = domain_images(40, False, 2)
+    third[:, 2, :, 8:24] += 2.5                     # another domain: a blue stripe across
+    fit3 = torch.cat([fit, third])
+    domain_of = torch.arange(120) // 40
+    _, info3 = gate_entries(model, site, fit3, domain_of > 0, T, rank=8, batch_size=64, autocast=OFF,
+                            domain_of=domain_of)
+    assert info3["detectors"] == 2 and len(info3["units"]) == 2 and len(info3["sharpness"]) == 2
+    assert info3["prototypes_caught"] == 1.0 and info3["prototypes_flagged"] == 0.0
 
 
 def test_forget_with_the_gate_saves_reloads_and_refuses(tmp_path, tokenizer, vocab):
@@ -103,7 +138,8 @@ def test_forget_with_the_gate_saves_reloads_and_refuses(tmp_path, tokenizer, voc
     spec = ForgetSpec(*vocab, forget_domains=["sketch", "pixel_art"])
     cfg = ForgetConfig(prototypes_per_cell=2, steps=8, edit="domain-gate")
     patch = forget(model, tokenizer, spec, cfg)
-    assert patch.info["edit"] == "domain-gate" and patch.info["gate"]["rank"] == len(vocab[0]) - 1
+    assert patch.info["edit"] == "domain-gate" and patch.info["gate"]["action"] == "collapse"
+    assert patch.info["gate"]["detectors"] == 2                  # sketch and pixel art: a unit each
     assert [e.layout for e in patch.entries] == ["linear", "bias", "linear"]
     assert patch.info["self_check"]["forgotten"]["before"] >= 0
     again = Patch.load(patch.save(tmp_path / "gate.safetensors"))
@@ -118,6 +154,7 @@ def test_forget_with_the_gate_saves_reloads_and_refuses(tmp_path, tokenizer, voc
     # some classes in some domains: only those classes are neutralized, by a map of their rank
     one = forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"]), cfg)
     assert one.info["gate"]["neutralized"] == [0] and one.info["gate"]["rank"] == 1
+    assert one.info["gate"]["action"] == "map"
     assert one.info["gate"]["map_ridge"] == gate.MAP_RIDGE
     assert len(one.info["gate"]["units"]) == 2
     # cells that are not a product of classes and domains, or every domain: not the gate's
