@@ -118,22 +118,22 @@ class ForgetConfig:
 
     def edit_for(self, spec, gate_site: bool = False) -> str:
         """The edit this config makes on ``spec``: ``edit`` itself unless it is "auto", which takes
-        the domain gate when the request forgets some classes (not all) in some domains (a product of
+        the domain gate when the request forgets some classes, or all, in some domains (a product of
         them: ``gated_request``), the model has a site for it (``gate_site``: ``layers.gate_site``
         finds one) and there are prototypes; else the class redirect when some class is kept in every
         domain and the config can run it (the text projection targeted; prototypes for classes
-        forgotten in some domains only); and the projection otherwise (``domain-complete``). Why, as
-        measured on the proving ground (README, "Quality status"): on ``domain`` requests the gate meets
-        more than the redirect does; on ``domain-complete`` it meets none and costs the kept cells where
-        its detector fails, while the projection forgets nothing and costs nothing."""
+        forgotten in some domains only); and the projection otherwise. Why, as measured on the proving
+        ground (README, "Quality status"): on ``domain`` requests the gate meets more than the redirect
+        does; on ``domain-complete`` it is the only edit that forgets (the projection acts on every
+        image alike and leaves the forgotten domains recognized), at a cost to the kept domains where
+        its detector fails."""
         if self.edit != "auto":
             return self.edit
         forgotten = {c for c, _ in spec.forget_cells}
         kept_everywhere = {c for c, _ in spec.cells} - forgotten
         partly = forgotten & {c for c, _ in spec.retain_cells}
         prototypes = self.use_prototypes and self.prototypes_per_cell > 0
-        gated = gated_request(spec)
-        if gate_site and prototypes and gated and len(gated[0]) < len(spec.classes):
+        if gate_site and prototypes and gated_request(spec):
             return "domain-gate"
         can = self.use_text and self.targets.startswith("proj") and (not partly or prototypes)
         return "class-redirect" if kept_everywhere and can else "project"

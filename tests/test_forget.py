@@ -36,14 +36,15 @@ def test_forget_all_modes(tiny_clip, tokenizer, vocab, kw, targets):
 
 @pytest.mark.parametrize("kw, edit", [(dict(forget_classes=["dog", "car"]), "class-redirect"),
                                       (dict(forget_classes=["dog"], forget_domains=["sketch"]), "domain-gate"),
-                                      (dict(forget_domains=["sketch"]), "project")])
+                                      (dict(forget_domains=["sketch"]), "domain-gate")])
 @pytest.mark.parametrize("pool", ["tok", "avg"])
 def test_auto_edit_follows_the_request(tiny_clip, tokenizer, vocab, kw, edit, pool):
-    """A class-token tower takes the domain gate for some classes in some domains; an average-pooled one
-    has no site for it and takes the class redirect there."""
+    """A class-token tower takes the domain gate for some classes, or all, in some domains; an
+    average-pooled one has no site for it and takes the class redirect there, or the projection when
+    every class is forgotten."""
     tiny_clip.visual.pool_type = pool
     if edit == "domain-gate" and pool == "avg":
-        edit = "class-redirect"
+        edit = "project" if "forget_classes" not in kw else "class-redirect"
     spec = ForgetSpec(*vocab, **kw)
     cfg = FAST.replace(edit="auto")
     assert cfg.edit_for(spec, gate_site=pool == "tok") == edit
@@ -73,10 +74,12 @@ def test_auto_edit_falls_back_to_projection(vocab):
     assert ForgetConfig().edit_for(cells) == "class-redirect"
     assert ForgetConfig(prototypes_per_cell=0).edit_for(cells) == "project"
     assert ForgetConfig(prototypes_per_cell=0).edit_for(spec) == "class-redirect"
-    # every class forgotten somewhere: nothing holds the text side; the domain gate only when asked for
+    # every class forgotten somewhere: nothing holds the text side; the domain gate where the model has
+    # its site and there are prototypes
     whole = ForgetSpec(*vocab, forget_domains=["photo"])
     assert ForgetConfig().edit_for(whole) == "project"
-    assert ForgetConfig().edit_for(whole, gate_site=True) == "project"
+    assert ForgetConfig().edit_for(whole, gate_site=True) == "domain-gate"
+    assert ForgetConfig(prototypes_per_cell=0).edit_for(whole, gate_site=True) == "project"
     assert ForgetConfig(edit="domain-gate").edit_for(whole) == "domain-gate"
     # some classes in some domains: the gate where the model has its site and there are prototypes
     part = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
