@@ -823,12 +823,36 @@ def gate_map_ridge(h: q.Harness, seeds=(0,)) -> None:
 def gate_collapse(h: q.Harness, seeds=(0,)) -> None:
     """The library's domain gate on the three domain-complete requests at each push (gate.COLLAPSE over
     COLLAPSES), with a detector per forgotten domain (the library's) or one for their union, for
-    prototype banks synthesized with each seed in ``seeds``."""
+    prototype banks synthesized with each seed in ``seeds``; first the push alone, on every image of the
+    forgotten domains and on no other (perfect gates)."""
     from clipforget_fast import gate
 
     def union(entries):                     # gate_entries without the domain labels: one detector
         return lambda *a, **k: entries(*a, **{**k, "domain_of": None})
 
+    # first with perfect gates: every image of a forgotten domain gets the full push (GATE_LEVEL), no other
+    site = gate_site(h.model)
+    with torch.no_grad():
+        T_ho = agnostic_text(h.model, h.tok, q.HELD_OUT_TEMPLATES)
+    _, y_t = _block_tokens(h.model, site, h.images)
+    print("| COLLAPSE | request | perfect gates: " + " | ".join(f"bank seed {s}" for s in seeds) + " |\n"
+          "|---|---|" + "---|" * len(seeds))
+    protos = []
+    for seed in seeds:
+        images, _, di = prototype_set(h.bank(h.config.replace(seed=seed)), h.config.prototypes_per_cell)
+        y = _block_tokens(h.model, site, images)[1]
+        protos.append((y - y.mean(1, keepdim=True), di))
+    for value, (m, fc, fd) in itertools.product(COLLAPSES, [r for r in q.REQUESTS if r[0] == "domain-complete"]):
+        spec = q.spec_for(m, fc, fd)
+        cells = []
+        for yc, di in protos:
+            push = torch.zeros_like(y_t)
+            for d in fd:
+                v = yc[di == D.index(d)].mean(0)
+                push[h.di == D.index(d)] = value * float(yc.norm(dim=1).median()) * v / v.norm()
+            sc = q.score(spec, h.before["held-out"], evaluate_embeddings(_final_embedding(site, y_t + push), T_ho, h))
+            cells.append(f"{q.fmt_forget(sc)} / {sc.keep_drop:.2f}")
+        print(f"| {value:g} | * @ {','.join(fd)} | " + " | ".join(cells) + " |", flush=True)
     saved = gate.COLLAPSE
     try:
         _bank_sweep(h, "COLLAPSE", COLLAPSES, [r for r in q.REQUESTS if r[0] == "domain-complete"], seeds,
