@@ -27,11 +27,11 @@ acts.
 
 Every class forgotten (``domain-complete``): no map of ℓ cancels the class of every image it acts on
 (the class signal scales with the token; bench/RESULTS.md measures the best one leaving 12 % of
-sketches recognized with a perfect detector). Instead one unit per forgotten domain, with that domain's
-own detector, writes a large constant: the direction of that domain's mean class token over its
-prototypes, COLLAPSE times a typical token's norm (``_collapse``). A detected image's embedding becomes
-that of the domain's average image, whatever its class, so any classifier of it is at chance; an image
-the detector misses is untouched.
+sketches recognized with a perfect detector). Instead two units per forgotten domain, with that
+domain's own detector, write a large constant: the direction of that domain's mean class token over its
+prototypes, COLLAPSE times a typical token's norm at the median detected prototype and never more than
+CAP times that (``_collapse``). A detected image's embedding becomes that of the domain's average image,
+whatever its class, so a classifier of it is at chance; an image the detector misses is untouched.
 
 The patch edits three tensors of that MLP (input weight and bias: m rows; output weight: m columns),
 reversibly like any other patch. The tower's other tokens pass the rewired units too; a class-token
@@ -64,6 +64,7 @@ COLLAPSE = 10.0       # every class forgotten: the push at the median detected p
                       # (bench/RESULTS.md): all three meet on sketch; on pixel art 3 leaves 27-31 %
                       # recognized, 10 leaves 14.5-19 %, and 30 forgets little more (11.7-18.3 %) at a
                       # higher cost to the kept domains where the detector errs
+CAP = 4.0             # ... and at most this many times that push at any image (GATE_LEVEL·CAP of gate input)
 KEEP_ORDER = ForgetConfig.gate_keep_order   # chosen on the proving ground from 0, 1, 10, 100, 1000 and
                                             # 10000 on its nine domain requests (bench/RESULTS.md)
 
@@ -221,7 +222,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
         else:
             domain_of = domain_of.to(images.device)
             groups = [forgotten & (domain_of == j) for j in sorted(set(domain_of[forgotten].tolist()))]
-        m = len(groups)
+        m = 2 * len(groups)
     else:
         r = min(rank, len(set(neutralize)), site.fc_in.weight.shape[1] - 1)
         if r < 1:
@@ -260,14 +261,18 @@ def _sharpness(g: torch.Tensor, on: torch.Tensor) -> float:
 
 
 def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor]):
-    """Every class forgotten: unit j (one per forgotten domain, ``groups`` [n] bool each) has the
-    pre-activation s_j·g_j(ℓ), g_j a detector of that domain against every other prototype, and the output
-    column K v_j, v_j the direction of that domain's mean centred class token. A detected image's token
-    becomes mostly K v_j, the same for every class: its embedding carries that domain's average image and
-    too little of its own to tell its class, whatever templates read it. K makes the push at the median
-    detected prototype COLLAPSE times the median centred token's norm."""
+    """Every class forgotten: two units per forgotten domain (``groups`` [n] bool each), with the
+    pre-activations z = s_j·g_j(ℓ) and z - CAP·GATE_LEVEL (g_j a detector of that domain against every
+    other prototype) and the output columns K v_j and -K v_j (v_j the direction of that domain's mean
+    centred class token): the block's output gains K v_j (act(z) - act(z - CAP·GATE_LEVEL)), about
+    K v_j·z up to CAP·GATE_LEVEL and no more, so no input pushes the token past a known size (fp16
+    included). A detected image's token becomes mostly K v_j, the same for every class: its embedding
+    carries that domain's average image and too little of its own to tell its class, whatever templates
+    read it. K makes the push at the median detected prototype COLLAPSE times the median centred token's
+    norm."""
     yc = y - y.mean(1, keepdim=True)
     K = COLLAPSE * float(yc.norm(dim=1).median()) / GATE_LEVEL
+    top = CAP * GATE_LEVEL
     rows, bias, cols, sharp = [], [], [], []
     fired = torch.zeros(len(ell), dtype=torch.bool, device=ell.device)
     for grp in groups:
@@ -275,13 +280,15 @@ def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor]):
         g = ell @ w + b
         s = _sharpness(g, grp)
         v = yc[grp].mean(0)
-        rows.append(s * w)
-        bias.append(s * b)
-        cols.append(K * v / v.norm().clamp_min(1e-12))
+        v = K * v / v.norm().clamp_min(1e-12)
+        rows += [s * w, s * w]
+        bias += [s * b, s * b - top]
+        cols += [v, -v]
         sharp.append(round(s, 6))
         fired |= g > 0
     anyf = torch.stack(groups).any(0)
     info = {"action": "collapse", "detectors": len(groups), "sharpness": sharp, "push": round(K, 6),
+            "push_cap": round(K * top, 6),
             "prototypes_caught": round(float(fired[anyf].float().mean()), 4),
             "prototypes_flagged": round(float(fired[~anyf].float().mean()), 4)}
     return torch.stack(rows), torch.stack(bias), torch.stack(cols, 1), info

@@ -106,7 +106,7 @@ def test_gate_acts_on_the_detected_domain_only():
     assert off(after[1]) < 0.3 * off(before[1])
 
 
-def test_gate_collapses_every_class_in_the_detected_domains():
+def test_gate_collapses_every_class_in_the_detected_domains(monkeypatch):
     """Every class forgotten: one unit per forgotten domain writes that domain's mean token, so every
     detected image embeds alike, whatever its class; the kept domain's embeddings stay."""
     model = make_tiny_clip()
@@ -115,13 +115,33 @@ def test_gate_collapses_every_class_in_the_detected_domains():
     fit = torch.cat([domain_images(40, False, 0), domain_images(40, True, 1)])
     forgotten = torch.arange(80) >= 40
     entries, info = gate_entries(model, site, fit, forgotten, T, rank=8, batch_size=64, autocast=OFF)
-    assert info["action"] == "collapse" and info["neutralized"] == "all" and len(info["units"]) == 1
+    assert info["action"] == "collapse" and info["neutralized"] == "all" and len(info["units"]) == 2
     assert info["prototypes_caught"] == 1.0 and info["prototypes_flagged"] == 0.0
     kept, gone = domain_images(30, False, 10), domain_images(30, True, 11)
-    before, after = run_patch(model, Patch(entries), kept, gone)
+    patch = Patch(entries)
+    before, after = run_patch(model, patch, kept, gone)
     assert F.cosine_similarity(before[0], after[0]).min() > 0.99
     spread = lambda e: 1 - F.cosine_similarity(e, e.mean(0, keepdim=True)).mean()   # noqa: E731
     assert spread(after[1]) < 0.02 * spread(before[1])
+    # the push is capped: with a cap below what the detected images reach, what the rewired units add to
+    # their class token is the cap (it would grow with the detector's logit without the second unit)
+    monkeypatch.setattr(gate, "CAP", 0.5)
+    capped, info2 = gate_entries(model, site, fit, forgotten, T, rank=8, batch_size=64, autocast=OFF)
+    added = []
+    take = lambda m, a, out: added.append(out[:, 0] if site.batch_first else out[0])  # noqa: E731
+    hook = site.fc_out.register_forward_hook(take)
+    try:
+        with torch.no_grad():
+            encode_image(model, gone)
+            with Patch(capped).applied(model):
+                encode_image(model, gone)
+    finally:
+        hook.remove()
+    grown = (added[1] - added[0]).norm(dim=1)
+    assert info2["push_cap"] == pytest.approx(0.5 * gate.GATE_LEVEL * info2["push"], rel=1e-5)
+    # (the second unit's GELU dips at most 0.17 below 0 just under the cap; the old units' share is tiny)
+    assert grown.max() <= info2["push"] * (0.5 * gate.GATE_LEVEL + 0.17) + 0.01 * info2["push_cap"]
+    assert grown.median() > 0.95 * info2["push_cap"]
     # several forgotten domains: a unit (a detector) each; the domain labels must be those of the images
     third = domain_images(40, False, 2)
     third[:, 2, :, 8:24] += 2.5                     # another domain: a blue stripe across
@@ -129,7 +149,7 @@ def test_gate_collapses_every_class_in_the_detected_domains():
     domain_of = torch.arange(120) // 40
     _, info3 = gate_entries(model, site, fit3, domain_of > 0, T, rank=8, batch_size=64, autocast=OFF,
                             domain_of=domain_of)
-    assert info3["detectors"] == 2 and len(info3["units"]) == 2 and len(info3["sharpness"]) == 2
+    assert info3["detectors"] == 2 and len(info3["units"]) == 4 and len(info3["sharpness"]) == 2
     assert info3["prototypes_caught"] == 1.0 and info3["prototypes_flagged"] == 0.0
 
 
