@@ -200,8 +200,8 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     neutralize: class indices (rows of class_emb) the gated images must not be recognized as; None: all.
     keep_order: with ``neutralize``, the weight of the other classes' relative scores (``neutral_shift``).
     taken:     hidden units not to rewire (those of gates already applied: ``rewired_units``).
-    domain_of: [n] int, the domain of each prototype: with every class forgotten, one unit (one detector)
-               per forgotten domain instead of one for their union.
+    domain_of: [n] int, the domain of each prototype: with every class forgotten, one detector (two
+               units) per forgotten domain instead of one for their union.
     """
     probe = torch.tensor([-12.0, 12.0])
     out = site.act(probe).float()
@@ -216,7 +216,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
         neutralize = None                               # every class: the same as all alike
     if k < 2:
         raise ValueError("the domain gate needs at least two classes")
-    if neutralize is None:                              # the collapse: a unit per forgotten domain
+    if neutralize is None:                              # the collapse: a detector per forgotten domain
         if domain_of is None:
             groups = [forgotten]
         else:
