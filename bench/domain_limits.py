@@ -25,6 +25,8 @@
                                                     # domain requests, three prototype banks
     python bench/domain_limits.py --gate-collapse --bank-seeds 0,1,2  # the gate's push on the
                                                     # domain-complete requests, a detector per domain or one
+    python bench/domain_limits.py --gate-translate --bank-seeds 0,1,2  # the gate's detectors fitted also
+                                                    # on prototypes translated between domains
     python bench/domain_limits.py --gate-map-ceiling  # the gate's action with a perfect detector, fitted
                                                     # on prototypes vs real renders, on domain-complete
     python bench/domain_limits.py --gate-two-blocks # the gate's action in the last two blocks
@@ -771,10 +773,12 @@ def gate_keep_order(h: q.Harness) -> None:
 
 MAP_RIDGES = (1e-3, 0.1, 0.3, 1.0)           # gate.MAP_RIDGE candidates (some classes neutralized)
 COLLAPSES = (3.0, 10.0, 30.0)                # gate.COLLAPSE candidates (every class forgotten)
+TRANSLATE_STEPS = (0, 20, 60)                # ForgetConfig.gate_translate_steps candidates
 
 
 def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, variants=((None, None),)) -> None:
-    """The library's domain gate on ``requests`` for each value in ``values`` (set by ``setting(value)``)
+    """The library's domain gate on ``requests`` for each value in ``values`` (set by ``setting(value)``,
+    which may return ForgetConfig fields to change)
     and each (name, wrapper) in ``variants`` (``wrapper`` replaces ``forget``'s call of
     ``gate.gate_entries``), with prototype banks synthesized with each seed in ``seeds``; scored on the
     held-out renders and templates. Each cell: forgotten accuracy / same classes' drop / other classes'
@@ -785,7 +789,7 @@ def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, vari
     saved = module.gate_entries
     try:
         for value, (vname, wrapper) in itertools.product(values, variants):
-            setting(value)
+            fields = setting(value) or {}
             module.gate_entries = wrapper(saved) if wrapper else saved
             tag = f"{value:g}" + (f", {vname}" if vname else "")
             met = [0] * len(seeds)
@@ -793,7 +797,7 @@ def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, vari
                 spec = q.spec_for(m, fc, fd)
                 cells = []
                 for i, seed in enumerate(seeds):
-                    res, _, _ = h.run(spec, h.config.replace(edit="domain-gate", seed=seed))
+                    res, _, _ = h.run(spec, h.config.replace(edit="domain-gate", seed=seed, **fields))
                     sc = res["held-out"]
                     ok = not q.misses(spec, sc, h.before["held-out"].chance)
                     met[i] += ok
@@ -860,6 +864,15 @@ def gate_collapse(h: q.Harness, seeds=(0,)) -> None:
                     (("a detector per domain", None), ("one detector for their union", union)))
     finally:
         gate.COLLAPSE = saved
+
+
+def gate_translate(h: q.Harness, seeds=(0,)) -> None:
+    """The library's domain gate on the three domain-complete requests with its detectors fitted on the
+    prototypes alone or also on prototypes translated into and out of the forgotten domains
+    (ForgetConfig.gate_translate_steps over TRANSLATE_STEPS), for prototype banks synthesized with each
+    seed in ``seeds``."""
+    _bank_sweep(h, "gate_translate_steps", TRANSLATE_STEPS, [r for r in q.REQUESTS if r[0] == "domain-complete"],
+                seeds, lambda v: {"gate_translate_steps": v})
 
 
 def _block_tokens(model, where, images: torch.Tensor, add=None, before=None):
@@ -1024,6 +1037,7 @@ def main(argv=None) -> int:
         "gate-keep-order": lambda h, a: gate_keep_order(h),
         "gate-map-ridge": lambda h, a: gate_map_ridge(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-collapse": lambda h, a: gate_collapse(h, tuple(int(v) for v in a.bank_seeds.split(","))),
+        "gate-translate": lambda h, a: gate_translate(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
         "gate-two-blocks": lambda h, a: gate_two_blocks(h),
     }
@@ -1032,7 +1046,8 @@ def main(argv=None) -> int:
     for flag in measurements:
         ap.add_argument(f"--{flag}", action="store_true")
     ap.add_argument("--bank-seeds", default="0",
-                    help="--gate-map-ridge, --gate-collapse: prototype bank seeds, comma-separated")
+                    help="--gate-map-ridge, --gate-collapse, --gate-translate: prototype bank seeds, "
+                         "comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
     ap.add_argument("--steps", type=int, default=300, help="--combined: Adam steps")

@@ -55,15 +55,19 @@ class ForgetConfig:
     alpha: float = 1.0                  # 1 = project the forget directions out fully, 0.5 = halve them
     edit: str = "auto"                  # "project" the directions out, "class-redirect" (text side),
                                         # "domain-gate" (image side, some or all classes in some domains,
-                                        # class-token towers), or "auto": the domain gate for some classes in
-                                        # some domains where the model has its site, else class-redirect
-                                        # when some class is kept in every domain (and the config allows
-                                        # it), project otherwise (domain-complete)
+                                        # class-token towers), or "auto": the domain gate for some or all
+                                        # classes in some domains where the model has its site, else
+                                        # class-redirect when some class is kept in every domain (and the
+                                        # config allows it), project otherwise
     redirect_gain: float = 3.0          # class-redirect: how far forgotten prompts move against their class
     retain_weight: float = 1.0          # class-redirect: weight of holding the kept prompts' outputs
     gate_keep_order: float = 100.0      # domain-gate, some classes forgotten: how much the other classes'
                                         # scores relative to one another are held against the size of the
                                         # change (gate.neutral_shift)
+    gate_translate_steps: int = 20      # domain-gate, every class forgotten: gradient-ascent steps that move
+                                        # the prototypes into and out of each forgotten domain, as more
+                                        # examples for its detector (synthesis.translate); 0 = prototypes
+                                        # only; chosen on the proving ground from 0, 20, 60 (README)
     domain_keep_weight: float = 3.0     # class-redirect, class kept in other domains: weight of keeping the
                                         # other cells' predictions against missing the forgotten cells, in
                                         # the fit of its embedding's shift
@@ -82,7 +86,7 @@ class ForgetConfig:
                 raise ValueError(f"ForgetConfig.{field}={getattr(self, field)!r}: {why}")
 
         for f in ("prototypes_per_cell", "steps", "jitter", "blur_every", "max_rank", "oversample",
-                  "power_iters", "last_blocks", "seed"):
+                  "power_iters", "last_blocks", "seed", "gate_translate_steps"):
             v = getattr(self, f)
             need(isinstance(v, int) and not isinstance(v, bool), f, "must be an int")
             need(v >= 0, f, "must be ≥ 0")

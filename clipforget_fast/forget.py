@@ -26,7 +26,7 @@ from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
 from .redirect import class_shifts, class_targets, pseudo_images, redirect_entry
 from .spec import ForgetSpec
-from .synthesis import SYNTHESIS_FIELDS, PrototypeBank, autocast_dtype, frozen, synthesize
+from .synthesis import SYNTHESIS_FIELDS, PrototypeBank, autocast_dtype, frozen, synthesize, translate
 from .text import class_embeddings, encode_tokens, ensemble, tokenize
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,22 @@ def _find_gate_site(model):
         return None, e
 
 
+def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_text: torch.Tensor,
+                forgotten_domains: list, domains: list, config: ForgetConfig):
+    """(images, domain index) for the domain gate's detectors: the prototypes of every cell moved into
+    the same class's cell of each forgotten domain, and those of the forgotten domains moved into every
+    other domain (``synthesis.translate``, ``config.gate_translate_steps`` steps), each labelled by the
+    domain it was moved into."""
+    index = {c: i for i, c in enumerate(cells)}
+    pairs = sorted({(index[(c, d)], index[(c, f)]) for c, d in cells for f in forgotten_domains if d != f}
+                   | {(index[(c, d)], index[(c, e)]) for c, d in cells if d in forgotten_domains
+                      for e in domains if e != d})
+    src = torch.cat([torch.arange(i * per_cell, (i + 1) * per_cell) for i, _ in pairs])
+    tgt = torch.tensor([j for _, j in pairs]).repeat_interleave(per_cell)
+    moved = translate(model, images[src.to(images.device)], cell_text, tgt, config.gate_translate_steps, config)
+    return moved, torch.tensor([domains.index(cells[j][1]) for j in tgt.tolist()])
+
+
 def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World,
                         site, site_error) -> Patch:
     """forget() with the domain gate (gate.py) at ``site`` (or ``site_error`` when the model has none):
@@ -308,10 +324,15 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         t = time.perf_counter()
         entries, gate = [], None
         if world.leader:
+            extra = None
+            if config.gate_translate_steps and len(gated[0]) == len(classes):
+                extra = _translated(model, images, cells, P, cell_text, gated[1], list(spec.domains), config)
+                timings["translate"] = time.perf_counter() - t
+                t = time.perf_counter()
             entries, gate = gate_entries(model, site, images, forgotten, class_emb, config.max_rank,
                                          config.batch_size, autocast, rewired_units(applied_patches(model), site),
                                          neutralize=[classes.index(c) for c in gated[0]],
-                                         keep_order=config.gate_keep_order, domain_of=domain_of)
+                                         keep_order=config.gate_keep_order, domain_of=domain_of, extra=extra)
         entries, info["gate"] = world.broadcast((entries, gate))
         timings["gate"] = time.perf_counter() - t
     info["timings"] = timings

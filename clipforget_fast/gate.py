@@ -188,8 +188,8 @@ def reduced_rank_fit(X: torch.Tensor, Y: torch.Tensor, rank: int, ridge: float =
 @torch.no_grad()
 def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.Tensor, class_emb: torch.Tensor,
                  rank: int, batch_size: int, autocast: dict, taken=(), neutralize=None,
-                 keep_order: float = KEEP_ORDER, domain_of: torch.Tensor | None = None
-                 ) -> tuple[list[PatchEntry], dict]:
+                 keep_order: float = KEEP_ORDER, domain_of: torch.Tensor | None = None,
+                 extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[PatchEntry], dict]:
     """The domain gate's patch entries (see the module docstring) and what it measured on the prototypes.
 
     images:    [n, 3, H, W] the prototypes of every cell of the request.
@@ -202,6 +202,8 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     taken:     hidden units not to rewire (those of gates already applied: ``rewired_units``).
     domain_of: [n] int, the domain of each prototype: with every class forgotten, one detector (two
                units) per forgotten domain instead of one for their union.
+    extra:     (images [e, 3, H, W], domain [e] int): with every class forgotten and ``domain_of``, more
+               examples for the detectors (prototypes translated between domains), labelled by domain.
     """
     probe = torch.tensor([-12.0, 12.0])
     out = site.act(probe).float()
@@ -245,7 +247,12 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     y = x + h @ W2.t() + site.fc_out.bias.detach().float() - h[:, units] @ W2[:, units].t()
     info = {"units": units.tolist(), "neutralized": "all" if neutralize is None else sorted(set(neutralize))}
     if neutralize is None:
-        rows, bias, cols, info_action = _collapse(ell, y, groups)
+        more = None
+        if extra is not None and domain_of is not None and len(extra[0]):
+            ex, ed = extra[0].to(images.device), extra[1].to(images.device)
+            ell_x = layer_norm(capture(model, site, ex, batch_size, autocast)[0], site.norm)
+            more = (ell_x, [ed == j for j in sorted(set(domain_of[forgotten].tolist()))])
+        rows, bias, cols, info_action = _collapse(ell, y, groups, more)
     else:
         rows, bias, cols, info_action = _neutral_map(ell, y, forgotten, site, class_emb, neutralize, r, keep_order)
     info.update(info_action)
@@ -260,7 +267,7 @@ def _sharpness(g: torch.Tensor, on: torch.Tensor) -> float:
     return GATE_LEVEL / float(g_on.median()) if len(g_on) else 1.0
 
 
-def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor]):
+def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor], more=None):
     """Every class forgotten: two units per forgotten domain (``groups`` [n] bool each), with the
     pre-activations z = s_j·g_j(ℓ) and z - CAP·GATE_LEVEL (g_j a detector of that domain against every
     other prototype) and the output columns K v_j and -K v_j (v_j the direction of that domain's mean
@@ -269,14 +276,17 @@ def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor]):
     included). A detected image's token becomes mostly K v_j, the same for every class: its embedding
     carries that domain's average image and too little of its own to tell its class, whatever templates
     read it. K makes the push at the median detected prototype COLLAPSE times the median centred token's
-    norm."""
+    norm. ``more``: (ℓ [e, width], one [e] bool per group) more examples for the detectors' fits."""
     yc = y - y.mean(1, keepdim=True)
     K = COLLAPSE * float(yc.norm(dim=1).median()) / GATE_LEVEL
     top = CAP * GATE_LEVEL
     rows, bias, cols, sharp = [], [], [], []
     fired = torch.zeros(len(ell), dtype=torch.bool, device=ell.device)
-    for grp in groups:
-        w, b = detector(ell, grp)
+    for i, grp in enumerate(groups):
+        if more is None:
+            w, b = detector(ell, grp)
+        else:
+            w, b = detector(torch.cat([ell, more[0]]), torch.cat([grp, more[1][i]]))
         g = ell @ w + b
         s = _sharpness(g, grp)
         v = yc[grp].mean(0)
@@ -288,7 +298,7 @@ def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor]):
         fired |= g > 0
     anyf = torch.stack(groups).any(0)
     info = {"action": "collapse", "detectors": len(groups), "sharpness": sharp, "push": round(K, 6),
-            "push_cap": round(K * top, 6),
+            "push_cap": round(K * top, 6), "detector_examples": len(ell) + (0 if more is None else len(more[0])),
             "prototypes_caught": round(float(fired[anyf].float().mean()), 4),
             "prototypes_flagged": round(float(fired[~anyf].float().mean()), 4)}
     return torch.stack(rows), torch.stack(bias), torch.stack(cols, 1), info

@@ -148,6 +148,37 @@ def synthesize(model: nn.Module, cell_text: torch.Tensor, target: torch.Tensor,
         return _synthesize(model, cell_text.clone(), target.clone(), config, device, world or World(False))
 
 
+def translate(model: nn.Module, images: torch.Tensor, cell_text: torch.Tensor, target: torch.Tensor,
+              steps: int, config: ForgetConfig) -> torch.Tensor:
+    """``images`` [N, 3, H, W] (normalized pixels) moved by ``steps`` steps of gradient ascent towards the
+    cells ``target`` [N] of the classifier ``cell_text`` [n_cells, D]: the synthesis's RMS-normalized step
+    (``config.step_size``) within the valid pixel range, with no early stop, jitter, blur or pull to the
+    mean, so every image goes as far as the others. For the domain gate, prototypes moved into a domain
+    (and out of it) are examples close to the domain's border. Batches of ``config.batch_size``; runs with
+    gradients whatever the caller's mode."""
+    device = images.device
+    _, mean, std = image_geometry(model)
+    lo, hi = ((0 - mean) / std).to(device).view(1, -1, 1, 1), ((1 - mean) / std).to(device).view(1, -1, 1, 1)
+    scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
+    amp = autocast_dtype(config, device)
+    cell_text = cell_text.to(device, torch.float32)
+    out = []
+    with torch.inference_mode(False), torch.enable_grad(), frozen(model):
+        for i in range(0, len(images), config.batch_size):
+            x, tgt = images[i:i + config.batch_size].clone(), target[i:i + config.batch_size].to(device)
+            for _ in range(steps):
+                x.requires_grad_(True)
+                with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+                    feats = encode_image(model, x)
+                logits = scale * F.normalize(feats.float(), dim=-1) @ cell_text.t()
+                (grad,) = torch.autograd.grad(F.cross_entropy(logits, tgt, reduction="sum"), x)
+                with torch.no_grad():
+                    grad = grad / grad.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+                    x = torch.maximum(torch.minimum(x - config.step_size * grad, hi), lo)
+            out.append(x.detach())
+    return torch.cat(out) if out else images.clone()
+
+
 def batch_rng(seed: int, b: int) -> random.Random:
     """The jitter stream of synthesis batch ``b``."""
     return random.Random(seed if b == 0 else f"{seed}/{b}")

@@ -171,6 +171,14 @@ def test_forget_with_the_gate_saves_reloads_and_refuses(tmp_path, tokenizer, voc
             b = encode_image(model, x)
         assert (a - encode_image(model, x)).abs().max() > 1e-3
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # every class: the detectors can also be fitted on prototypes translated into and out of the
+    # forgotten domains (two per cell here: sketch and pixel art, into and out of)
+    alone = forget(model, tokenizer, spec, cfg.replace(gate_translate_steps=0))
+    n = len(vocab[0]) * len(vocab[1]) * 2
+    assert alone.info["gate"]["detector_examples"] == n and "translate" not in alone.timings
+    assert patch.info["gate"]["detector_examples"] > n and patch.timings["translate"] > 0
+    with pytest.raises(ValueError, match="gate_translate_steps"):
+        ForgetConfig(gate_translate_steps=-1)
     # some classes in some domains: only those classes are neutralized, by a map of their rank
     one = forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"]), cfg)
     assert one.info["gate"]["neutralized"] == [0] and one.info["gate"]["rank"] == 1

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from clipforget_fast import ForgetConfig, ForgetSpec
-from clipforget_fast.layers import image_geometry
-from clipforget_fast.synthesis import initial_noise, synthesize
+from clipforget_fast.layers import encode_image, image_geometry
+from clipforget_fast.synthesis import initial_noise, synthesize, translate
 from clipforget_fast.text import class_embeddings
 
 
@@ -55,3 +55,29 @@ def test_acceptance_bookkeeping_for_any_chunking(tiny_clip, tokenizer, vocab, ba
     assert res.accepted.shape == target.shape and res.steps.max() <= 3
     s = res.stats()
     assert s["prototypes"] == len(target) and 0 <= s["acceptance_rate"] <= 1
+
+
+def test_translate_moves_images_towards_their_target_cells(tiny_clip, tokenizer, vocab):
+    """``translate`` (the domain gate's examples near a domain's border): images moved by gradient ascent
+    towards given cells score those cells higher, stay in the pixel range, and 0 steps leaves them."""
+    text, _ = _setup(tiny_clip, tokenizer, vocab)
+    text = torch.nn.functional.normalize(text.float(), dim=-1)
+    g = torch.Generator().manual_seed(5)
+    (H, W), mean, std = image_geometry(tiny_clip)
+    x = initial_noise(12, (H, W), (0 - mean) / std, (1 - mean) / std, g)
+    target = torch.randint(len(text), (12,), generator=g)
+    cfg = ForgetConfig(batch_size=5)                # batches of 5, 5 and 2
+
+    def prob(images):
+        with torch.no_grad():
+            e = torch.nn.functional.normalize(encode_image(tiny_clip, images).float(), dim=-1)
+            return (100 * e @ text.t()).softmax(-1).gather(1, target[:, None]).squeeze(1)
+
+    flags = [p.requires_grad for p in tiny_clip.parameters()]
+    moved = translate(tiny_clip, x, text, target, 15, cfg)
+    assert moved.shape == x.shape and not torch.equal(moved, x)
+    assert (prob(moved) > prob(x)).float().mean() >= 0.9
+    lo, hi = ((0 - mean) / std).view(1, 3, 1, 1), ((1 - mean) / std).view(1, 3, 1, 1)
+    assert (moved >= lo - 1e-6).all() and (moved <= hi + 1e-6).all()
+    assert [p.requires_grad for p in tiny_clip.parameters()] == flags
+    assert torch.equal(translate(tiny_clip, x, text, target, 0, cfg), x)
