@@ -401,7 +401,7 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
             raise ValueError("edit='class-redirect' needs classes that are kept in every domain to hold "
                              f"the text side in place, and this request (mode {spec.mode!r}) forgets every "
                              "class somewhere; the class redirect cannot forget whole domains: use "
-                             "edit='project' (edit='auto' does)")
+                             "edit='domain-gate' (class-token towers) or edit='project' (edit='auto' picks)")
     if not layers:
         raise ValueError(f"config selects no layer: targets={config.targets!r}, use_text="
                          f"{config.use_text}, use_prototypes={config.use_prototypes}, "
