@@ -161,11 +161,11 @@ def translate(model: nn.Module, images: torch.Tensor, cell_text: torch.Tensor, t
     lo, hi = ((0 - mean) / std).to(device).view(1, -1, 1, 1), ((1 - mean) / std).to(device).view(1, -1, 1, 1)
     scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
     amp = autocast_dtype(config, device)
-    cell_text = cell_text.to(device, torch.float32)
     out = []
     with torch.inference_mode(False), torch.enable_grad(), frozen(model):
+        cell_text = cell_text.to(device, torch.float32).clone()   # a caller's inference tensors, as normal ones
         for i in range(0, len(images), config.batch_size):
-            x, tgt = images[i:i + config.batch_size].clone(), target[i:i + config.batch_size].to(device)
+            x, tgt = images[i:i + config.batch_size].clone(), target[i:i + config.batch_size].to(device).clone()
             for _ in range(steps):
                 x.requires_grad_(True)
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):

@@ -81,3 +81,6 @@ def test_translate_moves_images_towards_their_target_cells(tiny_clip, tokenizer,
     assert (moved >= lo - 1e-6).all() and (moved <= hi + 1e-6).all()
     assert [p.requires_grad for p in tiny_clip.parameters()] == flags
     assert torch.equal(translate(tiny_clip, x, text, target, 0, cfg), x)
+    with torch.inference_mode():                    # a caller in inference mode gets the same images
+        again = translate(tiny_clip, x.clone(), text.clone(), target.clone(), 15, cfg)
+    torch.testing.assert_close(again, moved, atol=1e-5, rtol=0)
