@@ -27,6 +27,7 @@
                                                     # domain-complete requests, a detector per domain or one
     python bench/domain_limits.py --gate-translate --bank-seeds 0,1,2  # the gate's detectors fitted also
                                                     # on prototypes translated between domains
+    python bench/domain_limits.py --gate-collapse-ridge --bank-seeds 0,1,2  # their L2 penalty
     python bench/domain_limits.py --gate-map-ceiling  # the gate's action with a perfect detector, fitted
                                                     # on prototypes vs real renders, on domain-complete
     python bench/domain_limits.py --gate-two-blocks # the gate's action in the last two blocks
@@ -774,6 +775,7 @@ def gate_keep_order(h: q.Harness) -> None:
 MAP_RIDGES = (1e-3, 0.1, 0.3, 1.0)           # gate.MAP_RIDGE candidates (some classes neutralized)
 COLLAPSES = (3.0, 10.0, 30.0)                # gate.COLLAPSE candidates (every class forgotten)
 TRANSLATE_STEPS = (0, 20, 60)                # ForgetConfig.gate_translate_steps candidates
+COLLAPSE_RIDGES = (10.0, 40.0, 100.0)       # gate.COLLAPSE_RIDGE candidates
 
 
 def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, variants=((None, None),)) -> None:
@@ -873,6 +875,20 @@ def gate_translate(h: q.Harness, seeds=(0,)) -> None:
     seed in ``seeds``."""
     _bank_sweep(h, "gate_translate_steps", TRANSLATE_STEPS, [r for r in q.REQUESTS if r[0] == "domain-complete"],
                 seeds, lambda v: {"gate_translate_steps": v})
+
+
+def gate_collapse_ridge(h: q.Harness, seeds=(0,)) -> None:
+    """The library's domain gate on the three domain-complete requests at each L2 penalty of its
+    per-domain detectors (gate.COLLAPSE_RIDGE over COLLAPSE_RIDGES), for prototype banks synthesized with
+    each seed in ``seeds``."""
+    from clipforget_fast import gate
+
+    saved = gate.COLLAPSE_RIDGE
+    try:
+        _bank_sweep(h, "COLLAPSE_RIDGE", COLLAPSE_RIDGES, [r for r in q.REQUESTS if r[0] == "domain-complete"],
+                    seeds, lambda v: setattr(gate, "COLLAPSE_RIDGE", v))
+    finally:
+        gate.COLLAPSE_RIDGE = saved
 
 
 def _block_tokens(model, where, images: torch.Tensor, add=None, before=None):
@@ -1038,6 +1054,7 @@ def main(argv=None) -> int:
         "gate-map-ridge": lambda h, a: gate_map_ridge(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-collapse": lambda h, a: gate_collapse(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-translate": lambda h, a: gate_translate(h, tuple(int(v) for v in a.bank_seeds.split(","))),
+        "gate-collapse-ridge": lambda h, a: gate_collapse_ridge(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
         "gate-two-blocks": lambda h, a: gate_two_blocks(h),
     }
@@ -1046,8 +1063,8 @@ def main(argv=None) -> int:
     for flag in measurements:
         ap.add_argument(f"--{flag}", action="store_true")
     ap.add_argument("--bank-seeds", default="0",
-                    help="--gate-map-ridge, --gate-collapse, --gate-translate: prototype bank seeds, "
-                         "comma-separated")
+                    help="--gate-map-ridge, --gate-collapse, --gate-translate, --gate-collapse-ridge: "
+                         "prototype bank seeds, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
     ap.add_argument("--steps", type=int, default=300, help="--combined: Adam steps")
