@@ -226,7 +226,8 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
             groups = [forgotten]
         else:
             domain_of = domain_of.to(images.device)
-            groups = [forgotten & (domain_of == j) for j in sorted(set(domain_of[forgotten].tolist()))]
+            gone = sorted(set(domain_of[forgotten].tolist()))
+            groups = [forgotten & (domain_of == j) for j in gone]
         m = 2 * len(groups)
     else:
         r = min(rank, len(set(neutralize)), site.fc_in.weight.shape[1] - 1)
@@ -254,7 +255,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
         if extra is not None and domain_of is not None and len(extra[0]):
             ex, ed = extra[0].to(images.device), extra[1].to(images.device)
             ell_x = layer_norm(capture(model, site, ex, batch_size, autocast)[0], site.norm)
-            more = (ell_x, [ed == j for j in sorted(set(domain_of[forgotten].tolist()))])
+            more = (ell_x, [ed == j for j in gone])
         rows, bias, cols, info_action = _collapse(ell, y, groups, more)
     else:
         rows, bias, cols, info_action = _neutral_map(ell, y, forgotten, site, class_emb, neutralize, r, keep_order)

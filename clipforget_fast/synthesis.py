@@ -152,20 +152,22 @@ def translate(model: nn.Module, images: torch.Tensor, cell_text: torch.Tensor, t
               steps: int, config: ForgetConfig) -> torch.Tensor:
     """``images`` [N, 3, H, W] (normalized pixels) moved by ``steps`` steps of gradient ascent towards the
     cells ``target`` [N] of the classifier ``cell_text`` [n_cells, D]: the synthesis's RMS-normalized step
-    (``config.step_size``) within the valid pixel range, with no early stop, jitter, blur or pull to the
-    mean, so every image goes as far as the others. For the domain gate, prototypes moved into a domain
+    (``config.step_size``, ``dispatch.synth_update``) within the valid pixel range, with no early stop,
+    jitter, blur or pull to the mean, so every image goes as far as the others. For the domain gate, prototypes moved into a domain
     (and out of it) are examples close to the domain's border. Batches of ``config.batch_size``; runs with
     gradients whatever the caller's mode."""
     device = images.device
-    _, mean, std = image_geometry(model)
-    lo, hi = ((0 - mean) / std).to(device).view(1, -1, 1, 1), ((1 - mean) / std).to(device).view(1, -1, 1, 1)
-    scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
+    lo, hi = pixel_range(model, device)
+    scale = logit_scale(model)
     amp = autocast_dtype(config, device)
+    step = dict(lr=config.step_size, decay=0.0, lo=lo, hi=hi, in_shift=(0, 0), out_shift=(0, 0), blur=False)
     out = []
     with torch.inference_mode(False), torch.enable_grad(), frozen(model):
         cell_text = cell_text.to(device, torch.float32).clone()   # a caller's inference tensors, as normal ones
         for i in range(0, len(images), config.batch_size):
-            x, tgt = images[i:i + config.batch_size].clone(), target[i:i + config.batch_size].to(device).clone()
+            x = images[i:i + config.batch_size].float().clone()
+            tgt = target[i:i + config.batch_size].to(device).clone()
+            every = torch.ones(len(x), dtype=torch.bool, device=device)
             for _ in range(steps):
                 x.requires_grad_(True)
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
@@ -173,10 +175,20 @@ def translate(model: nn.Module, images: torch.Tensor, cell_text: torch.Tensor, t
                 logits = scale * F.normalize(feats.float(), dim=-1) @ cell_text.t()
                 (grad,) = torch.autograd.grad(F.cross_entropy(logits, tgt, reduction="sum"), x)
                 with torch.no_grad():
-                    grad = grad / grad.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
-                    x = torch.maximum(torch.minimum(x - config.step_size * grad, hi), lo)
+                    x, _ = dispatch.synth_update(x.detach(), grad, every, **step)   # the synthesis's step
             out.append(x.detach())
     return torch.cat(out) if out else images.clone()
+
+
+def pixel_range(model: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) [C] fp32 on ``device``: the valid range of the model's normalized pixels per channel."""
+    _, mean, std = image_geometry(model)
+    return ((0 - mean) / std).to(device), ((1 - mean) / std).to(device)
+
+
+def logit_scale(model: nn.Module) -> float:
+    """The model's zero-shot logit scale (100 where it has none)."""
+    return float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
 
 
 def batch_rng(seed: int, b: int) -> random.Random:
@@ -186,13 +198,13 @@ def batch_rng(seed: int, b: int) -> random.Random:
 
 def _synthesize(model, cell_text, target, config, device, world) -> SynthesisResult:
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    (H, W), mean, std = image_geometry(model)
-    lo, hi = ((0 - mean) / std).to(device), ((1 - mean) / std).to(device)
+    (H, W), _, _ = image_geometry(model)
+    lo, hi = pixel_range(model, device)
     cell_text = cell_text.to(device, torch.float32)
     target = target.to(device)
     n = target.numel()
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
-    scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
+    scale = logit_scale(model)
     amp = autocast_dtype(config, device)
 
     out_x = torch.zeros(n, 3, H, W, device=device)
