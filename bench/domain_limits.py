@@ -28,6 +28,10 @@
     python bench/domain_limits.py --gate-translate --bank-seeds 0,1,2  # the gate's detectors fitted also
                                                     # on prototypes translated between domains
     python bench/domain_limits.py --gate-collapse-ridge --bank-seeds 0,1,2  # their L2 penalty
+    python bench/domain_limits.py --gate-map-translate --bank-seeds 0,1,2  # the same on the domain
+                                                    # requests, at several detector penalties
+    python bench/domain_limits.py --gate-map-per-domain --bank-seeds 0,1,2  # a detector per forgotten
+                                                    # domain or one for their union, domain requests
     python bench/domain_limits.py --gate-map-ceiling  # the gate's action with a perfect detector, fitted
                                                     # on prototypes vs real renders, on domain-complete
     python bench/domain_limits.py --gate-two-blocks # the gate's action in the last two blocks
@@ -44,6 +48,7 @@ apart from the held-out evaluation renders at 3·10⁶). Prints the tables; reco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import itertools
@@ -775,7 +780,9 @@ def gate_keep_order(h: q.Harness) -> None:
 MAP_RIDGES = (1e-3, 0.1, 0.3, 1.0)           # gate.MAP_RIDGE candidates (some classes neutralized)
 COLLAPSES = (3.0, 10.0, 30.0)                # gate.COLLAPSE candidates (every class forgotten)
 TRANSLATE_STEPS = (0, 20, 60)                # ForgetConfig.gate_translate_steps candidates
-COLLAPSE_RIDGES = (10.0, 40.0, 100.0)       # gate.COLLAPSE_RIDGE candidates
+COLLAPSE_RIDGES = (10.0, 40.0, 100.0, 300.0, 1000.0)     # gate.COLLAPSE_RIDGE candidates
+MAP_TRANSLATE_STEPS = (0, 20)                # ForgetConfig.gate_translate_steps candidates, domain requests
+MAP_DETECTOR_RIDGES = (10.0, 100.0)          # gate.DETECTOR_RIDGE candidates with them
 
 
 def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, variants=((None, None),)) -> None:
@@ -793,7 +800,8 @@ def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, vari
         for value, (vname, wrapper) in itertools.product(values, variants):
             fields = setting(value) or {}
             module.gate_entries = wrapper(saved) if wrapper else saved
-            tag = f"{value:g}" + (f", {vname}" if vname else "")
+            tag = (", ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}") \
+                + (f", {vname}" if vname else "")
             met = [0] * len(seeds)
             for m, fc, fd in requests:
                 spec = q.spec_for(m, fc, fd)
@@ -885,10 +893,71 @@ def gate_collapse_ridge(h: q.Harness, seeds=(0,)) -> None:
 
     saved = gate.COLLAPSE_RIDGE
     try:
-        _bank_sweep(h, "COLLAPSE_RIDGE", COLLAPSE_RIDGES, [r for r in q.REQUESTS if r[0] == "domain-complete"],
-                    seeds, lambda v: setattr(gate, "COLLAPSE_RIDGE", v))
+        with _translations_once():
+            _bank_sweep(h, "COLLAPSE_RIDGE", COLLAPSE_RIDGES, [r for r in q.REQUESTS if r[0] == "domain-complete"],
+                        seeds, lambda v: setattr(gate, "COLLAPSE_RIDGE", v))
     finally:
         gate.COLLAPSE_RIDGE = saved
+
+
+def gate_map_translate(h: q.Harness, seeds=(0,)) -> None:
+    """The library's domain gate on the nine domain requests (some classes forgotten: the gated map) with
+    its detector fitted on the prototypes alone or also on prototypes translated into and out of the
+    forgotten domains (ForgetConfig.gate_translate_steps over MAP_TRANSLATE_STEPS), at each of its L2
+    penalties (gate.DETECTOR_RIDGE over MAP_DETECTOR_RIDGES), for prototype banks synthesized with each
+    seed in ``seeds``. The translated prototypes of a bank and request are made once."""
+    from clipforget_fast import gate
+
+    saved = gate.DETECTOR_RIDGE
+
+    def setting(value):
+        steps, ridge = value
+        gate.DETECTOR_RIDGE = ridge
+        return {"gate_translate_steps": steps}
+
+    try:
+        with _translations_once():
+            _bank_sweep(h, "gate_translate_steps, DETECTOR_RIDGE",
+                        list(itertools.product(MAP_TRANSLATE_STEPS, MAP_DETECTOR_RIDGES)),
+                        [r for r in q.REQUESTS if r[0] == "domain"] + q.MORE_DOMAIN_REQUESTS, seeds, setting)
+    finally:
+        gate.DETECTOR_RIDGE = saved
+
+
+def gate_map_per_domain(h: q.Harness, seeds=(0,)) -> None:
+    """The library's domain gate on the domain requests that forget classes in several domains, with one
+    detector for the forgotten domains' union or one per forgotten domain (gate.MAP_PER_DOMAIN), for
+    prototype banks synthesized with each seed in ``seeds``."""
+    from clipforget_fast import gate
+
+    saved = gate.MAP_PER_DOMAIN
+    try:
+        with _translations_once():
+            _bank_sweep(h, "MAP_PER_DOMAIN", (0, 1),
+                        [r for r in q.REQUESTS + q.MORE_DOMAIN_REQUESTS if r[0] == "domain" and len(r[2]) > 1],
+                        seeds, lambda v: setattr(gate, "MAP_PER_DOMAIN", bool(v)))
+    finally:
+        gate.MAP_PER_DOMAIN = saved
+
+
+@contextlib.contextmanager
+def _translations_once():
+    """Within it, forget() translates the prototypes of a bank for a request and a number of steps once
+    and reuses them (a sweep of the gate's own constants does not change them)."""
+    module = importlib.import_module("clipforget_fast.forget")
+    saved, memo = module._translated, {}
+
+    def translated(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config):
+        key = (float(images.double().sum()), tuple(forgotten_domains), config.gate_translate_steps)
+        if key not in memo:
+            memo[key] = saved(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config)
+        return memo[key]
+
+    module._translated = translated
+    try:
+        yield
+    finally:
+        module._translated = saved
 
 
 def _block_tokens(model, where, images: torch.Tensor, add=None, before=None):
@@ -1055,6 +1124,8 @@ def main(argv=None) -> int:
         "gate-collapse": lambda h, a: gate_collapse(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-translate": lambda h, a: gate_translate(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-collapse-ridge": lambda h, a: gate_collapse_ridge(h, tuple(int(v) for v in a.bank_seeds.split(","))),
+        "gate-map-translate": lambda h, a: gate_map_translate(h, tuple(int(v) for v in a.bank_seeds.split(","))),
+        "gate-map-per-domain": lambda h, a: gate_map_per_domain(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
         "gate-two-blocks": lambda h, a: gate_two_blocks(h),
     }
@@ -1063,7 +1134,8 @@ def main(argv=None) -> int:
     for flag in measurements:
         ap.add_argument(f"--{flag}", action="store_true")
     ap.add_argument("--bank-seeds", default="0",
-                    help="--gate-map-ridge, --gate-collapse, --gate-translate, --gate-collapse-ridge: "
+                    help="--gate-map-ridge, --gate-collapse, --gate-translate, --gate-collapse-ridge, "
+                         "--gate-map-translate, --gate-map-per-domain: "
                          "prototype bank seeds, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")

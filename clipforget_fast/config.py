@@ -64,10 +64,10 @@ class ForgetConfig:
     gate_keep_order: float = 100.0      # domain-gate, some classes forgotten: how much the other classes'
                                         # scores relative to one another are held against the size of the
                                         # change (gate.neutral_shift)
-    gate_translate_steps: int = 20      # domain-gate, every class forgotten: gradient-ascent steps that move
-                                        # the prototypes into and out of each forgotten domain, as more
-                                        # examples for its detector (synthesis.translate); 0 = prototypes
-                                        # only; chosen on the proving ground from 0, 20, 60 (README)
+    gate_translate_steps: int = 20      # domain-gate: gradient-ascent steps that move the prototypes into
+                                        # and out of each forgotten domain, as more examples for its
+                                        # detectors (synthesis.translate); 0 = prototypes only; chosen on
+                                        # the proving ground from 0, 20, 60 (README)
     domain_keep_weight: float = 3.0     # class-redirect, class kept in other domains: weight of keeping the
                                         # other cells' predictions against missing the forgotten cells, in
                                         # the fit of its embedding's shift

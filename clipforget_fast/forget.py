@@ -325,7 +325,7 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         entries, gate = [], None
         if world.leader:
             extra = None
-            if config.gate_translate_steps and len(gated[0]) == len(classes):
+            if config.gate_translate_steps:
                 extra = _translated(model, images, cells, P, cell_text, gated[1], list(spec.domains), config)
                 timings["translate"] = time.perf_counter() - t
                 t = time.perf_counter()

@@ -11,7 +11,8 @@ the prototypes use least) are rewired. g(ℓ) = wᵀℓ + b is a logistic detect
 fitted on the prototypes' ℓ; where s·g ≪ 0 a unit with pre-activation s·g is off (GELU and QuickGELU are
 ≈ 0 far below 0), where s·g ≫ 0 it is linear.
 
-Some classes forgotten (``domain``): m = r + 1 units carry a gated rank-r affine map,
+Some classes forgotten (``domain``): per forgotten domain (with its own detector g), r + 1 units carry
+a gated rank-r affine map,
 
     unit 0:      pre-activation  s·g(ℓ)                      output column  -(c_1 + … + c_r)/ε
     unit j ≥ 1:  pre-activation  s·g(ℓ) + ε(a_jᵀℓ + α_j)     output column   c_j/ε
@@ -22,8 +23,10 @@ token y leaving the block, the embedding is e = post_norm(y) @ proj and the clas
 classes' text embeddings). The smallest change of y after which the forgotten classes score the mean of
 all while the others keep their scores relative to one another is computed per prototype, in closed
 form (``neutral_shift``); C (A ℓ + α) is the rank-r ridge least-squares fit (ridge ``MAP_RIDGE``) of
-those changes from ℓ over all prototypes: the same function for every image, the gate decides where it
-acts.
+those changes from ℓ over all prototypes: the same function for every image and under every forgotten
+domain's detector, the gate decides where it acts. One detector per forgotten domain rather than one for
+their union: a linear read of one domain against the rest is easier than of two apart domains at once
+(bench/RESULTS.md (16)).
 
 Every class forgotten (``domain-complete``): no map of ℓ cancels the class of every image it acts on
 (the class signal scales with the token; bench/RESULTS.md measures the best one leaving 12 % of
@@ -36,6 +39,10 @@ whatever its class, so a classifier of it is at chance; an image the detector mi
 The patch edits three tensors of that MLP (input weight and bias: m rows; output weight: m columns),
 reversibly like any other patch. The tower's other tokens pass the rewired units too; a class-token
 tower does not read them, but their features change.
+
+Every detector is fitted on the prototypes and, given them, on prototypes translated into and out of
+the forgotten domains (``extra``; ``ForgetConfig.gate_translate_steps``): examples near each domain's
+border that real images need and the prototypes alone lack.
 
 What it needs: prototypes that a linear read of the class token tells apart by domain as real images
 are (bench/RESULTS.md measures where that holds), and a hidden layer wider than m.
@@ -68,6 +75,8 @@ CAP = 4.0             # ... and at most this many times that push at any image (
 COLLAPSE_RIDGE = 100.0  # ... the L2 penalty of its per-domain detectors (fitted on prototypes and translated
                         # ones); chosen on the proving ground from 10, 40 and 100 (bench/RESULTS.md): the
                         # kept domains' cost falls as it grows, the forgetting moves by a point or two
+MAP_PER_DOMAIN = True  # some classes forgotten in several domains: a detector (and a copy of the map's units)
+                       # per forgotten domain rather than one detector for their union
 KEEP_ORDER = ForgetConfig.gate_keep_order   # chosen on the proving ground from 0, 1, 10, 100, 1000 and
                                             # 10000 on its nine domain requests (bench/RESULTS.md)
 
@@ -205,8 +214,8 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     taken:     hidden units not to rewire (those of gates already applied: ``rewired_units``).
     domain_of: [n] int, the domain of each prototype: with every class forgotten, one detector (two
                units) per forgotten domain instead of one for their union.
-    extra:     (images [e, 3, H, W], domain [e] int): with every class forgotten and ``domain_of``, more
-               examples for the detectors (prototypes translated between domains), labelled by domain.
+    extra:     (images [e, 3, H, W], domain [e] int): with ``domain_of``, more examples for the
+               detectors (prototypes translated between domains), labelled by domain.
     """
     probe = torch.tensor([-12.0, 12.0])
     out = site.act(probe).float()
@@ -221,19 +230,18 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
         neutralize = None                               # every class: the same as all alike
     if k < 2:
         raise ValueError("the domain gate needs at least two classes")
+    if domain_of is not None:
+        domain_of = domain_of.to(images.device)
+        gone = sorted(set(domain_of[forgotten].tolist()))
+    per_domain = domain_of is not None and (neutralize is None or MAP_PER_DOMAIN)
+    groups = [forgotten & (domain_of == j) for j in gone] if per_domain else [forgotten]
     if neutralize is None:                              # the collapse: a detector per forgotten domain
-        if domain_of is None:
-            groups = [forgotten]
-        else:
-            domain_of = domain_of.to(images.device)
-            gone = sorted(set(domain_of[forgotten].tolist()))
-            groups = [forgotten & (domain_of == j) for j in gone]
         m = 2 * len(groups)
     else:
         r = min(rank, len(set(neutralize)), site.fc_in.weight.shape[1] - 1)
         if r < 1:
             raise ValueError("the domain gate needs a class to neutralize and a rank of at least 1")
-        m = r + 1
+        m = (r + 1) * len(groups)
     x, h = capture(model, site, images, batch_size, autocast)
     W1, b1 = site.fc_in.weight.detach().float(), site.fc_in.bias.detach().float()
     W2 = site.fc_out.weight.detach().float()
@@ -250,15 +258,19 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     # the class token leaving the block without the rewired units' old contributions
     y = x + h @ W2.t() + site.fc_out.bias.detach().float() - h[:, units] @ W2[:, units].t()
     info = {"units": units.tolist(), "neutralized": "all" if neutralize is None else sorted(set(neutralize))}
+    ell_x = ed = None
+    if extra is not None and domain_of is not None and len(extra[0]):
+        ex, ed = extra[0].to(images.device), extra[1].to(images.device)
+        ell_x = layer_norm(capture(model, site, ex, batch_size, autocast)[0], site.norm)
+    more = None
+    if ell_x is not None:
+        more = (ell_x, [ed == j for j in gone] if per_domain
+                else [torch.isin(ed, torch.tensor(gone, device=ed.device))])
     if neutralize is None:
-        more = None
-        if extra is not None and domain_of is not None and len(extra[0]):
-            ex, ed = extra[0].to(images.device), extra[1].to(images.device)
-            ell_x = layer_norm(capture(model, site, ex, batch_size, autocast)[0], site.norm)
-            more = (ell_x, [ed == j for j in gone])
         rows, bias, cols, info_action = _collapse(ell, y, groups, more)
     else:
-        rows, bias, cols, info_action = _neutral_map(ell, y, forgotten, site, class_emb, neutralize, r, keep_order)
+        rows, bias, cols, info_action = _neutral_map(ell, y, groups, site, class_emb, neutralize, r, keep_order,
+                                                     more)
     info.update(info_action)
     info["units_share_of_mlp_output"] = round(float(usage[units].sum() / usage.sum()), 6)
     return _rewire(site, units, rows, bias, cols, W1, b1, W2), info
@@ -308,27 +320,43 @@ def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor], mo
     return torch.stack(rows), torch.stack(bias), torch.stack(cols, 1), info
 
 
-def _neutral_map(ell, y, forgotten, site, class_emb, neutralize, r, keep_order):
-    """Some classes forgotten: unit 0 and units 1..r carry the detector and the rank-r map C (A ℓ + α) of
-    the module docstring, fitted to ``neutral_shift`` of every prototype."""
-    w, b = detector(ell, forgotten)
-    g = ell @ w + b
-    caught, flagged = float((g[forgotten] > 0).float().mean()), float((g[~forgotten] > 0).float().mean())
+def _neutral_map(ell, y, groups, site, class_emb, neutralize, r, keep_order, more=None):
+    """Some classes forgotten: per detector (one per forgotten domain in ``groups``, [n] bool each, or one
+    for their union), a unit 0 and units 1..r that carry it and the rank-r map C (A ℓ + α) of the module
+    docstring, fitted to ``neutral_shift`` of every prototype (the same map under every detector).
+    ``more``: (ℓ [e, width], one [e] bool per group) more examples for the detectors' fits (not for the
+    map's)."""
+    forgotten = torch.stack(groups).any(0)
     delta = neutral_shift(y, site.post_norm, site.proj, class_emb.to(y.device), neutralize, keep_order)
     A, alpha, C, r2 = reduced_rank_fit(ell, delta, r, MAP_RIDGE)
-    s = _sharpness(g, forgotten)
     v = ell @ A.t() + alpha
     eps = ACTION_SHARE * GATE_LEVEL / float(v.abs().max().clamp_min(1e-12))
     width = ell.shape[1]
-    rows = s * w[None].expand(r + 1, width).clone()
-    rows[1:] += eps * A
-    bias = torch.full((r + 1,), s * float(b), dtype=rows.dtype, device=rows.device)
-    bias[1:] += eps * alpha
-    cols = torch.cat([-C.sum(1, keepdim=True), C], 1) / eps      # [width, r + 1]
-    info = {"action": "map", "rank": r, "sharpness": round(s, 6), "action_scale": round(eps, 6),
-            "prototypes_caught": round(caught, 4), "prototypes_flagged": round(flagged, 4),
+    rows, bias, sharp = [], [], []
+    fired = torch.zeros(len(ell), dtype=torch.bool, device=ell.device)
+    for i, grp in enumerate(groups):
+        if more is None:
+            w, b = detector(ell, grp, DETECTOR_RIDGE)
+        else:
+            w, b = detector(torch.cat([ell, more[0]]), torch.cat([grp, more[1][i]]), DETECTOR_RIDGE)
+        g = ell @ w + b
+        fired |= g > 0
+        s = _sharpness(g, grp)
+        part = s * w[None].expand(r + 1, width).clone()
+        part[1:] += eps * A
+        rows.append(part)
+        one = torch.full((r + 1,), s * float(b), dtype=part.dtype, device=part.device)
+        one[1:] += eps * alpha
+        bias.append(one)
+        sharp.append(round(s, 6))
+    cols = torch.cat([-C.sum(1, keepdim=True), C], 1) / eps      # [width, r + 1] per detector
+    info = {"action": "map", "rank": r, "detectors": len(groups), "sharpness": sharp,
+            "action_scale": round(eps, 6),
+            "prototypes_caught": round(float(fired[forgotten].float().mean()), 4),
+            "prototypes_flagged": round(float(fired[~forgotten].float().mean()), 4),
+            "detector_examples": len(ell) + (0 if more is None else len(more[0])),
             "action_fit_r2": round(r2, 4), "map_ridge": MAP_RIDGE}
-    return rows, bias, cols, info
+    return torch.cat(rows), torch.cat(bias), cols.repeat(1, len(groups)), info
 
 
 def _rewire(site: GateSite, units, rows, bias, cols, W1, b1, W2) -> list[PatchEntry]:

@@ -104,6 +104,19 @@ def test_gate_acts_on_the_detected_domain_only():
     # ... and the forgotten domain's images score classes 1 and 3 at the mean of all, or closer to it
     off = lambda e: (scores(e, T)[:, [1, 3]] - scores(e, T).mean(1, keepdim=True)).abs().mean()  # noqa: E731
     assert off(after[1]) < 0.3 * off(before[1])
+    # several forgotten domains with their labels: a detector, and a copy of the map's units, per domain
+    third = domain_images(40, False, 2)
+    third[:, 2, :, 8:24] += 2.5                     # another domain: a blue stripe across
+    domain_of = torch.arange(120) // 40
+    two, info2 = gate_entries(model, site, torch.cat([fit, third]), domain_of > 0, T, rank=8, batch_size=64,
+                              autocast=OFF, neutralize=[1, 3], domain_of=domain_of)
+    assert info2["detectors"] == 2 and len(info2["units"]) == 6 and len(info2["sharpness"]) == 2
+    assert info2["prototypes_caught"] == 1.0 and info2["prototypes_flagged"] == 0.0
+    blue = domain_images(30, False, 12)
+    blue[:, 2, :, 8:24] += 2.5
+    before, after = run_patch(model, Patch(two), kept, gone, blue)
+    assert F.cosine_similarity(before[0], after[0]).min() > 0.99
+    assert off(after[1]) < 0.3 * off(before[1]) and off(after[2]) < 0.3 * off(before[2])
 
 
 def test_gate_collapses_every_class_in_the_detected_domains(monkeypatch):
@@ -185,6 +198,11 @@ def test_forget_with_the_gate_saves_reloads_and_refuses(tmp_path, tokenizer, voc
     assert one.info["gate"]["action"] == "map"
     assert one.info["gate"]["map_ridge"] == gate.MAP_RIDGE
     assert len(one.info["gate"]["units"]) == 2
+    # ... its detector too is fitted also on prototypes translated into and out of the forgotten domain
+    assert one.info["gate"]["detector_examples"] > n and one.timings["translate"] > 0
+    plain = forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"]),
+                   cfg.replace(gate_translate_steps=0))
+    assert plain.info["gate"]["detector_examples"] == n and "translate" not in plain.timings
     # cells that are not a product of classes and domains, or every domain: not the gate's
     for bad in (ForgetSpec.from_cells(*vocab, [("dog", "sketch"), ("cat", "photo")]),
                 ForgetSpec(*vocab, forget_classes=["dog"])):
