@@ -327,6 +327,7 @@ def sequential(h: Harness, record: bool) -> int:
         pb.revert(h.model)
         pa.revert(h.model)
         restored = max(float((h.model.state_dict()[k] - v).abs().max()) for k, v in state.items())
+        h.model.load_state_dict(state)               # the next measurements start from the same weights, bit for bit
         what = " then ".join(f"{','.join(r[1] or ['*'])} @ {','.join(r[2] or ['*'])}" for r in (a, b))
         for name, acc in after.items():
             s = score(both, h.before[name], acc)
