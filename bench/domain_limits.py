@@ -116,11 +116,8 @@ def oracle(h: q.Harness) -> None:
         for mode, fc, fd in requests:
             spec = q.spec_for(mode, fc, fd)
             patch = forget(h.model, h.tok, spec, cfg, prototypes=bank)
-            patch.apply(h.model)
-            try:
+            with patch.applied(h.model):             # the weights come back bit for bit
                 after = h._eval(q.HELD_OUT_TEMPLATES)
-            finally:
-                patch.revert(h.model)
             cols.append(fmt(q.score(spec, h.before["held-out"], after)))
         print(f"| {targets} (last {blocks}), {energy} | " + " | ".join(cols) + " |", flush=True)
 
