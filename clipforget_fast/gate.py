@@ -59,9 +59,10 @@ from .layers import GateSite, encode_image
 from .patch import PatchEntry, tensor_hash
 
 GATE_LEVEL = 8.0      # s is chosen so that the detected prototypes' median pre-activation s·g is this
-DETECTOR_RIDGE = 10.0 # L2 penalty of the detector (standardized features, against the summed log loss),
-                      # chosen on the proving ground from 0.1, 10, 80 and 400 by the held-out renders the
-                      # detector catches and flags (bench/RESULTS.md)
+DETECTOR_RIDGE = 10.0 # L2 penalty of the map's detectors (standardized features, against the summed log
+                      # loss), chosen on the proving ground from 0.1, 10, 80 and 400 by the held-out renders
+                      # the detector catches and flags, and against 100 with translated examples on the nine
+                      # domain requests (bench/RESULTS.md (16): 14 of 27 request x bank pairs met either way)
 ACTION_SHARE = 0.5    # ε keeps every |ε(a_jᵀℓ + α_j)| on the prototypes within this share of GATE_LEVEL
 MAP_RIDGE = 0.3       # ridge of the map's least squares (relative to the mean eigenvalue of ℓ's Gram matrix),
                       # chosen on the proving ground from 1e-3 to 1 (bench/RESULTS.md): the map shrunk
@@ -73,10 +74,11 @@ COLLAPSE = 10.0       # every class forgotten: the push at the median detected p
                       # higher cost to the kept domains where the detector errs
 CAP = 4.0             # ... and at most this many times that push at any image (GATE_LEVEL·CAP of gate input)
 COLLAPSE_RIDGE = 100.0  # ... the L2 penalty of its per-domain detectors (fitted on prototypes and translated
-                        # ones); chosen on the proving ground from 10, 40 and 100 (bench/RESULTS.md): the
-                        # kept domains' cost falls as it grows, the forgetting moves by a point or two
+                        # ones); chosen on the proving ground from 10, 40, 100, 300 and 1000 (bench/RESULTS.md
+                        # (15), (16)): the kept domains' cost falls as it grows, the forgetting with it
 MAP_PER_DOMAIN = True  # some classes forgotten in several domains: a detector (and a copy of the map's units)
-                       # per forgotten domain rather than one detector for their union
+                       # per forgotten domain rather than one detector for their union (bench/RESULTS.md
+                       # (16): fish @ sketch, cartoon then meets on three prototype banks, 0 of 3 with one)
 KEEP_ORDER = ForgetConfig.gate_keep_order   # chosen on the proving ground from 0, 1, 10, 100, 1000 and
                                             # 10000 on its nine domain requests (bench/RESULTS.md)
 
@@ -212,8 +214,8 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     neutralize: class indices (rows of class_emb) the gated images must not be recognized as; None: all.
     keep_order: with ``neutralize``, the weight of the other classes' relative scores (``neutral_shift``).
     taken:     hidden units not to rewire (those of gates already applied: ``rewired_units``).
-    domain_of: [n] int, the domain of each prototype: with every class forgotten, one detector (two
-               units) per forgotten domain instead of one for their union.
+    domain_of: [n] int, the domain of each prototype: one detector per forgotten domain (with its own
+               units) instead of one for their union (with some classes forgotten, as MAP_PER_DOMAIN says).
     extra:     (images [e, 3, H, W], domain [e] int): with ``domain_of``, more examples for the
                detectors (prototypes translated between domains), labelled by domain.
     """
