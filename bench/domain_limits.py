@@ -32,6 +32,8 @@
                                                     # requests, at several detector penalties
     python bench/domain_limits.py --gate-map-per-domain --bank-seeds 0,1,2  # a detector per forgotten
                                                     # domain or one for their union, domain requests
+    python bench/domain_limits.py --gate-map-threshold --bank-seeds 0,1,2  # where the map's units switch
+                                                    # on, domain requests
     python bench/domain_limits.py --gate-map-ceiling  # the gate's action with a perfect detector, fitted
                                                     # on prototypes vs real renders, on domain-complete
     python bench/domain_limits.py --gate-two-blocks # the gate's action in the last two blocks
@@ -780,6 +782,7 @@ TRANSLATE_STEPS = (0, 20, 60)                # ForgetConfig.gate_translate_steps
 COLLAPSE_RIDGES = (10.0, 40.0, 100.0, 300.0, 1000.0)     # gate.COLLAPSE_RIDGE candidates
 MAP_TRANSLATE_STEPS = (0, 20)                # ForgetConfig.gate_translate_steps candidates, domain requests
 MAP_DETECTOR_RIDGES = (10.0, 100.0)          # gate.DETECTOR_RIDGE candidates with them
+MAP_THRESHOLDS = (0.0, -1.0, -2.0)          # gate.MAP_THRESHOLD candidates
 
 
 def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, variants=((None, None),)) -> None:
@@ -935,6 +938,22 @@ def gate_map_per_domain(h: q.Harness, seeds=(0,)) -> None:
                         seeds, lambda v: setattr(gate, "MAP_PER_DOMAIN", bool(v)))
     finally:
         gate.MAP_PER_DOMAIN = saved
+
+
+def gate_map_threshold(h: q.Harness, seeds=(0,)) -> None:
+    """The library's domain gate on the nine domain requests with its map's units switching on at each
+    detector logit in MAP_THRESHOLDS (gate.MAP_THRESHOLD; below 0: more images caught and flagged), for
+    prototype banks synthesized with each seed in ``seeds``."""
+    from clipforget_fast import gate
+
+    saved = gate.MAP_THRESHOLD
+    try:
+        with _translations_once():
+            _bank_sweep(h, "MAP_THRESHOLD", MAP_THRESHOLDS,
+                        [r for r in q.REQUESTS if r[0] == "domain"] + q.MORE_DOMAIN_REQUESTS, seeds,
+                        lambda v: setattr(gate, "MAP_THRESHOLD", v))
+    finally:
+        gate.MAP_THRESHOLD = saved
 
 
 @contextlib.contextmanager
@@ -1123,6 +1142,7 @@ def main(argv=None) -> int:
         "gate-collapse-ridge": lambda h, a: gate_collapse_ridge(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-map-translate": lambda h, a: gate_map_translate(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-map-per-domain": lambda h, a: gate_map_per_domain(h, tuple(int(v) for v in a.bank_seeds.split(","))),
+        "gate-map-threshold": lambda h, a: gate_map_threshold(h, tuple(int(v) for v in a.bank_seeds.split(","))),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
         "gate-two-blocks": lambda h, a: gate_two_blocks(h),
     }
@@ -1132,7 +1152,7 @@ def main(argv=None) -> int:
         ap.add_argument(f"--{flag}", action="store_true")
     ap.add_argument("--bank-seeds", default="0",
                     help="--gate-map-ridge, --gate-collapse, --gate-translate, --gate-collapse-ridge, "
-                         "--gate-map-translate, --gate-map-per-domain: "
+                         "--gate-map-translate, --gate-map-per-domain, --gate-map-threshold: "
                          "prototype bank seeds, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
