@@ -288,6 +288,14 @@ def _sharpness(g: torch.Tensor, on: torch.Tensor) -> float:
     return GATE_LEVEL / float(g_on.median()) if len(g_on) else 1.0
 
 
+def _detectors(ell: torch.Tensor, groups: list[torch.Tensor], more, ridge: float):
+    """[(w, b)] a ``detector`` per group ([n] bool over the prototypes' ℓ [n, width]) with L2 penalty
+    ``ridge``, fitted also on ``more``: (ℓ [e, width], one [e] bool per group) when given."""
+    if more is None:
+        return [detector(ell, grp, ridge) for grp in groups]
+    return [detector(torch.cat([ell, more[0]]), torch.cat([grp, lab]), ridge) for grp, lab in zip(groups, more[1])]
+
+
 def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor], more=None):
     """Every class forgotten: two units per forgotten domain (``groups`` [n] bool each), with the
     pre-activations z = s_j·g_j(ℓ) and z - CAP·GATE_LEVEL (g_j a detector of that domain against every
@@ -303,11 +311,7 @@ def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor], mo
     top = CAP * GATE_LEVEL
     rows, bias, cols, sharp = [], [], [], []
     fired = torch.zeros(len(ell), dtype=torch.bool, device=ell.device)
-    for i, grp in enumerate(groups):
-        if more is None:
-            w, b = detector(ell, grp, COLLAPSE_RIDGE)
-        else:
-            w, b = detector(torch.cat([ell, more[0]]), torch.cat([grp, more[1][i]]), COLLAPSE_RIDGE)
+    for grp, (w, b) in zip(groups, _detectors(ell, groups, more, COLLAPSE_RIDGE)):
         g = ell @ w + b
         s = _sharpness(g, grp)
         v = yc[grp].mean(0)
@@ -339,11 +343,7 @@ def _neutral_map(ell, y, groups, site, class_emb, neutralize, r, keep_order, mor
     width = ell.shape[1]
     rows, bias, sharp = [], [], []
     fired = torch.zeros(len(ell), dtype=torch.bool, device=ell.device)
-    for i, grp in enumerate(groups):
-        if more is None:
-            w, b = detector(ell, grp, DETECTOR_RIDGE)
-        else:
-            w, b = detector(torch.cat([ell, more[0]]), torch.cat([grp, more[1][i]]), DETECTOR_RIDGE)
+    for grp, (w, b) in zip(groups, _detectors(ell, groups, more, DETECTOR_RIDGE)):
         b = b - MAP_THRESHOLD                           # the units switch on where the logit passes it
         g = ell @ w + b
         fired |= g > 0
