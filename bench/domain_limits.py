@@ -760,7 +760,7 @@ def gate_keep_order(h: q.Harness) -> None:
     """The library's domain gate (``edit="domain-gate"``) on the harness's three domain requests and the
     six more (``quality.MORE_DOMAIN_REQUESTS``) at each ``gate_keep_order`` in GATE_KEEP_ORDERS (one
     prototype bank for all), scored on the held-out renders and templates; the rows that meet the targets."""
-    requests = [r for r in q.REQUESTS if r[0] == "domain"] + q.MORE_DOMAIN_REQUESTS
+    requests = DOMAIN_REQUESTS
     print("| gate_keep_order | request | forgotten | other classes drop | same classes drop | verdict |\n"
           "|---|---|---|---|---|---|")
     for keep in GATE_KEEP_ORDERS:
@@ -776,6 +776,8 @@ def gate_keep_order(h: q.Harness) -> None:
         print(f"| {keep:g} | **{met} of {len(requests)} requests meet the targets** | | | | |", flush=True)
 
 
+DOMAIN_REQUESTS = [r for r in q.REQUESTS if r[0] == "domain"] + q.MORE_DOMAIN_REQUESTS   # the nine
+COMPLETE_REQUESTS = [r for r in q.REQUESTS if r[0] == "domain-complete"]                # the three
 MAP_RIDGES = (1e-3, 0.1, 0.3, 1.0)           # gate.MAP_RIDGE candidates (some classes neutralized)
 COLLAPSES = (3.0, 10.0, 30.0)                # gate.COLLAPSE candidates (every class forgotten)
 TRANSLATE_STEPS = (0, 20, 60)                # ForgetConfig.gate_translate_steps candidates
@@ -791,12 +793,13 @@ def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, vari
     and each (name, wrapper) in ``variants`` (``wrapper`` replaces ``forget``'s call of
     ``gate.gate_entries``), with prototype banks synthesized with each seed in ``seeds``; scored on the
     held-out renders and templates. Each cell: forgotten accuracy / same classes' drop / other classes'
-    drop (domain-complete: forgotten / other domains' drop), * where the request meets its targets."""
+    drop (domain-complete: forgotten / other domains' drop), * where the request meets its targets. The
+    prototypes are translated once per bank, request and number of steps (``_translations_once``)."""
     module = importlib.import_module("clipforget_fast.forget")     # the module, not the function
     print(f"| {label} | request | " + " | ".join(f"bank seed {s}" for s in seeds) + " |\n"
           "|---|---|" + "---|" * len(seeds))
     saved = module.gate_entries
-    try:
+    with _restored(module, "gate_entries"), _translations_once():
         for value, (vname, wrapper) in itertools.product(values, variants):
             fields = setting(value) or {}
             module.gate_entries = wrapper(saved) if wrapper else saved
@@ -816,22 +819,12 @@ def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, vari
                 print(f"| {tag} | {','.join(fc or ['*'])} @ {','.join(fd)} | " + " | ".join(cells) + " |", flush=True)
             print(f"| {tag} | **requests meeting the targets** | " + " | ".join(f"{n} of {len(requests)}"
                                                                          for n in met) + " |", flush=True)
-    finally:
-        module.gate_entries = saved
 
 
 def gate_map_ridge(h: q.Harness, seeds=(0,)) -> None:
     """The library's domain gate at each ridge of its map's least squares (gate.MAP_RIDGE over MAP_RIDGES)
     on the nine domain requests, for prototype banks synthesized with each seed in ``seeds``."""
-    from clipforget_fast import gate
-
-    saved = gate.MAP_RIDGE
-    try:
-        _bank_sweep(h, "MAP_RIDGE", MAP_RIDGES,
-                    [r for r in q.REQUESTS if r[0] == "domain"] + q.MORE_DOMAIN_REQUESTS, seeds,
-                    lambda v: setattr(gate, "MAP_RIDGE", v))
-    finally:
-        gate.MAP_RIDGE = saved
+    _constant_sweep(h, "MAP_RIDGE", MAP_RIDGES, DOMAIN_REQUESTS, seeds)
 
 
 def gate_collapse(h: q.Harness, seeds=(0,)) -> None:
@@ -839,8 +832,6 @@ def gate_collapse(h: q.Harness, seeds=(0,)) -> None:
     COLLAPSES), with a detector per forgotten domain (the library's) or one for their union, for
     prototype banks synthesized with each seed in ``seeds``; first the push alone, on every image of the
     forgotten domains and on no other (perfect gates)."""
-    from clipforget_fast import gate
-
     def union(entries):                     # gate_entries without the domain labels: one detector
         return lambda *a, **k: entries(*a, **{**k, "domain_of": None})
 
@@ -856,7 +847,7 @@ def gate_collapse(h: q.Harness, seeds=(0,)) -> None:
         images, _, di = prototype_set(h.bank(h.config.replace(seed=seed)), h.config.prototypes_per_cell)
         y = _block_tokens(h.model, site, images)[1]
         protos.append((y - y.mean(1, keepdim=True), di))
-    for value, (m, fc, fd) in itertools.product(COLLAPSES, [r for r in q.REQUESTS if r[0] == "domain-complete"]):
+    for value, (m, fc, fd) in itertools.product(COLLAPSES, COMPLETE_REQUESTS):
         spec = q.spec_for(m, fc, fd)
         cells = []
         for yc, di in protos:
@@ -867,13 +858,8 @@ def gate_collapse(h: q.Harness, seeds=(0,)) -> None:
             sc = q.score(spec, h.before["held-out"], evaluate_embeddings(_final_embedding(site, y_t + push), T_ho, h))
             cells.append(f"{q.fmt_forget(sc)} / {sc.keep_drop:.2f}")
         print(f"| {value:g} | * @ {','.join(fd)} | " + " | ".join(cells) + " |", flush=True)
-    saved = gate.COLLAPSE
-    try:
-        _bank_sweep(h, "COLLAPSE", COLLAPSES, [r for r in q.REQUESTS if r[0] == "domain-complete"], seeds,
-                    lambda v: setattr(gate, "COLLAPSE", v),
+    _constant_sweep(h, "COLLAPSE", COLLAPSES, COMPLETE_REQUESTS, seeds,
                     (("a detector per domain", None), ("one detector for their union", union)))
-    finally:
-        gate.COLLAPSE = saved
 
 
 def gate_translate(h: q.Harness, seeds=(0,)) -> None:
@@ -881,7 +867,7 @@ def gate_translate(h: q.Harness, seeds=(0,)) -> None:
     prototypes alone or also on prototypes translated into and out of the forgotten domains
     (ForgetConfig.gate_translate_steps over TRANSLATE_STEPS), for prototype banks synthesized with each
     seed in ``seeds``."""
-    _bank_sweep(h, "gate_translate_steps", TRANSLATE_STEPS, [r for r in q.REQUESTS if r[0] == "domain-complete"],
+    _bank_sweep(h, "gate_translate_steps", TRANSLATE_STEPS, COMPLETE_REQUESTS,
                 seeds, lambda v: {"gate_translate_steps": v})
 
 
@@ -889,15 +875,7 @@ def gate_collapse_ridge(h: q.Harness, seeds=(0,)) -> None:
     """The library's domain gate on the three domain-complete requests at each L2 penalty of its
     per-domain detectors (gate.COLLAPSE_RIDGE over COLLAPSE_RIDGES), for prototype banks synthesized with
     each seed in ``seeds``."""
-    from clipforget_fast import gate
-
-    saved = gate.COLLAPSE_RIDGE
-    try:
-        with _translations_once():
-            _bank_sweep(h, "COLLAPSE_RIDGE", COLLAPSE_RIDGES, [r for r in q.REQUESTS if r[0] == "domain-complete"],
-                        seeds, lambda v: setattr(gate, "COLLAPSE_RIDGE", v))
-    finally:
-        gate.COLLAPSE_RIDGE = saved
+    _constant_sweep(h, "COLLAPSE_RIDGE", COLLAPSE_RIDGES, COMPLETE_REQUESTS, seeds)
 
 
 def gate_map_translate(h: q.Harness, seeds=(0,)) -> None:
@@ -905,55 +883,51 @@ def gate_map_translate(h: q.Harness, seeds=(0,)) -> None:
     its detector fitted on the prototypes alone or also on prototypes translated into and out of the
     forgotten domains (ForgetConfig.gate_translate_steps over MAP_TRANSLATE_STEPS), at each of its L2
     penalties (gate.DETECTOR_RIDGE over MAP_DETECTOR_RIDGES), for prototype banks synthesized with each
-    seed in ``seeds``. The translated prototypes of a bank and request are made once."""
+    seed in ``seeds``."""
     from clipforget_fast import gate
-
-    saved = gate.DETECTOR_RIDGE
 
     def setting(value):
         steps, ridge = value
         gate.DETECTOR_RIDGE = ridge
         return {"gate_translate_steps": steps}
 
-    try:
-        with _translations_once():
-            _bank_sweep(h, "gate_translate_steps, DETECTOR_RIDGE",
-                        list(itertools.product(MAP_TRANSLATE_STEPS, MAP_DETECTOR_RIDGES)),
-                        [r for r in q.REQUESTS if r[0] == "domain"] + q.MORE_DOMAIN_REQUESTS, seeds, setting)
-    finally:
-        gate.DETECTOR_RIDGE = saved
+    with _restored(gate, "DETECTOR_RIDGE"):
+        _bank_sweep(h, "gate_translate_steps, DETECTOR_RIDGE",
+                    list(itertools.product(MAP_TRANSLATE_STEPS, MAP_DETECTOR_RIDGES)), DOMAIN_REQUESTS, seeds,
+                    setting)
 
 
 def gate_map_per_domain(h: q.Harness, seeds=(0,)) -> None:
     """The library's domain gate on the domain requests that forget classes in several domains, with one
     detector for the forgotten domains' union or one per forgotten domain (gate.MAP_PER_DOMAIN), for
     prototype banks synthesized with each seed in ``seeds``."""
-    from clipforget_fast import gate
-
-    saved = gate.MAP_PER_DOMAIN
-    try:
-        with _translations_once():
-            _bank_sweep(h, "MAP_PER_DOMAIN", (0, 1),
-                        [r for r in q.REQUESTS + q.MORE_DOMAIN_REQUESTS if r[0] == "domain" and len(r[2]) > 1],
-                        seeds, lambda v: setattr(gate, "MAP_PER_DOMAIN", bool(v)))
-    finally:
-        gate.MAP_PER_DOMAIN = saved
+    _constant_sweep(h, "MAP_PER_DOMAIN", (False, True), [r for r in DOMAIN_REQUESTS if len(r[2]) > 1], seeds)
 
 
 def gate_map_threshold(h: q.Harness, seeds=(0,)) -> None:
     """The library's domain gate on the nine domain requests with its map's units switching on at each
     detector logit in MAP_THRESHOLDS (gate.MAP_THRESHOLD; below 0: more images caught and flagged), for
     prototype banks synthesized with each seed in ``seeds``."""
+    _constant_sweep(h, "MAP_THRESHOLD", MAP_THRESHOLDS, DOMAIN_REQUESTS, seeds)
+
+
+def _constant_sweep(h: q.Harness, name: str, values, requests, seeds, variants=((None, None),)) -> None:
+    """``_bank_sweep`` over the values of the gate's module constant ``name`` (read when the gate is
+    fitted), which is put back afterwards."""
     from clipforget_fast import gate
 
-    saved = gate.MAP_THRESHOLD
+    with _restored(gate, name):
+        _bank_sweep(h, name, values, requests, seeds, lambda v: setattr(gate, name, v), variants)
+
+
+@contextlib.contextmanager
+def _restored(obj, name: str):
+    """``obj.name`` as it was on entry, back on exit."""
+    saved = getattr(obj, name)
     try:
-        with _translations_once():
-            _bank_sweep(h, "MAP_THRESHOLD", MAP_THRESHOLDS,
-                        [r for r in q.REQUESTS if r[0] == "domain"] + q.MORE_DOMAIN_REQUESTS, seeds,
-                        lambda v: setattr(gate, "MAP_THRESHOLD", v))
+        yield
     finally:
-        gate.MAP_THRESHOLD = saved
+        setattr(obj, name, saved)
 
 
 @contextlib.contextmanager
@@ -1030,7 +1004,7 @@ def gate_map_ceiling(h: q.Harness, per_cell: int = 20) -> None:
     fits = {"prototypes (library, 4 per cell)": tokens(prototype_set(bank, h.config.prototypes_per_cell)[0]),
             f"real renders ({per_cell} per cell)": tokens(prototype_set(real_bank(per_cell), per_cell)[0])}
     print("| request | action on every image of the forgotten domains | forgotten accuracy |\n|---|---|---|")
-    for m, fc, fd in [r for r in q.REQUESTS if r[0] == "domain-complete"]:
+    for m, fc, fd in COMPLETE_REQUESTS:
         spec = q.spec_for(m, fc, fd)
         on = torch.isin(h.di, torch.tensor([D.index(d) for d in fd]))[:, None].float()
         rows = [("none", torch.zeros_like(y_t)), ("exact shift of each image's own class token",
@@ -1080,7 +1054,7 @@ def gate_two_blocks(h: q.Harness) -> None:
     ell_t, y_t = tokens(site, h.images)
     print("| request | gates | first block's gate: caught / flagged | last block's: caught / flagged | result |\n"
           "|---|---|---|---|---|")
-    for m, fc, fd in [r for r in q.REQUESTS if r[0] == "domain-complete"]:
+    for m, fc, fd in COMPLETE_REQUESTS:
         spec = q.spec_for(m, fc, fd)
         idx = torch.tensor([D.index(d) for d in fd])
         fp, ft = torch.isin(di, idx), torch.isin(h.di, idx)
@@ -1136,13 +1110,13 @@ def main(argv=None) -> int:
         "class-token-gate": lambda h, a: class_token_gate(h, steps=a.steps),
         "gate-detector": lambda h, a: gate_detector(h),
         "gate-keep-order": lambda h, a: gate_keep_order(h),
-        "gate-map-ridge": lambda h, a: gate_map_ridge(h, tuple(int(v) for v in a.bank_seeds.split(","))),
-        "gate-collapse": lambda h, a: gate_collapse(h, tuple(int(v) for v in a.bank_seeds.split(","))),
-        "gate-translate": lambda h, a: gate_translate(h, tuple(int(v) for v in a.bank_seeds.split(","))),
-        "gate-collapse-ridge": lambda h, a: gate_collapse_ridge(h, tuple(int(v) for v in a.bank_seeds.split(","))),
-        "gate-map-translate": lambda h, a: gate_map_translate(h, tuple(int(v) for v in a.bank_seeds.split(","))),
-        "gate-map-per-domain": lambda h, a: gate_map_per_domain(h, tuple(int(v) for v in a.bank_seeds.split(","))),
-        "gate-map-threshold": lambda h, a: gate_map_threshold(h, tuple(int(v) for v in a.bank_seeds.split(","))),
+        "gate-map-ridge": lambda h, a: gate_map_ridge(h, a.seeds),
+        "gate-collapse": lambda h, a: gate_collapse(h, a.seeds),
+        "gate-translate": lambda h, a: gate_translate(h, a.seeds),
+        "gate-collapse-ridge": lambda h, a: gate_collapse_ridge(h, a.seeds),
+        "gate-map-translate": lambda h, a: gate_map_translate(h, a.seeds),
+        "gate-map-per-domain": lambda h, a: gate_map_per_domain(h, a.seeds),
+        "gate-map-threshold": lambda h, a: gate_map_threshold(h, a.seeds),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
         "gate-two-blocks": lambda h, a: gate_two_blocks(h),
     }
@@ -1160,6 +1134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-per-cell", type=int, default=20, help="--combined: real renders per cell to fit on")
     ap.add_argument("--mode", choices=("global", "domain", "domain-complete"), help="--combined: only this mode")
     args = ap.parse_args(argv)
+    args.seeds = tuple(int(v) for v in args.bank_seeds.split(","))
     chosen = [flag for flag in measurements if getattr(args, flag.replace("-", "_"))]
     if not chosen:
         ap.error("choose at least one of " + ", ".join(f"--{flag}" for flag in measurements))
