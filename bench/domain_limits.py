@@ -34,6 +34,13 @@
                                                     # domain or one for their union, domain requests
     python bench/domain_limits.py --gate-map-threshold --bank-seeds 0,1,2  # where the map's units switch
                                                     # on, domain requests
+    python bench/domain_limits.py --gate-synthesis  # the gate on prototypes synthesized further into
+                                                    # their cells (accept_prob, steps)
+    python bench/domain_limits.py --gate-map-class-weight  # the map detectors' weight on the classes the
+                                                    # map neutralizes
+    python bench/domain_limits.py --gate-collapse-cap  # the every-class gate's push and its cap
+    python bench/domain_limits.py --gate-real-detectors  # the gate with detectors fitted on real renders:
+                                                    # a ceiling for its stand-in data
     python bench/domain_limits.py --gate-map-ceiling  # the gate's action with a perfect detector, fitted
                                                     # on prototypes vs real renders, on domain-complete
     python bench/domain_limits.py --gate-two-blocks # the gate's action in the last two blocks
@@ -784,7 +791,10 @@ TRANSLATE_STEPS = (0, 20, 60)                # ForgetConfig.gate_translate_steps
 COLLAPSE_RIDGES = (10.0, 40.0, 100.0, 300.0, 1000.0)     # gate.COLLAPSE_RIDGE candidates
 MAP_TRANSLATE_STEPS = (0, 20)                # ForgetConfig.gate_translate_steps candidates, domain requests
 MAP_DETECTOR_RIDGES = (10.0, 100.0)          # gate.DETECTOR_RIDGE candidates with them
-MAP_THRESHOLDS = (0.0, -1.0, -2.0)          # gate.MAP_THRESHOLD candidates
+MAP_THRESHOLDS = (2.0, 1.0, 0.0, -1.0, -2.0)  # gate.MAP_THRESHOLD candidates
+COLLAPSE_CAPS = tuple(itertools.product((10.0, 20.0, 30.0), (1.0, 2.0, 4.0)))   # (gate.COLLAPSE, gate.CAP)
+MAP_CLASS_WEIGHTS = (1.0, 3.0, 10.0)          # gate.MAP_CLASS_WEIGHT candidates
+GATE_SYNTHESES = ((0.9, 150), (0.99, 200), (0.999, 300))   # (accept_prob, steps) of the gate's prototypes
 
 
 def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, variants=((None, None),)) -> None:
@@ -906,9 +916,102 @@ def gate_map_per_domain(h: q.Harness, seeds=(0,)) -> None:
 
 def gate_map_threshold(h: q.Harness, seeds=(0,)) -> None:
     """The library's domain gate on the nine domain requests with its map's units switching on at each
-    detector logit in MAP_THRESHOLDS (gate.MAP_THRESHOLD; below 0: more images caught and flagged), for
-    prototype banks synthesized with each seed in ``seeds``."""
+    detector logit in MAP_THRESHOLDS (gate.MAP_THRESHOLD; below 0: more images caught and flagged, above
+    0: fewer), for prototype banks synthesized with each seed in ``seeds``."""
     _constant_sweep(h, "MAP_THRESHOLD", MAP_THRESHOLDS, DOMAIN_REQUESTS, seeds)
+
+
+def gate_real_detectors(h: q.Harness, per_cell: int = 20) -> None:
+    """A ceiling for the gate's stand-in data: the library's domain gate on the nine domain and three
+    domain-complete requests (bank seed 0) as committed, and with every detector fitted instead on real
+    renders (``per_cell`` per cell, seeds apart from the held-out ones) of its forgotten domain against the
+    other domains, with the library's penalty, and then with the gate's sharpness (``gate._sharpness``)
+    taken from those renders too: where the detectors' examples are the limit and where the linear read
+    of the last block's class token is."""
+    from clipforget_fast import gate
+
+    module = importlib.import_module("clipforget_fast.forget")
+    site = gate_site(h.model)
+    imgs, _, di = pg.render(C, D, per_cell, seed=REAL_SEED)
+    ell_real = layer_norm(capture(h.model, site, imgs, 200, dict(device_type="cpu", enabled=False))[0], site.norm)
+    state = {}
+
+    def entries(saved):
+        def call(*a, **k):
+            domain_of, forgotten = k["domain_of"], a[3]
+            state["domains"] = sorted(set(domain_of[forgotten].tolist()))    # the groups' order in gate_entries
+            return saved(*a, **k)
+        return call
+
+    def real(ell, groups, more, ridge, weight=None):
+        doms = state["domains"] if len(groups) == len(state["domains"]) else [state["domains"]]
+        masks = [torch.isin(di, torch.tensor(d if isinstance(d, list) else [d])) for d in doms]
+        fits = [gate.detector(ell_real, m, ridge) for m in masks]
+        state["queue"] = [(m, w, b) for m, (w, b) in zip(masks, fits)]
+        return fits
+
+    def real_sharpness(g, on):                  # the same rule, on the real renders of the group's domains
+        m, w, b = state["queue"].pop(0)
+        b = b - gate.MAP_THRESHOLD if state["map"] else b
+        return saved_sharpness(ell_real @ w + b, m)
+
+    def entries_kind(saved):
+        def call(*a, **k):
+            state["map"] = k.get("neutralize") is not None and len(set(k["neutralize"])) < a[4].shape[0]
+            return saved(*a, **k)
+        return call
+
+    saved_detectors, saved_sharpness = gate._detectors, gate._sharpness
+    print("| detectors | request | bank seed 0 |\n|---|---|---|")
+    with _restored(module, "gate_entries"), _restored(gate, "_detectors"), _restored(gate, "_sharpness"), \
+            _translations_once():
+        module.gate_entries = entries_kind(entries(module.gate_entries))
+        for name, fn, sharp in (("the library's (prototypes, translated ones)", saved_detectors, saved_sharpness),
+                                (f"fitted on real renders ({per_cell} per cell)", real, saved_sharpness),
+                                (f"fitted on real renders ({per_cell} per cell), sharpness from them", real,
+                                 real_sharpness)):
+            gate._detectors, gate._sharpness = fn, sharp
+            met = 0
+            for m, fc, fd in DOMAIN_REQUESTS + COMPLETE_REQUESTS:
+                spec = q.spec_for(m, fc, fd)
+                res, _, _ = h.run(spec, h.config.replace(edit="domain-gate"))
+                sc = res["held-out"]
+                ok = not q.misses(spec, sc, h.before["held-out"].chance)
+                met += ok
+                same = "" if m == "domain-complete" else f"{sc.same_class_drop:.2f} / "
+                print(f"| {name} | {','.join(fc or ['*'])} @ {','.join(fd)} | {q.fmt_forget(sc)} / {same}"
+                      f"{sc.keep_drop:.2f}{' *' if ok else ''} |", flush=True)
+            print(f"| {name} | **requests meeting the targets** | {met} of 12 |", flush=True)
+
+
+def gate_collapse_cap(h: q.Harness, seeds=(0,)) -> None:
+    """The library's domain gate on the three domain-complete requests at each (push at the median detected
+    prototype, cap in multiples of it) in COLLAPSE_CAPS (gate.COLLAPSE, gate.CAP: a low cap with a large
+    push gives the weakly detected images more of it), for prototype banks synthesized with each seed in
+    ``seeds``."""
+    from clipforget_fast import gate
+
+    def setting(value):
+        gate.COLLAPSE, gate.CAP = value
+
+    with _restored(gate, "COLLAPSE"), _restored(gate, "CAP"):
+        _bank_sweep(h, "COLLAPSE, CAP", COLLAPSE_CAPS, COMPLETE_REQUESTS, seeds, setting)
+
+
+def gate_map_class_weight(h: q.Harness, seeds=(0,)) -> None:
+    """The library's domain gate on the nine domain requests with the examples of the classes its map
+    neutralizes weighed by each of MAP_CLASS_WEIGHTS in its detectors' fits (gate.MAP_CLASS_WEIGHT), for
+    prototype banks synthesized with each seed in ``seeds``."""
+    _constant_sweep(h, "MAP_CLASS_WEIGHT", MAP_CLASS_WEIGHTS, DOMAIN_REQUESTS, seeds)
+
+
+def gate_synthesis(h: q.Harness, seeds=(0,)) -> None:
+    """The library's domain gate on the nine domain and three domain-complete requests with prototypes
+    synthesized to each (ForgetConfig.accept_prob, ForgetConfig.steps) in GATE_SYNTHESES (deeper: each
+    prototype pushed further into its cell before it is accepted), for prototype banks synthesized with
+    each seed in ``seeds``."""
+    _bank_sweep(h, "accept_prob, steps", GATE_SYNTHESES, DOMAIN_REQUESTS + COMPLETE_REQUESTS, seeds,
+                lambda v: {"accept_prob": v[0], "steps": v[1]})
 
 
 def _constant_sweep(h: q.Harness, name: str, values, requests, seeds, variants=((None, None),)) -> None:
@@ -937,10 +1040,11 @@ def _translations_once():
     module = importlib.import_module("clipforget_fast.forget")
     saved, memo = module._translated, {}
 
-    def translated(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config):
+    def translated(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config, classes):
         key = (float(images.double().sum()), tuple(forgotten_domains), config.gate_translate_steps)
         if key not in memo:
-            memo[key] = saved(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config)
+            memo[key] = saved(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config,
+                              classes)
         return memo[key]
 
     module._translated = translated
@@ -1117,6 +1221,10 @@ def main(argv=None) -> int:
         "gate-map-translate": lambda h, a: gate_map_translate(h, a.seeds),
         "gate-map-per-domain": lambda h, a: gate_map_per_domain(h, a.seeds),
         "gate-map-threshold": lambda h, a: gate_map_threshold(h, a.seeds),
+        "gate-synthesis": lambda h, a: gate_synthesis(h, a.seeds),
+        "gate-map-class-weight": lambda h, a: gate_map_class_weight(h, a.seeds),
+        "gate-collapse-cap": lambda h, a: gate_collapse_cap(h, a.seeds),
+        "gate-real-detectors": lambda h, a: gate_real_detectors(h),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
         "gate-two-blocks": lambda h, a: gate_two_blocks(h),
     }
@@ -1126,7 +1234,8 @@ def main(argv=None) -> int:
         ap.add_argument(f"--{flag}", action="store_true")
     ap.add_argument("--bank-seeds", default="0",
                     help="--gate-map-ridge, --gate-collapse, --gate-translate, --gate-collapse-ridge, "
-                         "--gate-map-translate, --gate-map-per-domain, --gate-map-threshold: "
+                         "--gate-map-translate, --gate-map-per-domain, --gate-map-threshold, --gate-synthesis, "
+                         "--gate-map-class-weight, --gate-collapse-cap: "
                          "prototype bank seeds, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")

@@ -273,11 +273,11 @@ def _find_gate_site(model):
 
 
 def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_text: torch.Tensor,
-                forgotten_domains: list, domains: list, config: ForgetConfig):
-    """(images, domain index) for the domain gate's detectors: the prototypes of every cell moved into
-    the same class's cell of each forgotten domain, and those of the forgotten domains moved into every
-    other domain (``synthesis.translate``, ``config.gate_translate_steps`` steps), each labelled by the
-    domain it was moved into."""
+                forgotten_domains: list, domains: list, config: ForgetConfig, classes: list):
+    """(images, domain index, class index) for the domain gate's detectors: the prototypes of every cell
+    moved into the same class's cell of each forgotten domain, and those of the forgotten domains moved
+    into every other domain (``synthesis.translate``, ``config.gate_translate_steps`` steps), each labelled
+    by the domain it was moved into and its class (indices into ``domains`` and ``classes``)."""
     index = {c: i for i, c in enumerate(cells)}
     pairs = sorted({(index[(c, d)], index[(c, f)]) for c, d in cells for f in forgotten_domains if d != f}
                    | {(index[(c, d)], index[(c, e)]) for c, d in cells if d in forgotten_domains
@@ -285,7 +285,8 @@ def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_te
     src = torch.cat([torch.arange(i * per_cell, (i + 1) * per_cell) for i, _ in pairs])
     tgt = torch.tensor([j for _, j in pairs]).repeat_interleave(per_cell)
     moved = translate(model, images[src.to(images.device)], cell_text, tgt, config.gate_translate_steps, config)
-    return moved, torch.tensor([domains.index(cells[j][1]) for j in tgt.tolist()])
+    return moved, torch.tensor([domains.index(cells[j][1]) for j in tgt.tolist()]), \
+        torch.tensor([classes.index(cells[j][0]) for j in tgt.tolist()])
 
 
 def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World,
@@ -321,18 +322,21 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         images = torch.cat([bank.images[c][:P].to(device) for c in cells])
         forgotten = torch.tensor([d in gated[1] for _, d in cells]).repeat_interleave(P)   # the gate's domains
         domain_of = torch.tensor([spec.domains.index(d) for _, d in cells]).repeat_interleave(P)
+        class_of = torch.tensor([classes.index(c) for c, _ in cells]).repeat_interleave(P)
         t = time.perf_counter()
         entries, gate = [], None
         if world.leader:
             extra = None
             if config.gate_translate_steps:
-                extra = _translated(model, images, cells, P, cell_text, gated[1], list(spec.domains), config)
+                extra = _translated(model, images, cells, P, cell_text, gated[1], list(spec.domains), config,
+                                    classes)
                 timings["translate"] = time.perf_counter() - t
                 t = time.perf_counter()
             entries, gate = gate_entries(model, site, images, forgotten, class_emb, config.max_rank,
                                          config.batch_size, autocast, rewired_units(applied_patches(model), site),
                                          neutralize=[classes.index(c) for c in gated[0]],
-                                         keep_order=config.gate_keep_order, domain_of=domain_of, extra=extra)
+                                         keep_order=config.gate_keep_order, domain_of=domain_of, extra=extra,
+                                         class_of=class_of)
         entries, info["gate"] = world.broadcast((entries, gate))
         timings["gate"] = time.perf_counter() - t
     info["timings"] = timings

@@ -82,6 +82,9 @@ MAP_PER_DOMAIN = True  # some classes forgotten in several domains: a detector (
 MAP_THRESHOLD = 0.0    # the detector logit at which the map's units switch on; chosen on the proving ground
                        # from 0, -1 and -2 (bench/RESULTS.md (16)): a looser gate forgets more pixel art and
                        # costs the forgotten classes in the other domains far more
+MAP_CLASS_WEIGHT = 1.0  # the weight, in the map detectors' log loss, of the examples of the classes the map
+                        # neutralizes (the others: 1), where a detector's errors cost most; chosen on the
+                        # proving ground from 1, 3 and 10 (bench/RESULTS.md (17): more weight, fewer requests met)
 KEEP_ORDER = ForgetConfig.gate_keep_order   # chosen on the proving ground from 0, 1, 10, 100, 1000 and
                                             # 10000 on its nine domain requests (bench/RESULTS.md)
 
@@ -112,14 +115,18 @@ def layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
     return F.layer_norm(x.float(), x.shape[-1:], norm.weight.detach().float(), norm.bias.detach().float(), norm.eps)
 
 
-def detector(feats: torch.Tensor, labels: torch.Tensor,
-             ridge: float = DETECTOR_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = DETECTOR_RIDGE,
+             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A logistic-regression detector of ``labels`` [n] bool from ``feats`` [n, f] (features standardized,
     L2 penalty ``ridge`` on the standardized weights, L-BFGS from zero: deterministic); returned on the
-    raw features as (w [f], b [] ): logit = feats @ w + b. Fits with gradients whatever the caller's mode
+    raw features as (w [f], b [] ): logit = feats @ w + b. ``weight`` [n]: each example's weight in the
+    log loss (its mean over the examples; default all 1). Fits with gradients whatever the caller's mode
     (no_grad, inference_mode)."""
     with torch.inference_mode(False), torch.enable_grad():
         feats, y = feats.detach().clone(), labels.detach().clone().to(feats.dtype)
+        if weight is None:
+            weight = torch.ones_like(y)
+        weight = weight.detach().to(feats.dtype) * (len(y) / weight.sum())
         mu, sd = feats.mean(0), feats.std(0) + 1e-6
         z = (feats - mu) / sd
         w = torch.zeros(feats.shape[1], dtype=feats.dtype, device=feats.device, requires_grad=True)
@@ -128,7 +135,7 @@ def detector(feats: torch.Tensor, labels: torch.Tensor,
 
         def closure():
             opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + ridge * w.pow(2).sum() / len(y)
+            loss = F.binary_cross_entropy_with_logits(z @ w + b, y, weight) + ridge * w.pow(2).sum() / len(y)
             loss.backward()
             return loss
 
@@ -206,7 +213,8 @@ def reduced_rank_fit(X: torch.Tensor, Y: torch.Tensor, rank: int, ridge: float =
 def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.Tensor, class_emb: torch.Tensor,
                  rank: int, batch_size: int, autocast: dict, taken=(), neutralize=None,
                  keep_order: float = KEEP_ORDER, domain_of: torch.Tensor | None = None,
-                 extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[PatchEntry], dict]:
+                 extra: tuple[torch.Tensor, ...] | None = None,
+                 class_of: torch.Tensor | None = None) -> tuple[list[PatchEntry], dict]:
     """The domain gate's patch entries (see the module docstring) and what it measured on the prototypes.
 
     images:    [n, 3, H, W] the prototypes of every cell of the request.
@@ -219,8 +227,10 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     taken:     hidden units not to rewire (those of gates already applied: ``rewired_units``).
     domain_of: [n] int, the domain of each prototype: one detector per forgotten domain (with its own
                units) instead of one for their union (with some classes forgotten, as MAP_PER_DOMAIN says).
-    extra:     (images [e, 3, H, W], domain [e] int): with ``domain_of``, more examples for the
-               detectors (prototypes translated between domains), labelled by domain.
+    extra:     (images [e, 3, H, W], domain [e] int[, class [e] int]): with ``domain_of``, more examples
+               for the detectors (prototypes translated between domains), labelled by domain (and class).
+    class_of:  [n] int, the class (row of class_emb) of each prototype: with ``neutralize``, the map's
+               detectors weigh those classes' examples by MAP_CLASS_WEIGHT (the class of ``extra`` too).
     """
     probe = torch.tensor([-12.0, 12.0])
     out = site.act(probe).float()
@@ -264,9 +274,12 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     y = x + h @ W2.t() + site.fc_out.bias.detach().float() - h[:, units] @ W2[:, units].t()
     info = {"units": units.tolist(), "neutralized": "all" if neutralize is None else sorted(set(neutralize))}
     ell_x = ed = None
+    classes = class_of.to(images.device) if class_of is not None else None
     if extra is not None and domain_of is not None and len(extra[0]):
         ex, ed = extra[0].to(images.device), extra[1].to(images.device)
         ell_x = layer_norm(capture(model, site, ex, batch_size, autocast)[0], site.norm)
+        if classes is not None:
+            classes = torch.cat([classes, extra[2].to(images.device)]) if len(extra) > 2 else None
     more = None
     if ell_x is not None:
         more = (ell_x, [ed == j for j in gone] if per_domain
@@ -274,8 +287,12 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     if neutralize is None:
         rows, bias, cols, info_action = _collapse(ell, y, groups, more)
     else:
+        weight = None
+        if classes is not None and MAP_CLASS_WEIGHT != 1.0:
+            hit = torch.isin(classes, torch.tensor(sorted(set(neutralize)), device=classes.device))
+            weight = torch.where(hit, MAP_CLASS_WEIGHT, 1.0).to(ell.dtype)
         rows, bias, cols, info_action = _neutral_map(ell, y, groups, site, class_emb, neutralize, r, keep_order,
-                                                     more)
+                                                     more, weight)
     info.update(info_action)
     info["units_share_of_mlp_output"] = round(float(usage[units].sum() / usage.sum()), 6)
     return _rewire(site, units, rows, bias, cols, W1, b1, W2), info
@@ -288,12 +305,14 @@ def _sharpness(g: torch.Tensor, on: torch.Tensor) -> float:
     return GATE_LEVEL / float(g_on.median()) if len(g_on) else 1.0
 
 
-def _detectors(ell: torch.Tensor, groups: list[torch.Tensor], more, ridge: float):
+def _detectors(ell: torch.Tensor, groups: list[torch.Tensor], more, ridge: float, weight=None):
     """[(w, b)] a ``detector`` per group ([n] bool over the prototypes' ℓ [n, width]) with L2 penalty
-    ``ridge``, fitted also on ``more``: (ℓ [e, width], one [e] bool per group) when given."""
+    ``ridge``, fitted also on ``more``: (ℓ [e, width], one [e] bool per group) when given; ``weight``: the
+    examples' weights (prototypes, then ``more``'s)."""
     if more is None:
-        return [detector(ell, grp, ridge) for grp in groups]
-    return [detector(torch.cat([ell, more[0]]), torch.cat([grp, lab]), ridge) for grp, lab in zip(groups, more[1])]
+        return [detector(ell, grp, ridge, weight) for grp in groups]
+    return [detector(torch.cat([ell, more[0]]), torch.cat([grp, lab]), ridge, weight)
+            for grp, lab in zip(groups, more[1])]
 
 
 def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor], more=None):
@@ -329,12 +348,12 @@ def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor], mo
     return torch.stack(rows), torch.stack(bias), torch.stack(cols, 1), info
 
 
-def _neutral_map(ell, y, groups, site, class_emb, neutralize, r, keep_order, more=None):
+def _neutral_map(ell, y, groups, site, class_emb, neutralize, r, keep_order, more=None, weight=None):
     """Some classes forgotten: per detector (one per forgotten domain in ``groups``, [n] bool each, or one
     for their union), a unit 0 and units 1..r that carry it and the rank-r map C (A ℓ + α) of the module
     docstring, fitted to ``neutral_shift`` of every prototype (the same map under every detector).
     ``more``: (ℓ [e, width], one [e] bool per group) more examples for the detectors' fits (not for the
-    map's)."""
+    map's); ``weight``: the detectors' examples' weights."""
     forgotten = torch.stack(groups).any(0)
     delta = neutral_shift(y, site.post_norm, site.proj, class_emb.to(y.device), neutralize, keep_order)
     A, alpha, C, r2 = reduced_rank_fit(ell, delta, r, MAP_RIDGE)
@@ -343,7 +362,7 @@ def _neutral_map(ell, y, groups, site, class_emb, neutralize, r, keep_order, mor
     width = ell.shape[1]
     rows, bias, sharp = [], [], []
     fired = torch.zeros(len(ell), dtype=torch.bool, device=ell.device)
-    for grp, (w, b) in zip(groups, _detectors(ell, groups, more, DETECTOR_RIDGE)):
+    for grp, (w, b) in zip(groups, _detectors(ell, groups, more, DETECTOR_RIDGE, weight)):
         b = b - MAP_THRESHOLD                           # the units switch on where the logit passes it
         g = ell @ w + b
         fired |= g > 0

@@ -80,6 +80,19 @@ def run_patch(model, patch, *batches):
     return before, after
 
 
+def test_detector_weighs_its_examples():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 3, generator=gen)
+    y = x[:, 0] + 0.7 * torch.randn(600, generator=gen) > 0
+    group = x[:, 1] > 0                                  # the examples whose false alarms cost most
+    plain = gate.detector(x, y)
+    ones = gate.detector(x, y, weight=torch.full((600,), 2.0))
+    assert torch.allclose(plain[0], ones[0], atol=1e-5) and torch.allclose(plain[1], ones[1], atol=1e-5)
+    w, b = gate.detector(x, y, weight=torch.where(group & ~y, 10.0, 1.0))
+    false_alarms = lambda w, b: int(((x @ w + b > 0) & ~y & group).sum())
+    assert false_alarms(w, b) < false_alarms(*plain)
+
+
 def test_gate_acts_on_the_detected_domain_only():
     """Some classes forgotten: a gated map after which the detected images score those classes at the
     mean of all; the kept domain's embeddings stay."""
