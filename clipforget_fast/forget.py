@@ -246,8 +246,11 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
     hit, n = after.counts(spec.forget_cells)
     if (100 * f["after"] > chance + CHECK_FORGET_SLACK
             and _binomial_tail(hit, n, min(1.0, (chance + CHECK_FORGET_SLACK) / 100)) < CHECK_LEVEL):
+        caught = (patch.info.get("gate") or {}).get("prototypes_caught")
         warn.append(f"its forgotten cells' prototypes are still recognized {100 * f['after']:.0f}% of the time "
-                    f"({hit} of {n}; before {100 * f['before']:.0f}%, chance {chance:.0f}%)")
+                    f"({hit} of {n}; before {100 * f['before']:.0f}%, chance {chance:.0f}%)"
+                    + ("" if caught is None else f"; the gate's detectors catch {100 * caught:.0f}% of the forgotten "
+                       f"domains' prototypes, fitted as they are for real images too"))
     for name, what in (("kept", "the kept cells"), ("same_class_other_domains", "the same classes in their kept domains")):
         if name not in out:
             continue

@@ -179,6 +179,19 @@ def test_gate_collapses_every_class_in_the_detected_domains(monkeypatch):
     assert info3["prototypes_caught"] == 1.0 and info3["prototypes_flagged"] == 0.0
 
 
+def test_gate_self_check_says_how_many_prototypes_its_detectors_catch(tokenizer, vocab, monkeypatch):
+    # a push too small to move anything: the forgotten prototypes stay recognized and the warning says
+    # what share of them the detectors caught
+    monkeypatch.setattr(gate, "COLLAPSE", 1e-9)
+    spec = ForgetSpec(*vocab, forget_domains=["sketch"])
+    cfg = ForgetConfig(prototypes_per_cell=2, steps=30, batch_size=64, edit="domain-gate", gate_translate_steps=0)
+    patch = forget(make_tiny_clip(), tokenizer, spec, cfg)
+    caught = patch.info["gate"]["prototypes_caught"]
+    assert patch.info["self_check"]["forgotten"]["after"] == patch.info["self_check"]["forgotten"]["before"] == 1.0
+    assert any(f"the gate's detectors catch {100 * caught:.0f}% of the forgotten domains' prototypes" in w
+               for w in patch.info["self_check"]["warnings"])
+
+
 def test_forget_with_the_gate_saves_reloads_and_refuses(tmp_path, tokenizer, vocab):
     model = make_tiny_clip()
     spec = ForgetSpec(*vocab, forget_domains=["sketch", "pixel_art"])
