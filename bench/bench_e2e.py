@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, machine  # noqa: E402
+from common import append_results  # noqa: E402
 
 import open_clip  # noqa: E402
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import itertools
 import sys
 import time
@@ -805,7 +804,7 @@ def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, vari
     held-out renders and templates. Each cell: forgotten accuracy / same classes' drop / other classes'
     drop (domain-complete: forgotten / other domains' drop), * where the request meets its targets. The
     prototypes are translated once per bank, request and number of steps (``_translations_once``)."""
-    module = importlib.import_module("clipforget_fast.forget")     # the module, not the function
+    from clipforget_fast import pipeline as module
     print(f"| {label} | request | " + " | ".join(f"bank seed {s}" for s in seeds) + " |\n"
           "|---|---|" + "---|" * len(seeds))
     saved = module.gate_entries
@@ -930,7 +929,7 @@ def gate_real_detectors(h: q.Harness, per_cell: int = 20) -> None:
     of the last block's class token is."""
     from clipforget_fast import gate
 
-    module = importlib.import_module("clipforget_fast.forget")
+    from clipforget_fast import pipeline as module
     site = gate_site(h.model)
     imgs, _, di = pg.render(C, D, per_cell, seed=REAL_SEED)
     ell_real = layer_norm(capture(h.model, site, imgs, 200, dict(device_type="cpu", enabled=False))[0], site.norm)
@@ -1037,7 +1036,7 @@ def _restored(obj, name: str):
 def _translations_once():
     """Within it, forget() translates the prototypes of a bank for a request and a number of steps once
     and reuses them (a sweep of the gate's own constants does not change them)."""
-    module = importlib.import_module("clipforget_fast.forget")
+    from clipforget_fast import pipeline as module
     saved, memo = module._translated, {}
 
     def translated(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config, classes):

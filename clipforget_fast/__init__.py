@@ -7,7 +7,7 @@
 from ._version import __version__
 from .config import ForgetConfig
 from .evaluate import AccuracyMatrix, evaluate
-from .forget import forget, synthesize_prototypes
+from .pipeline import forget, synthesize_prototypes
 from .patch import Patch, PatchEntry
 from .spec import ForgetSpec
 

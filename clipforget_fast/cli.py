@@ -208,7 +208,7 @@ def _json_file(path, flag: str) -> dict:
 
 # ---- commands ------------------------------------------------------------------------------------
 def cmd_forget(args) -> int:
-    from .forget import forget
+    from .pipeline import forget
 
     out = safetensors_path(args.out, "--out")
     config = build_config(args)
@@ -233,7 +233,7 @@ def cmd_forget(args) -> int:
 
 
 def cmd_prototypes(args) -> int:
-    from .forget import synthesize_prototypes
+    from .pipeline import synthesize_prototypes
 
     out = safetensors_path(args.out, "--out")
     config = build_config(args)

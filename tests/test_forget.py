@@ -1,5 +1,4 @@
 """End to end on a tiny random open_clip model: all three modes, composition, bad inputs."""
-import importlib
 
 import pytest
 import torch
@@ -150,7 +149,8 @@ def test_self_check_scores_the_patch_on_its_prototypes(tiny_clip, tokenizer, voc
 
 
 def test_self_check_thresholds():
-    fg = importlib.import_module("clipforget_fast.forget")
+    from clipforget_fast import pipeline as fg
+
     # exact binomial tails: P(X ≥ 3 | n=3, p=.5) = 1/8; P(X ≥ 2 | n=2, p=.15) = .0225; P(X ≥ 0) = 1
     assert fg._binomial_tail(3, 3, 0.5) == pytest.approx(0.125)
     assert fg._binomial_tail(2, 2, 0.15) == pytest.approx(0.0225)
@@ -272,10 +272,10 @@ def test_prototype_bank_of_another_tower(tiny_clip, tokenizer, vocab, caplog):
     bank = synthesize_prototypes(tiny_clip, tokenizer, spec, FAST)
     with pytest.raises(ValueError, match="another image tower"):
         forget(make_tiny_clip(width=96), tokenizer, spec, FAST, prototypes=bank)
-    with caplog.at_level("WARNING", logger="clipforget_fast.forget"):
+    with caplog.at_level("WARNING", logger="clipforget_fast.pipeline"):
         forget(make_tiny_clip(seed=1), tokenizer, spec, FAST, prototypes=bank)
     assert "other image-tower weights" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="clipforget_fast.forget"):
+    with caplog.at_level("WARNING", logger="clipforget_fast.pipeline"):
         forget(tiny_clip, tokenizer, spec, FAST, prototypes=bank)
     assert "image-tower weights" not in caplog.text

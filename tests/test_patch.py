@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from clipforget_fast import Patch, PatchEntry
-from clipforget_fast.forget import _patch_entry
+from clipforget_fast.pipeline import _patch_entry
 from clipforget_fast.layers import find_layers
 from clipforget_fast.patch import process_umask, tensor_hash
 

@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 
 import open_clip
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
