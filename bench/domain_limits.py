@@ -1039,11 +1039,12 @@ def _translations_once():
     from clipforget_fast import pipeline as module
     saved, memo = module._translated, {}
 
-    def translated(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config, classes):
+    def translated(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config, classes,
+                   world=None):
         key = (float(images.double().sum()), tuple(forgotten_domains), config.gate_translate_steps)
         if key not in memo:
             memo[key] = saved(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config,
-                              classes)
+                              classes, world)
         return memo[key]
 
     module._translated = translated

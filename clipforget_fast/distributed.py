@@ -10,8 +10,9 @@ When ``torch.distributed`` is initialized with more than one process, ``forget``
   they are gathered afterwards;
 - capture: each rank folds its share of prompts and prototypes into its Grams, which are summed
   (``all_reduce``);
-- rank 0 fits the class shifts and computes the nullspace and the patch, and broadcasts the patch: every
-  rank returns the same ``Patch``;
+- the domain gate's translated prototypes: the batches go round-robin to the ranks and are summed in;
+- rank 0 fits the class shifts (or the domain gate) and computes the nullspace and the patch, and
+  broadcasts the patch: every rank returns the same ``Patch``;
 - ``evaluate``: each rank scores a contiguous share of the images; the predictions are gathered.
 
 Every rank must call with the same model, spec, config and prototypes. The same code runs on CPU with

@@ -276,18 +276,21 @@ def _find_gate_site(model):
 
 
 def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_text: torch.Tensor,
-                forgotten_domains: list, domains: list, config: ForgetConfig, classes: list):
+                forgotten_domains: list, domains: list, config: ForgetConfig, classes: list,
+                world: World | None = None):
     """(images, domain index, class index) for the domain gate's detectors: the prototypes of every cell
     moved into the same class's cell of each forgotten domain, and those of the forgotten domains moved
     into every other domain (``synthesis.translate``, ``config.gate_translate_steps`` steps), each labelled
-    by the domain it was moved into and its class (indices into ``domains`` and ``classes``)."""
+    by the domain it was moved into and its class (indices into ``domains`` and ``classes``). The batches
+    are shared by the ranks of ``world``."""
     index = {c: i for i, c in enumerate(cells)}
     pairs = sorted({(index[(c, d)], index[(c, f)]) for c, d in cells for f in forgotten_domains if d != f}
                    | {(index[(c, d)], index[(c, e)]) for c, d in cells if d in forgotten_domains
                       for e in domains if e != d})
     src = torch.cat([torch.arange(i * per_cell, (i + 1) * per_cell) for i, _ in pairs])
     tgt = torch.tensor([j for _, j in pairs]).repeat_interleave(per_cell)
-    moved = translate(model, images[src.to(images.device)], cell_text, tgt, config.gate_translate_steps, config)
+    moved = translate(model, images[src.to(images.device)], cell_text, tgt, config.gate_translate_steps, config,
+                      world)
     return moved, torch.tensor([domains.index(cells[j][1]) for j in tgt.tolist()]), \
         torch.tensor([classes.index(cells[j][0]) for j in tgt.tolist()])
 
@@ -327,14 +330,13 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         domain_of = torch.tensor([spec.domains.index(d) for _, d in cells]).repeat_interleave(P)
         class_of = torch.tensor([classes.index(c) for c, _ in cells]).repeat_interleave(P)
         t = time.perf_counter()
-        entries, gate = [], None
+        entries, gate, extra = [], None, None
+        if config.gate_translate_steps:           # every rank moves its share of the prototypes
+            extra = _translated(model, images, cells, P, cell_text, gated[1], list(spec.domains), config,
+                                classes, world)
+            timings["translate"] = time.perf_counter() - t
+            t = time.perf_counter()
         if world.leader:
-            extra = None
-            if config.gate_translate_steps:
-                extra = _translated(model, images, cells, P, cell_text, gated[1], list(spec.domains), config,
-                                    classes)
-                timings["translate"] = time.perf_counter() - t
-                t = time.perf_counter()
             entries, gate = gate_entries(model, site, images, forgotten, class_emb, config.max_rank,
                                          config.batch_size, autocast, rewired_units(applied_patches(model), site),
                                          neutralize=[classes.index(c) for c in gated[0]],

@@ -149,22 +149,27 @@ def synthesize(model: nn.Module, cell_text: torch.Tensor, target: torch.Tensor,
 
 
 def translate(model: nn.Module, images: torch.Tensor, cell_text: torch.Tensor, target: torch.Tensor,
-              steps: int, config: ForgetConfig) -> torch.Tensor:
+              steps: int, config: ForgetConfig, world: World | None = None) -> torch.Tensor:
     """``images`` [N, 3, H, W] (normalized pixels) moved by ``steps`` steps of gradient ascent towards the
     cells ``target`` [N] of the classifier ``cell_text`` [n_cells, D]: the synthesis's RMS-normalized step
     (``config.step_size``, ``dispatch.synth_update``) within the valid pixel range, with no early stop,
-    jitter, blur or pull to the mean, so every image goes as far as the others. For the domain gate, prototypes moved into a domain
-    (and out of it) are examples close to the domain's border. Batches of ``config.batch_size``; runs with
-    gradients whatever the caller's mode."""
+    jitter, blur or pull to the mean, so every image goes as far as the others. For the domain gate,
+    prototypes moved into a domain (and out of it) are examples close to the domain's border. Batches of
+    ``config.batch_size``, round-robin over the ranks of ``world`` (default: this process) and summed, so
+    every rank gets every image, the same whatever the number of processes; runs with gradients whatever
+    the caller's mode."""
     device = images.device
     lo, hi = pixel_range(model, device)
     scale = logit_scale(model)
     amp = autocast_dtype(config, device)
     step = dict(lr=config.step_size, decay=0.0, lo=lo, hi=hi, in_shift=(0, 0), out_shift=(0, 0), blur=False)
-    out = []
+    world = world or World(False)
     with torch.inference_mode(False), torch.enable_grad(), frozen(model):
+        out = torch.zeros(images.shape, dtype=torch.float32, device=device)   # a normal tensor in any mode
         cell_text = cell_text.to(device, torch.float32).clone()   # a caller's inference tensors, as normal ones
-        for i in range(0, len(images), config.batch_size):
+        for b, i in enumerate(range(0, len(images), config.batch_size)):
+            if not world.mine(b):
+                continue
             x = images[i:i + config.batch_size].float().clone()
             tgt = target[i:i + config.batch_size].to(device).clone()
             every = torch.ones(len(x), dtype=torch.bool, device=device)
@@ -176,8 +181,8 @@ def translate(model: nn.Module, images: torch.Tensor, cell_text: torch.Tensor, t
                 (grad,) = torch.autograd.grad(F.cross_entropy(logits, tgt, reduction="sum"), x)
                 with torch.no_grad():
                     x, _ = dispatch.synth_update(x.detach(), grad, every, **step)   # the synthesis's step
-            out.append(x.detach())
-    return torch.cat(out) if out else images.clone()
+            out[i:i + len(x)] = x.detach()
+        return world.sum_(out)   # every rank filled its own batches and left zeros elsewhere
 
 
 def pixel_range(model: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,8 @@ from conftest import make_tiny_clip  # noqa: E402
 from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
 
 from clipforget_fast import ForgetConfig, ForgetSpec, evaluate, forget, synthesize_prototypes  # noqa: E402
+from clipforget_fast.distributed import World  # noqa: E402
+from clipforget_fast.synthesis import translate  # noqa: E402
 
 # batches of 7 prototypes: 24 prototypes (12 cells × 2) make 4 batches, 2 per rank, the last one short;
 # a low acceptance threshold, so that some prototypes stop early (and batches are compacted)
@@ -57,6 +59,20 @@ def main(out: Path) -> None:
     (out / f"evaluate.rank{rank}.json").write_text(json.dumps(
         {"sharded": acc.correct.tolist(), "total": acc.total.tolist(),
          "local": evaluate(model, tok, images, ci, di, CLASSES, DOMAINS, distributed=False, **kw).correct.tolist()}))
+    # translate(): 23 images in batches of 7 (4 batches, 2 per rank), each rank moves its own batches and
+    # every rank gets every image, the same as one process moves them
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(23, 3, 32, 32, generator=g).clamp(-1.5, 1.5)
+    text = torch.nn.functional.normalize(torch.randn(12, 32, generator=g), dim=-1)
+    target = torch.randint(0, 12, (23,), generator=g)
+    seen = []
+    hook = model.visual.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    moved = translate(model, x, text, target, 3, CONFIG, World())
+    hook.remove()
+    local = translate(model, x, text, target, 3, CONFIG)
+    (out / f"translate.rank{rank}.json").write_text(json.dumps(
+        {"encoded": sum(seen), "max_diff": float((moved - local).abs().max()),
+         "moved": float((local - x).abs().max())}))
     # a sharded prototype bank against the local one
     spec = ForgetSpec(CLASSES, DOMAINS, forget_classes=["tree"])
     bank = synthesize_prototypes(model, tok, spec, CONFIG)

@@ -100,6 +100,13 @@ def test_sharded_prototypes_equal_local(run):
     assert sharded["mean_steps_to_accept"] == local["mean_steps_to_accept"]
 
 
+def test_sharded_translation_equals_local(run):
+    got = [json.loads((run / f"translate.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [g["encoded"] for g in got] == [3 * 14, 3 * 9]           # batches 0, 2 and 1, 3 (the short one)
+    for g in got:
+        assert g["max_diff"] == 0.0 and g["moved"] > 0.05
+
+
 def test_world_alone():
     w = World()
     assert not w.on and w.size == 1 and w.leader
