@@ -798,9 +798,8 @@ GATE_SYNTHESES = ((0.9, 150), (0.99, 200), (0.999, 300))   # (accept_prob, steps
 
 def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, variants=((None, None),)) -> None:
     """The library's domain gate on ``requests`` for each value in ``values`` (set by ``setting(value)``,
-    which may return ForgetConfig fields to change)
-    and each (name, wrapper) in ``variants`` (``wrapper`` replaces ``forget``'s call of
-    ``gate.gate_entries``), with prototype banks synthesized with each seed in ``seeds``; scored on the
+    which may return ForgetConfig fields to change) and each (name, wrapper) in ``variants`` (``wrapper``
+    replaces ``forget``'s call of ``gate.gate_entries``), with prototype banks synthesized with each seed in ``seeds``; scored on the
     held-out renders and templates. Each cell: forgotten accuracy / same classes' drop / other classes'
     drop (domain-complete: forgotten / other domains' drop), * where the request meets its targets. The
     prototypes are translated once per bank, request and number of steps (``_translations_once``)."""
@@ -812,8 +811,7 @@ def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, vari
         for value, (vname, wrapper) in itertools.product(values, variants):
             fields = setting(value) or {}
             module.gate_entries = wrapper(saved) if wrapper else saved
-            tag = (", ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}") \
-                + (f", {vname}" if vname else "")
+            tag = _label(value) + (f", {vname}" if vname else "")
             met = [0] * len(seeds)
             for m, fc, fd in requests:
                 spec = q.spec_for(m, fc, fd)
@@ -828,6 +826,13 @@ def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, vari
                 print(f"| {tag} | {','.join(fc or ['*'])} @ {','.join(fd)} | " + " | ".join(cells) + " |", flush=True)
             print(f"| {tag} | **requests meeting the targets** | " + " | ".join(f"{n} of {len(requests)}"
                                                                          for n in met) + " |", flush=True)
+
+
+def _label(value) -> str:
+    """A swept value as the tables name it: numbers in short form, a tuple of them joined, a name as is."""
+    if isinstance(value, tuple):
+        return ", ".join(_label(v) for v in value)
+    return value if isinstance(value, str) else f"{value:g}"
 
 
 def gate_map_ridge(h: q.Harness, seeds=(0,)) -> None:
@@ -929,17 +934,17 @@ def gate_real_detectors(h: q.Harness, per_cell: int = 20) -> None:
     of the last block's class token is."""
     from clipforget_fast import gate
 
-    from clipforget_fast import pipeline as module
     site = gate_site(h.model)
     imgs, _, di = pg.render(C, D, per_cell, seed=REAL_SEED)
     ell_real = layer_norm(capture(h.model, site, imgs, 200, dict(device_type="cpu", enabled=False))[0], site.norm)
     state = {}
 
-    def entries(saved):
+    def recording(entries):                     # what the detectors below need to know of the request
         def call(*a, **k):
-            domain_of, forgotten = k["domain_of"], a[3]
-            state["domains"] = sorted(set(domain_of[forgotten].tolist()))    # the groups' order in gate_entries
-            return saved(*a, **k)
+            forgotten, class_emb, neutralize = a[3], a[4], k.get("neutralize")
+            state["domains"] = sorted(set(k["domain_of"][forgotten].tolist()))   # the groups' order
+            state["map"] = neutralize is not None and len(set(neutralize)) < class_emb.shape[0]
+            return entries(*a, **k)
         return call
 
     def real(ell, groups, more, ridge, weight=None):
@@ -951,36 +956,19 @@ def gate_real_detectors(h: q.Harness, per_cell: int = 20) -> None:
 
     def real_sharpness(g, on):                  # the same rule, on the real renders of the group's domains
         m, w, b = state["queue"].pop(0)
-        b = b - gate.MAP_THRESHOLD if state["map"] else b
-        return saved_sharpness(ell_real @ w + b, m)
+        return library[1](ell_real @ w + b - (gate.MAP_THRESHOLD if state["map"] else 0.0), m)
 
-    def entries_kind(saved):
-        def call(*a, **k):
-            state["map"] = k.get("neutralize") is not None and len(set(k["neutralize"])) < a[4].shape[0]
-            return saved(*a, **k)
-        return call
+    library = (gate._detectors, gate._sharpness)
+    choices = {"the library's (prototypes, translated ones)": library,
+               f"fitted on real renders ({per_cell} per cell)": (real, library[1]),
+               f"fitted on real renders ({per_cell} per cell), sharpness from them": (real, real_sharpness)}
 
-    saved_detectors, saved_sharpness = gate._detectors, gate._sharpness
-    print("| detectors | request | bank seed 0 |\n|---|---|---|")
-    with _restored(module, "gate_entries"), _restored(gate, "_detectors"), _restored(gate, "_sharpness"), \
-            _translations_once():
-        module.gate_entries = entries_kind(entries(module.gate_entries))
-        for name, fn, sharp in (("the library's (prototypes, translated ones)", saved_detectors, saved_sharpness),
-                                (f"fitted on real renders ({per_cell} per cell)", real, saved_sharpness),
-                                (f"fitted on real renders ({per_cell} per cell), sharpness from them", real,
-                                 real_sharpness)):
-            gate._detectors, gate._sharpness = fn, sharp
-            met = 0
-            for m, fc, fd in DOMAIN_REQUESTS + COMPLETE_REQUESTS:
-                spec = q.spec_for(m, fc, fd)
-                res, _, _ = h.run(spec, h.config.replace(edit="domain-gate"))
-                sc = res["held-out"]
-                ok = not q.misses(spec, sc, h.before["held-out"].chance)
-                met += ok
-                same = "" if m == "domain-complete" else f"{sc.same_class_drop:.2f} / "
-                print(f"| {name} | {','.join(fc or ['*'])} @ {','.join(fd)} | {q.fmt_forget(sc)} / {same}"
-                      f"{sc.keep_drop:.2f}{' *' if ok else ''} |", flush=True)
-            print(f"| {name} | **requests meeting the targets** | {met} of 12 |", flush=True)
+    def setting(value):
+        gate._detectors, gate._sharpness = choices[value]
+
+    with _restored(gate, "_detectors"), _restored(gate, "_sharpness"):
+        _bank_sweep(h, "detectors", list(choices), DOMAIN_REQUESTS + COMPLETE_REQUESTS, (0,), setting,
+                    ((None, recording),))
 
 
 def gate_collapse_cap(h: q.Harness, seeds=(0,)) -> None:
