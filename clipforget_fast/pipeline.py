@@ -250,7 +250,7 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
         warn.append(f"its forgotten cells' prototypes are still recognized {100 * f['after']:.0f}% of the time "
                     f"({hit} of {n}; before {100 * f['before']:.0f}%, chance {chance:.0f}%)"
                     + ("" if caught is None else f"; the gate's detectors catch {100 * caught:.0f}% of the forgotten "
-                       f"domains' prototypes, fitted as they are for real images too"))
+                       f"domains' prototypes (fitted to carry over to real images, they may catch more of those)"))
     for name, what in (("kept", "the kept cells"), ("same_class_other_domains", "the same classes in their kept domains")):
         if name not in out:
             continue
