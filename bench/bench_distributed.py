@@ -1,11 +1,13 @@
 """forget() on one process against the same call shared by several (torchrun, gloo on CPU or NCCL on GPUs).
 
     python bench/bench_distributed.py [--nproc 2] [--threads 1] [--request domain-complete] [--per-cell 4]
+                                      [--edit project|domain-gate]
 
 Runs, each in fresh processes and in this order: one process with ``--threads`` threads, one process with
 ``nproc × threads`` threads (the same cores as the shared run), and ``--nproc`` processes with ``--threads``
 threads each, launched with ``torch.distributed.run``. The model is the proving ground, the request is
-one of bench/quality.py's (``edit="project"``, so that every prototype is synthesized and captured);
+one of bench/quality.py's (``edit="project"`` by default, so that every prototype is synthesized and
+captured; ``--edit domain-gate`` for the gate, whose prototypes are also translated between domains);
 prints forget()'s wall time and per-stage timings of each run, the ratios against the first two, and the
 largest difference between the runs' weight changes ΔW = ABᵀ (relative to the one-process patch).
 """
@@ -48,7 +50,7 @@ def worker(args) -> None:
     mode, fc, fd = REQUESTS[args.request]
     spec = ForgetSpec(list(pg.CLASSES), list(pg.DOMAINS), forget_classes=fc, forget_domains=fd,
                       domain_phrases=pg.DOMAIN_PHRASES, class_phrases=pg.CLASS_PHRASES)
-    cfg = ForgetConfig(edit="project", prototypes_per_cell=args.per_cell, batch_size=args.batch_size)
+    cfg = ForgetConfig(edit=args.edit, prototypes_per_cell=args.per_cell, batch_size=args.batch_size)
     if dist.is_initialized():
         dist.barrier()
     t = time.perf_counter()
@@ -65,7 +67,8 @@ def worker(args) -> None:
 
 def launch(args, nproc: int, threads: int, out: Path) -> dict:
     me = [str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--request", args.request,
-          "--per-cell", str(args.per_cell), "--batch-size", str(args.batch_size), "--out", str(out)]
+          "--per-cell", str(args.per_cell), "--batch-size", str(args.batch_size), "--edit", args.edit,
+          "--out", str(out)]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] + me
            if nproc > 1 else [sys.executable] + me)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -82,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--request", choices=sorted(REQUESTS), default="domain-complete")
     ap.add_argument("--per-cell", type=int, default=4, help="prototypes per cell")
     ap.add_argument("--batch-size", type=int, default=100, help="ForgetConfig.batch_size")
+    ap.add_argument("--edit", choices=("project", "domain-gate"), default="project", help="ForgetConfig.edit")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -98,16 +102,18 @@ def main(argv=None) -> int:
             runs[label] = launch(args, nproc, threads, out)
             print(f"{label}: {runs[label]['seconds']:.1f} s", flush=True)
     first, same = list(runs.values())[:2]
-    print(f"\nforget(), proving ground, {args.request} request, edit='project', {args.per_cell} prototypes per cell, "
+    print(f"\nforget(), proving ground, {args.request} request, edit={args.edit!r}, {args.per_cell} prototypes per cell, "
           f"batch_size {args.batch_size}, {'GPU' if torch.cuda.is_available() else 'CPU'}\n")
-    print("| run | forget() s | synthesis s | capture s | vs 1st | vs 2nd | max rel. ΔW difference to the 1st |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | forget() s | synthesis s | capture s | translate s | vs 1st | vs 2nd "
+          "| max rel. ΔW difference to the 1st |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, r in runs.items():
         diff = max(float((a.A.double() @ a.B.double().t() - b.A.double() @ b.B.double().t()).norm()
                          / (b.A.double() @ b.B.double().t()).norm())
                    for a, b in zip(r["patch"].entries, first["patch"].entries, strict=True))
         t = r["timings"]
         print(f"| {label} | {r['seconds']:.1f} | {t.get('synthesis', 0):.1f} | {t.get('capture', 0):.1f} | "
+              f"{t.get('translate', 0):.1f} | "
               f"{first['seconds'] / r['seconds']:.2f}× | {same['seconds'] / r['seconds']:.2f}× | {diff:.1e} |")
     return 0
 
