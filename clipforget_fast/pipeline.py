@@ -319,8 +319,10 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         prompts = [spec.prompts(c) for c in cells]
         sizes = [len(ps) for ps in prompts]
         tokens = tokenize(tokenizer, [p for ps in prompts for p in ps], device, context_length(model))
+        lo, hi = world.share(len(tokens))               # this rank's share of the prompts, gathered
         with torch.autocast(**autocast):
-            per_prompt = encode_tokens(model, tokens, config.batch_size)
+            per_prompt = world.cat(encode_tokens(model, tokens[lo:hi], config.batch_size) if hi > lo else None,
+                                   device)
         cell_text = ensemble(per_prompt, sizes)
         class_emb = _class_rows(per_prompt, cells, sizes, classes)
         timings["prompts"] = time.perf_counter() - t

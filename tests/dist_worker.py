@@ -40,12 +40,20 @@ def main(out: Path) -> None:
     rank = dist.get_rank()
     model, tok = make_tiny_clip(), SimpleTokenizer(context_length=32)
     report = {"world_size": dist.get_world_size()}
+    prompts = []                                # the text tower's rows per call, for the gate's prompts
+    hook = model.transformer.register_forward_hook(lambda m, a, o: prompts.append(a[0].shape[0]))
     for name, (kw, cfg) in SCENARIOS.items():
         spec = ForgetSpec(CLASSES, DOMAINS, **kw)
+        prompts.clear()
         sharded = forget(model, tok, spec, cfg)
+        report[f"{name}.text_rows.rank{rank}"] = sum(prompts)
         sharded.save(out / f"{name}.rank{rank}.safetensors")
         if rank == 0:
+            prompts.clear()
             forget(model, tok, spec, cfg, distributed=False).save(out / f"{name}.local.safetensors")
+            report[f"{name}.text_rows.local"] = sum(prompts)
+    hook.remove()
+    (out / f"text_rows.rank{rank}.json").write_text(json.dumps(report))
     # the same request through an explicit process group (same ranks: the call path, not the rank mapping)
     kw, cfg = SCENARIOS["redirect_global"]
     forget(model, tok, ForgetSpec(CLASSES, DOMAINS, **kw), cfg, group=dist.new_group([0, 1])).save(

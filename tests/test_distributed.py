@@ -100,6 +100,13 @@ def test_sharded_prototypes_equal_local(run):
     assert sharded["mean_steps_to_accept"] == local["mean_steps_to_accept"]
 
 
+def test_the_gate_shares_its_prompts(run):
+    rows = [json.loads((run / f"text_rows.rank{r}.json").read_text()) for r in (0, 1)]
+    local = rows[0]["gate_complete.text_rows.local"]
+    mine = [rows[r][f"gate_complete.text_rows.rank{r}"] for r in (0, 1)]
+    assert local > 0 and sum(mine) == local and abs(mine[0] - mine[1]) <= 1
+
+
 def test_sharded_translation_equals_local(run):
     got = [json.loads((run / f"translate.rank{r}.json").read_text()) for r in (0, 1)]
     assert [g["encoded"] for g in got] == [3 * 14, 3 * 9]           # batches 0, 2 and 1, 3 (the short one)
