@@ -976,13 +976,7 @@ def gate_collapse_cap(h: q.Harness, seeds=(0,)) -> None:
     prototype, cap in multiples of it) in COLLAPSE_CAPS (gate.COLLAPSE, gate.CAP: a low cap with a large
     push gives the weakly detected images more of it), for prototype banks synthesized with each seed in
     ``seeds``."""
-    from clipforget_fast import gate
-
-    def setting(value):
-        gate.COLLAPSE, gate.CAP = value
-
-    with _restored(gate, "COLLAPSE"), _restored(gate, "CAP"):
-        _bank_sweep(h, "COLLAPSE, CAP", COLLAPSE_CAPS, COMPLETE_REQUESTS, seeds, setting)
+    _constant_sweep(h, ("COLLAPSE", "CAP"), COLLAPSE_CAPS, COMPLETE_REQUESTS, seeds)
 
 
 def gate_map_class_weight(h: q.Harness, seeds=(0,)) -> None:
@@ -1001,13 +995,21 @@ def gate_synthesis(h: q.Harness, seeds=(0,)) -> None:
                 lambda v: {"accept_prob": v[0], "steps": v[1]})
 
 
-def _constant_sweep(h: q.Harness, name: str, values, requests, seeds, variants=((None, None),)) -> None:
+def _constant_sweep(h: q.Harness, name, values, requests, seeds, variants=((None, None),)) -> None:
     """``_bank_sweep`` over the values of the gate's module constant ``name`` (read when the gate is
-    fitted), which is put back afterwards."""
+    fitted), or of a tuple of them together (each value then a tuple), put back afterwards."""
     from clipforget_fast import gate
 
-    with _restored(gate, name):
-        _bank_sweep(h, name, values, requests, seeds, lambda v: setattr(gate, name, v), variants)
+    names = (name,) if isinstance(name, str) else tuple(name)
+
+    def setting(value):
+        for n, v in zip(names, (value,) if isinstance(name, str) else value):
+            setattr(gate, n, v)
+
+    with contextlib.ExitStack() as stack:
+        for n in names:
+            stack.enter_context(_restored(gate, n))
+        _bank_sweep(h, ", ".join(names), values, requests, seeds, setting, variants)
 
 
 @contextlib.contextmanager

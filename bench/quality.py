@@ -384,14 +384,15 @@ def recovery_probe(h: Harness, record: bool, train_per_cell: int = 5, steps: int
             rows_of, labels, what, chance = cells, h.ci, "class of a forgotten domain's image", 100 / len(pg.CLASSES)
         else:                                           # whether an image is of a forgotten cell
             rows_of, labels, what, chance = torch.ones_like(cells), cells.long(), "forgotten cell or not", 50.0
-        with torch.no_grad():
-            f = torch.nn.functional.normalize(h.model.encode_image(h.images), dim=-1)
-        accs = [_probe(f[rows_of], labels[rows_of], (rank < train_per_cell)[rows_of], steps)]
-        with patch.applied(h.model):                   # the weights come back bit for bit (revert: to ~5e-7)
+        def probe() -> float:                          # the probe on the model's image features as they are
             with torch.no_grad():
                 f = torch.nn.functional.normalize(h.model.encode_image(h.images), dim=-1)
+            return _probe(f[rows_of], labels[rows_of], (rank < train_per_cell)[rows_of], steps)
+
+        accs = [probe()]
+        with patch.applied(h.model):                   # the weights come back bit for bit (revert: to ~5e-7)
+            accs.append(probe())
             zs = 100 * h._eval(HELD_OUT_TEMPLATES).forget_accuracy(spec)
-        accs.append(_probe(f[rows_of], labels[rows_of], (rank < train_per_cell)[rows_of], steps))
         rows.append(f"| {mode}: {','.join(fc or ['*'])} @ {','.join(fd or ['*'])} ({patch.info['edit']}) | {what} | "
                     f"{chance:.0f} | {accs[0]:.1f} | {accs[1]:.1f} | {zs:.1f} |")
     print("\n".join(rows))

@@ -105,6 +105,13 @@ class World:
         out = device if device is not None else (t.device if t is not None else dev)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(out)
 
+    def shared(self, n: int, rows, device=None) -> torch.Tensor | None:
+        """``rows(lo, hi)`` [hi - lo, ...] computed on this rank's contiguous share of ``n`` items
+        (``share``; not called on an empty share) and the ranks' results concatenated in rank order
+        (``cat``, on ``device``): every rank gets all ``n`` rows (None when ``n`` is 0 on one process)."""
+        lo, hi = self.share(n)
+        return self.cat(rows(lo, hi) if hi > lo else None, device)
+
     def broadcast(self, obj, src: int = 0):
         """``obj`` of rank ``src`` (of the group) on every rank (pickled: tensors keep their device)."""
         if not self.on:

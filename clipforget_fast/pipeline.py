@@ -83,11 +83,13 @@ def _check_bank(bank: PrototypeBank, tower: dict, world) -> None:
 
 def _embed_images(model, images, config, autocast, world) -> torch.Tensor:
     """[N, D] normalized fp32 embeddings of ``images``, each rank encoding its share."""
-    lo, hi = world.share(len(images))
+    def rows(lo, hi):
+        return torch.cat([encode_image(model, images[i:min(hi, i + config.batch_size)]).float()
+                          for i in range(lo, hi, config.batch_size)])
+
     with torch.autocast(**autocast):
-        emb = [encode_image(model, images[i:min(hi, i + config.batch_size)]).float()
-               for i in range(lo, hi, config.batch_size)]
-    return torch.nn.functional.normalize(world.cat(torch.cat(emb) if emb else None, images.device), dim=-1)
+        emb = world.shared(len(images), rows, images.device)
+    return torch.nn.functional.normalize(emb, dim=-1)
 
 
 @torch.no_grad()
@@ -319,10 +321,9 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         prompts = [spec.prompts(c) for c in cells]
         sizes = [len(ps) for ps in prompts]
         tokens = tokenize(tokenizer, [p for ps in prompts for p in ps], device, context_length(model))
-        lo, hi = world.share(len(tokens))               # this rank's share of the prompts, gathered
-        with torch.autocast(**autocast):
-            per_prompt = world.cat(encode_tokens(model, tokens[lo:hi], config.batch_size) if hi > lo else None,
-                                   device)
+        with torch.autocast(**autocast):                # each rank embeds its share of the prompts
+            per_prompt = world.shared(len(tokens), lambda lo, hi: encode_tokens(model, tokens[lo:hi],
+                                                                                config.batch_size), device)
         cell_text = ensemble(per_prompt, sizes)
         class_emb = _class_rows(per_prompt, cells, sizes, classes)
         timings["prompts"] = time.perf_counter() - t
@@ -457,10 +458,10 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         emb = []
         with torch.autocast(**autocast):
             for g, g_lo, g_hi in (("F", 0, n_f_prompts), ("R", n_f_prompts, len(all_tokens))):
-                lo, hi = world.share(g_hi - g_lo)          # this rank's share of the group's prompts
-                part = [cap.text(all_tokens[i:min(g_lo + hi, i + config.batch_size)], g)
-                        for i in range(g_lo + lo, g_lo + hi, config.batch_size)]
-                got = world.cat(torch.cat(part).float() if part else None, device)
+                def rows(lo, hi, g=g, g_lo=g_lo):          # this rank's share of the group's prompts
+                    return torch.cat([cap.text(all_tokens[i:min(g_lo + hi, i + config.batch_size)], g)
+                                      for i in range(g_lo + lo, g_lo + hi, config.batch_size)]).float()
+                got = world.shared(g_hi - g_lo, rows, device)
                 if got is not None:
                     emb.append(got)
         cell_text = ensemble(torch.cat(emb), sizes)

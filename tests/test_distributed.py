@@ -120,6 +120,8 @@ def test_world_alone():
     assert w.share(5) == (0, 5) and w.mine(3)
     t = torch.arange(4.0)
     assert w.sum_(t) is t and w.cat(t) is t and w.broadcast({"a": 1}) == {"a": 1}
+    assert torch.equal(w.shared(5, lambda lo, hi: torch.arange(lo, hi)), torch.arange(5))
+    assert w.shared(0, lambda lo, hi: 1 / 0) is None               # an empty share is not computed
     with pytest.raises(RuntimeError, match="not initialized"):
         World(True)
     with pytest.raises(ValueError, match="distributed must be"):
