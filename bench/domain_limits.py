@@ -36,6 +36,8 @@
                                                     # on, domain requests
     python bench/domain_limits.py --gate-synthesis  # the gate on prototypes synthesized further into
                                                     # their cells (accept_prob, steps)
+    python bench/domain_limits.py --gate-min-steps  # the gate on prototypes that may not be accepted before
+                                                    # a given step (ForgetConfig.min_steps)
     python bench/domain_limits.py --gate-map-class-weight  # the map detectors' weight on the classes the
                                                     # map neutralizes
     python bench/domain_limits.py --gate-collapse-cap  # the every-class gate's push and its cap
@@ -794,6 +796,7 @@ MAP_THRESHOLDS = (2.0, 1.0, 0.0, -1.0, -2.0)  # gate.MAP_THRESHOLD candidates
 COLLAPSE_CAPS = tuple(itertools.product((10.0, 20.0, 30.0), (1.0, 2.0, 4.0)))   # (gate.COLLAPSE, gate.CAP)
 MAP_CLASS_WEIGHTS = (1.0, 3.0, 10.0)          # gate.MAP_CLASS_WEIGHT candidates
 GATE_SYNTHESES = ((0.9, 150), (0.99, 200), (0.999, 300))   # (accept_prob, steps) of the gate's prototypes
+MIN_STEPS = (0, 40, 80)                       # ForgetConfig.min_steps candidates
 
 
 def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, variants=((None, None),)) -> None:
@@ -993,6 +996,13 @@ def gate_synthesis(h: q.Harness, seeds=(0,)) -> None:
     each seed in ``seeds``."""
     _bank_sweep(h, "accept_prob, steps", GATE_SYNTHESES, DOMAIN_REQUESTS + COMPLETE_REQUESTS, seeds,
                 lambda v: {"accept_prob": v[0], "steps": v[1]})
+
+
+def gate_min_steps(h: q.Harness, seeds=(0,), values=MIN_STEPS) -> None:
+    """The library's domain gate on the nine domain and three domain-complete requests with prototypes
+    that keep moving into their cells until ForgetConfig.min_steps (each of ``values``) before they may be
+    accepted, for prototype banks synthesized with each seed in ``seeds``."""
+    _bank_sweep(h, "min_steps", values, DOMAIN_REQUESTS + COMPLETE_REQUESTS, seeds, lambda v: {"min_steps": v})
 
 
 def _constant_sweep(h: q.Harness, name, values, requests, seeds, variants=((None, None),)) -> None:
@@ -1212,6 +1222,7 @@ def main(argv=None) -> int:
         "gate-map-per-domain": lambda h, a: gate_map_per_domain(h, a.seeds),
         "gate-map-threshold": lambda h, a: gate_map_threshold(h, a.seeds),
         "gate-synthesis": lambda h, a: gate_synthesis(h, a.seeds),
+        "gate-min-steps": lambda h, a: gate_min_steps(h, a.seeds, a.min_steps or MIN_STEPS),
         "gate-map-class-weight": lambda h, a: gate_map_class_weight(h, a.seeds),
         "gate-collapse-cap": lambda h, a: gate_collapse_cap(h, a.seeds),
         "gate-real-detectors": lambda h, a: gate_real_detectors(h),
@@ -1225,8 +1236,10 @@ def main(argv=None) -> int:
     ap.add_argument("--bank-seeds", default="0",
                     help="--gate-map-ridge, --gate-collapse, --gate-translate, --gate-collapse-ridge, "
                          "--gate-map-translate, --gate-map-per-domain, --gate-map-threshold, --gate-synthesis, "
-                         "--gate-map-class-weight, --gate-collapse-cap: "
+                         "--gate-map-class-weight, --gate-collapse-cap, --gate-min-steps: "
                          "prototype bank seeds, comma-separated")
+    ap.add_argument("--min-steps", default=None, help="--gate-min-steps: the values, comma-separated "
+                    f"(default {','.join(map(str, MIN_STEPS))})")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
     ap.add_argument("--steps", type=int, default=300, help="--combined: Adam steps")
@@ -1234,6 +1247,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("global", "domain", "domain-complete"), help="--combined: only this mode")
     args = ap.parse_args(argv)
     args.seeds = tuple(int(v) for v in args.bank_seeds.split(","))
+    args.min_steps = tuple(int(v) for v in args.min_steps.split(",")) if args.min_steps else None
     chosen = [flag for flag in measurements if getattr(args, flag.replace("-", "_"))]
     if not chosen:
         ap.error("choose at least one of " + ", ".join(f"--{flag}" for flag in measurements))

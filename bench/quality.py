@@ -125,7 +125,7 @@ class Harness:
 
     def bank(self, config: ForgetConfig):
         key = (config.prototypes_per_cell, config.steps, config.step_size, config.pixel_decay, config.jitter,
-               config.blur_every, config.accept_prob, config.seed)
+               config.blur_every, config.accept_prob, config.min_steps, config.seed)
         if config.use_prototypes and key not in self.banks:
             self.banks[key] = synthesize_prototypes(self.model, self.tok, spec_for("global", ["fish"], None), config)
         return self.banks.get(key)

@@ -37,6 +37,7 @@ class ForgetConfig:
     jitter: int = 2                     # maximum random shift (pixels) of the encoder input each step
     blur_every: int = 4                 # blur the prototypes every n steps (0 = never)
     accept_prob: float = 0.9            # a prototype is accepted (and frozen) once p(target cell) ≥ this
+    min_steps: int = 0                  # ... and no earlier than this step: it keeps moving into its cell
     batch_size: int = 128               # images per encoder pass (synthesis and capture)
     # --- which features define the edit (DESIGN §2.4) ---
     use_text: bool = True               # edit text-tower layers from the prompts' features
@@ -86,7 +87,7 @@ class ForgetConfig:
                 raise ValueError(f"ForgetConfig.{field}={getattr(self, field)!r}: {why}")
 
         for f in ("prototypes_per_cell", "steps", "jitter", "blur_every", "max_rank", "oversample",
-                  "power_iters", "last_blocks", "seed", "gate_translate_steps"):
+                  "power_iters", "last_blocks", "seed", "gate_translate_steps", "min_steps"):
             v = getattr(self, f)
             need(isinstance(v, int) and not isinstance(v, bool), f, "must be an int")
             need(v >= 0, f, "must be ≥ 0")
@@ -98,6 +99,8 @@ class ForgetConfig:
         need(self.step_size > 0, "step_size", "must be > 0")
         need(self.pixel_decay >= 0, "pixel_decay", "must be ≥ 0")
         need(0 < self.accept_prob <= 1, "accept_prob", "must be in (0, 1]")
+        need(self.min_steps < self.steps or self.prototypes_per_cell == 0, "min_steps",
+             f"must be < steps ({self.steps}): no prototype could be accepted")
         need(self.retain_energy is None or (isinstance(self.retain_energy, (int, float))
                                             and not isinstance(self.retain_energy, bool)
                                             and 0 < self.retain_energy <= 1),

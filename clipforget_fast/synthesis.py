@@ -8,7 +8,7 @@ Recipe of Kravets & Namboodiri (WACV 2025), batched over all prototypes of all c
         x_in  = roll(x, random jitter)                     (encoder input)
         loss  = Σ_i CE(s · ê(x_in_i) · T̂ᵀ, target_i)       (T̂: every cell's text embedding)
         x     = clamp(x (1 - η λ) - η ∇x / rms(∇x), range)  (+ a 3×3 blur every n steps)
-        a prototype whose p(target) ≥ threshold is accepted and stops moving
+        a prototype whose p(target) ≥ threshold (from step ``min_steps`` on) is accepted and stops moving
 
 Model parameters are frozen (``requires_grad_(False)``) for the duration, so autograd computes pixel
 gradients only; on CUDA the encoder runs under bf16 autocast. The update itself is one dispatch call
@@ -58,7 +58,7 @@ class SynthesisResult:
 _BANK_FORMAT = "clipforget_fast.prototypes/1"
 # the ForgetConfig fields that shape the prototypes (recorded with a bank)
 SYNTHESIS_FIELDS = ("prototypes_per_cell", "steps", "step_size", "pixel_decay", "jitter", "blur_every",
-                    "accept_prob", "batch_size", "seed", "dtype")
+                    "accept_prob", "min_steps", "batch_size", "seed", "dtype")
 
 
 @dataclass
@@ -239,7 +239,7 @@ def _synthesize(model, cell_text, target, config, device, world) -> SynthesisRes
                     prob = logits.softmax(-1).gather(1, tgt[:, None]).squeeze(1)
                     was = out_acc[idx]
                     out_prob[idx[~was]] = prob[~was]
-                    new = (prob >= config.accept_prob) & ~was
+                    new = (prob >= config.accept_prob) & ~was & (step >= config.min_steps)
                     if new.any():
                         out_acc[idx[new]] = True
                         out_steps[idx[new]] = step + 1

@@ -72,7 +72,7 @@ def test_cell_in_both_forget_and_retain_raises():
 @pytest.mark.parametrize("field, value", [
     ("alpha", 1.5), ("targets", "everything"), ("retain_energy", 0.0), ("retain_energy", True), ("max_rank", 0),
     ("token_policy", "cls"), ("solver", "lanczos"), ("batch_size", 0), ("steps", -1),
-    ("accept_prob", 0.0), ("dtype", "int8"), ("prototypes_per_cell", 2.5),
+    ("accept_prob", 0.0), ("dtype", "int8"), ("prototypes_per_cell", 2.5), ("min_steps", -1), ("min_steps", 150),
 ])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

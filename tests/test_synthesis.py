@@ -48,6 +48,15 @@ def test_accepted_prototypes_do_not_move(tiny_clip, tokenizer, vocab):
     torch.testing.assert_close(res.images, start)           # accepted at step 1: never moved
 
 
+def test_min_steps_holds_acceptance_back(tiny_clip, tokenizer, vocab):
+    text, target = _setup(tiny_clip, tokenizer, vocab)
+    res = synthesize(tiny_clip, text, target, ForgetConfig(steps=10, accept_prob=1e-6, min_steps=3, seed=5))
+    assert res.accepted.all() and (res.steps == 4).all()
+    moved = synthesize(tiny_clip, text, target, ForgetConfig(steps=3, accept_prob=1.0, seed=5))
+    assert not moved.accepted.any()
+    torch.testing.assert_close(res.images, moved.images)   # accepted after three steps, as they stood then
+
+
 @pytest.mark.parametrize("batch_size", [5, 64])
 def test_acceptance_bookkeeping_for_any_chunking(tiny_clip, tokenizer, vocab, batch_size):
     text, target = _setup(tiny_clip, tokenizer, vocab)
