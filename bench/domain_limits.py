@@ -12,6 +12,7 @@
                                                     # the library's prototypes, Fourier-parametrized ones
     python bench/domain_limits.py --detect          # how well each place of the image tower tells
                                                     # the forgotten domains' images from the rest
+    python bench/domain_limits.py --patch-read      # the same off each patch token, for a gate on patches
     python bench/domain_limits.py --class-token-mlp  # the last block's MLP fitted on the class token,
                                                     # real renders vs stand-ins
     python bench/domain_limits.py --class-token-gate  # the same place, data-free: a domain gate from the
@@ -36,6 +37,7 @@
                                                     # on, domain requests
     python bench/domain_limits.py --gate-synthesis  # the gate on prototypes synthesized further into
                                                     # their cells (accept_prob, steps)
+    python bench/domain_limits.py --gate-collapse-threshold  # where the every-class gate's units switch on
     python bench/domain_limits.py --gate-min-steps  # the gate on prototypes that may not be accepted before
                                                     # a given step (ForgetConfig.min_steps)
     python bench/domain_limits.py --gate-map-class-weight  # the map detectors' weight on the classes the
@@ -616,6 +618,47 @@ def detect(h: q.Harness, per_cell: int = 20) -> None:
                   flush=True)
 
 
+def _mlp_inputs(model, images: torch.Tensor, block: int) -> torch.Tensor:
+    """[n, tokens, width] every token's input to image block ``block``'s MLP, after its norm, fp32."""
+    blk, out = model.visual.transformer.resblocks[block], []
+    hook = blk.ln_2.register_forward_pre_hook(lambda m, a: out.append(a[0].detach().float()))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), 200):
+                model.encode_image(images[i:i + 200])
+    finally:
+        hook.remove()
+    x = torch.cat(out) if gate_site(model).batch_first else torch.cat(out, 1).transpose(0, 1)
+    return layer_norm(x, blk.ln_2)
+
+
+def patch_read(h: q.Harness, per_cell: int = 20) -> None:
+    """Whether a gate could read the domain off the patch tokens, where the tower sees texture, rather than
+    off the class token: at each block's MLP input (where a hidden unit could flag a patch, for the next
+    block's attention to carry into the class token), a logistic read of each patch token (labelled by its
+    image's domain) and of the class token, fitted on real renders (``per_cell`` per cell, render seed
+    5·10⁶), scored per held-out image by the class token's logit or by the mean over its patches of the
+    patch logit (the mean, its positive part, or the share above 0): the forgotten domain's images caught
+    at 1 % of the others flagged."""
+    imgs, _, di = pg.render(C, D, per_cell, seed=REAL_SEED)
+    reads = ("class token", "patch mean", "patch mean, positive part", "patches above 0")
+    print("| block | domain | " + " | ".join(reads) + " |\n|---|---|" + "---|" * len(reads))
+    for b in range(len(h.model.visual.transformer.resblocks)):
+        fit, test = _mlp_inputs(h.model, imgs, b), _mlp_inputs(h.model, h.images, b)
+        for dom in ("pixel_art", "cartoon"):
+            y_fit, y_test = di == D.index(dom), h.di == D.index(dom)
+            w, c = detector(fit[:, 0], y_fit, 10.0)
+            n, t, width = fit.shape
+            pw, pc = detector(fit[:, 1:].reshape(-1, width), y_fit[:, None].expand(n, t - 1).reshape(-1), 10.0)
+            lp = test[:, 1:] @ pw + pc
+            scores = (test[:, 0] @ w + c, lp.mean(1), F.relu(lp).mean(1), (lp > 0).float().mean(1))
+            cells = []
+            for sc in scores:
+                thr = torch.quantile(sc[~y_test], 0.99)
+                cells.append(f"{100 * float((sc[y_test] > thr).float().mean()):.1f} %")
+            print(f"| {b} | {dom} | " + " | ".join(cells) + " |", flush=True)
+
+
 TOKEN_MLP_REQUESTS = REQUESTS[3:] + REQUESTS[:3]
 
 
@@ -793,6 +836,7 @@ COLLAPSE_RIDGES = (10.0, 40.0, 100.0, 300.0, 1000.0)     # gate.COLLAPSE_RIDGE c
 MAP_TRANSLATE_STEPS = (0, 20)                # ForgetConfig.gate_translate_steps candidates, domain requests
 MAP_DETECTOR_RIDGES = (10.0, 100.0)          # gate.DETECTOR_RIDGE candidates with them
 MAP_THRESHOLDS = (2.0, 1.0, 0.0, -1.0, -2.0)  # gate.MAP_THRESHOLD candidates
+COLLAPSE_THRESHOLDS = (1.0, 0.5, 0.0, -0.5, -1.0)  # gate.COLLAPSE_THRESHOLD candidates
 COLLAPSE_CAPS = tuple(itertools.product((10.0, 20.0, 30.0), (1.0, 2.0, 4.0)))   # (gate.COLLAPSE, gate.CAP)
 MAP_CLASS_WEIGHTS = (1.0, 3.0, 10.0)          # gate.MAP_CLASS_WEIGHT candidates
 GATE_SYNTHESES = ((0.9, 150), (0.99, 200), (0.999, 300))   # (accept_prob, steps) of the gate's prototypes
@@ -996,6 +1040,13 @@ def gate_synthesis(h: q.Harness, seeds=(0,)) -> None:
     each seed in ``seeds``."""
     _bank_sweep(h, "accept_prob, steps", GATE_SYNTHESES, DOMAIN_REQUESTS + COMPLETE_REQUESTS, seeds,
                 lambda v: {"accept_prob": v[0], "steps": v[1]})
+
+
+def gate_collapse_threshold(h: q.Harness, seeds=(0,)) -> None:
+    """The library's domain gate on the three domain-complete requests with its units switching on at each
+    detector logit in COLLAPSE_THRESHOLDS (gate.COLLAPSE_THRESHOLD; below 0: more images caught and
+    flagged), for prototype banks synthesized with each seed in ``seeds``."""
+    _constant_sweep(h, "COLLAPSE_THRESHOLD", COLLAPSE_THRESHOLDS, COMPLETE_REQUESTS, seeds)
 
 
 def gate_min_steps(h: q.Harness, seeds=(0,), values=MIN_STEPS) -> None:
@@ -1210,6 +1261,7 @@ def main(argv=None) -> int:
         "combined": lambda h, a: combined(h, a.blocks, a.steps, a.fit_per_cell, a.mode),
         "mlp-input": lambda h, a: mlp_input(h),
         "detect": lambda h, a: detect(h),
+        "patch-read": lambda h, a: patch_read(h),
         "class-token-mlp": lambda h, a: class_token_mlp(h, a.steps),
         "class-token-gate": lambda h, a: class_token_gate(h, steps=a.steps),
         "gate-detector": lambda h, a: gate_detector(h),
@@ -1222,6 +1274,7 @@ def main(argv=None) -> int:
         "gate-map-per-domain": lambda h, a: gate_map_per_domain(h, a.seeds),
         "gate-map-threshold": lambda h, a: gate_map_threshold(h, a.seeds),
         "gate-synthesis": lambda h, a: gate_synthesis(h, a.seeds),
+        "gate-collapse-threshold": lambda h, a: gate_collapse_threshold(h, a.seeds),
         "gate-min-steps": lambda h, a: gate_min_steps(h, a.seeds, a.min_steps or MIN_STEPS),
         "gate-map-class-weight": lambda h, a: gate_map_class_weight(h, a.seeds),
         "gate-collapse-cap": lambda h, a: gate_collapse_cap(h, a.seeds),
@@ -1236,7 +1289,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bank-seeds", default="0",
                     help="--gate-map-ridge, --gate-collapse, --gate-translate, --gate-collapse-ridge, "
                          "--gate-map-translate, --gate-map-per-domain, --gate-map-threshold, --gate-synthesis, "
-                         "--gate-map-class-weight, --gate-collapse-cap, --gate-min-steps: "
+                         "--gate-map-class-weight, --gate-collapse-cap, --gate-min-steps, --gate-collapse-threshold: "
                          "prototype bank seeds, comma-separated")
     ap.add_argument("--min-steps", default=None, help="--gate-min-steps: the values, comma-separated "
                     f"(default {','.join(map(str, MIN_STEPS))})")
