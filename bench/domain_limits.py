@@ -846,10 +846,11 @@ MIN_STEPS = (0, 40, 80)                       # ForgetConfig.min_steps candidate
 def _bank_sweep(h: q.Harness, label: str, values, requests, seeds, setting, variants=((None, None),)) -> None:
     """The library's domain gate on ``requests`` for each value in ``values`` (set by ``setting(value)``,
     which may return ForgetConfig fields to change) and each (name, wrapper) in ``variants`` (``wrapper``
-    replaces ``forget``'s call of ``gate.gate_entries``), with prototype banks synthesized with each seed in ``seeds``; scored on the
-    held-out renders and templates. Each cell: forgotten accuracy / same classes' drop / other classes'
-    drop (domain-complete: forgotten / other domains' drop), * where the request meets its targets. The
-    prototypes are translated once per bank, request and number of steps (``_translations_once``)."""
+    replaces ``forget``'s call of ``gate.gate_entries``), with prototype banks synthesized with each seed
+    in ``seeds``; scored on the held-out renders and templates. Each cell: forgotten accuracy / same
+    classes' drop / other classes' drop (domain-complete: forgotten / other domains' drop), * where the
+    request meets its targets. The prototypes are translated once per bank, request and number of steps
+    (``_translations_once``)."""
     from clipforget_fast import pipeline as module
     print(f"| {label} | request | " + " | ".join(f"bank seed {s}" for s in seeds) + " |\n"
           "|---|---|" + "---|" * len(seeds))
