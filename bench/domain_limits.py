@@ -620,16 +620,8 @@ def detect(h: q.Harness, per_cell: int = 20) -> None:
 
 def _mlp_inputs(model, images: torch.Tensor, block: int) -> torch.Tensor:
     """[n, tokens, width] every token's input to image block ``block``'s MLP, after its norm, fp32."""
-    blk, out = model.visual.transformer.resblocks[block], []
-    hook = blk.ln_2.register_forward_pre_hook(lambda m, a: out.append(a[0].detach().float()))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), 200):
-                model.encode_image(images[i:i + 200])
-    finally:
-        hook.remove()
-    x = torch.cat(out) if gate_site(model).batch_first else torch.cat(out, 1).transpose(0, 1)
-    return layer_norm(x, blk.ln_2)
+    norm = model.visual.transformer.resblocks[block].ln_2
+    return layer_norm(_inputs_of(model, norm, images).float(), norm)
 
 
 def patch_read(h: q.Harness, per_cell: int = 20) -> None:
