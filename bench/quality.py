@@ -27,6 +27,7 @@ from common import append_results  # noqa: E402
 from clipforget_fast import ForgetConfig, ForgetSpec, evaluate, forget, synthesize_prototypes  # noqa: E402
 from clipforget_fast import proving_ground as pg  # noqa: E402
 from clipforget_fast.spec import DEFAULT_TEMPLATES  # noqa: E402
+from clipforget_fast.synthesis import SYNTHESIS_FIELDS  # noqa: E402
 
 HELD_OUT_TEMPLATES = (
     "an illustration of a {cls}, {domain}.",
@@ -124,8 +125,7 @@ class Harness:
         return evaluate(self.model, self.tok, self.images, self.ci, self.di, templates=templates, **self.ev)
 
     def bank(self, config: ForgetConfig):
-        key = (config.prototypes_per_cell, config.steps, config.step_size, config.pixel_decay, config.jitter,
-               config.blur_every, config.accept_prob, config.min_steps, config.seed)
+        key = tuple(getattr(config, f) for f in SYNTHESIS_FIELDS)
         if config.use_prototypes and key not in self.banks:
             self.banks[key] = synthesize_prototypes(self.model, self.tok, spec_for("global", ["fish"], None), config)
         return self.banks.get(key)
