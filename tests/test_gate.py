@@ -179,6 +179,22 @@ def test_gate_collapses_every_class_in_the_detected_domains(monkeypatch):
     assert info3["prototypes_caught"] == 1.0 and info3["prototypes_flagged"] == 0.0
 
 
+@pytest.mark.parametrize("threshold, caught, flagged", [(100.0, 0.0, 0.0), (-100.0, 1.0, 1.0)])
+def test_collapse_threshold_sets_where_the_units_switch_on(monkeypatch, threshold, caught, flagged):
+    """The every-class gate's units switch on where the detector logit passes COLLAPSE_THRESHOLD: far above
+    every logit they catch nothing (and the forgotten domain's embeddings stay), far below they flag all."""
+    model = make_tiny_clip()
+    site = gate_site(model)
+    T = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+    fit = torch.cat([domain_images(40, False, 0), domain_images(40, True, 1)])
+    monkeypatch.setattr(gate, "COLLAPSE_THRESHOLD", threshold)
+    entries, info = gate_entries(model, site, fit, torch.arange(80) >= 40, T, rank=8, batch_size=64, autocast=OFF)
+    assert info["prototypes_caught"] == caught and info["prototypes_flagged"] == flagged
+    if threshold > 0:
+        before, after = run_patch(model, Patch(entries), domain_images(30, True, 11))
+        assert F.cosine_similarity(before[0], after[0]).min() > 0.99
+
+
 def test_gate_self_check_says_how_many_prototypes_its_detectors_catch(tokenizer, vocab, monkeypatch):
     # a push too small to move anything: the forgotten prototypes stay recognized and the warning says
     # what share of them the detectors caught
