@@ -996,7 +996,7 @@ def gate_real_detectors(h: q.Harness, per_cell: int = 20) -> None:
 
     def real_sharpness(g, on):                  # the same rule, on the real renders of the group's domains
         m, w, b = state["queue"].pop(0)
-        return library[1](ell_real @ w + b - (gate.MAP_THRESHOLD if state["map"] else 0.0), m)
+        return library[1](ell_real @ w + b - (gate.MAP_THRESHOLD if state["map"] else gate.COLLAPSE_THRESHOLD), m)
 
     library = (gate._detectors, gate._sharpness)
     choices = {"the library's (prototypes, translated ones)": library,
@@ -1268,7 +1268,7 @@ def main(argv=None) -> int:
         "gate-map-threshold": lambda h, a: gate_map_threshold(h, a.seeds),
         "gate-synthesis": lambda h, a: gate_synthesis(h, a.seeds),
         "gate-collapse-threshold": lambda h, a: gate_collapse_threshold(h, a.seeds),
-        "gate-min-steps": lambda h, a: gate_min_steps(h, a.seeds, a.min_steps or MIN_STEPS),
+        "gate-min-steps": lambda h, a: gate_min_steps(h, a.seeds, a.min_steps),
         "gate-map-class-weight": lambda h, a: gate_map_class_weight(h, a.seeds),
         "gate-collapse-cap": lambda h, a: gate_collapse_cap(h, a.seeds),
         "gate-real-detectors": lambda h, a: gate_real_detectors(h),
@@ -1282,10 +1282,10 @@ def main(argv=None) -> int:
     ap.add_argument("--bank-seeds", default="0",
                     help="--gate-map-ridge, --gate-collapse, --gate-translate, --gate-collapse-ridge, "
                          "--gate-map-translate, --gate-map-per-domain, --gate-map-threshold, --gate-synthesis, "
-                         "--gate-map-class-weight, --gate-collapse-cap, --gate-min-steps, --gate-collapse-threshold: "
-                         "prototype bank seeds, comma-separated")
-    ap.add_argument("--min-steps", default=None, help="--gate-min-steps: the values, comma-separated "
-                    f"(default {','.join(map(str, MIN_STEPS))})")
+                         "--gate-map-class-weight, --gate-collapse-cap, --gate-min-steps, "
+                         "--gate-collapse-threshold: prototype bank seeds, comma-separated")
+    ap.add_argument("--min-steps", default=",".join(map(str, MIN_STEPS)),
+                    help="--gate-min-steps: the values, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
     ap.add_argument("--blocks", type=int, default=1, help="--combined: how many last blocks' mlp.c_proj to fit")
     ap.add_argument("--steps", type=int, default=300, help="--combined: Adam steps")
@@ -1293,7 +1293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("global", "domain", "domain-complete"), help="--combined: only this mode")
     args = ap.parse_args(argv)
     args.seeds = tuple(int(v) for v in args.bank_seeds.split(","))
-    args.min_steps = tuple(int(v) for v in args.min_steps.split(",")) if args.min_steps else None
+    args.min_steps = tuple(int(v) for v in args.min_steps.split(","))
     chosen = [flag for flag in measurements if getattr(args, flag.replace("-", "_"))]
     if not chosen:
         ap.error("choose at least one of " + ", ".join(f"--{flag}" for flag in measurements))
