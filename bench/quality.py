@@ -59,6 +59,15 @@ MORE_DOMAIN_REQUESTS = [
     ("domain", ["cup", "key", "umbrella"], ["painting"]),
     ("domain", ["cup", "key", "umbrella"], ["pixel_art"]),
 ]
+# more domain-complete requests (--more-complete): the every-class gate on the domains and pairs the
+# default list leaves out
+MORE_COMPLETE_REQUESTS = [
+    ("domain-complete", None, ["photo"]),
+    ("domain-complete", None, ["cartoon"]),
+    ("domain-complete", None, ["painting"]),
+    ("domain-complete", None, ["photo", "sketch"]),
+    ("domain-complete", None, ["sketch", "pixel_art"]),
+]
 # targets in accuracy points (DESIGN §6): forgotten ≤ chance + slack; kept drop ≤ limit
 FORGET_SLACK = {"global": 2.0, "domain": 2.0, "domain-complete": 5.0}
 KEEP_DROP = 1.0
@@ -434,6 +443,7 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", action="store_true", help="recovery probe (knowledge retention)")
     ap.add_argument("--prototypes", action="store_true", help="synthesis report and prototype grid PNG")
     ap.add_argument("--more-domain", action="store_true", help="the targets on more domain requests")
+    ap.add_argument("--more-complete", action="store_true", help="the targets on more domain-complete requests")
     ap.add_argument("--out", default="results/quality", help="folder for PNGs")
     ap.add_argument("--edit", choices=EDITS, default="default",
                     help="edit checked against the targets: the library's forget() or a bench variant")
@@ -466,7 +476,10 @@ def main(argv=None) -> int:
         recovery_probe(h, record)
     if args.more_domain:
         rc |= check_targets(h, record, MORE_DOMAIN_REQUESTS, edit=f"{args.edit} edit, more domain requests")
-    if not (args.ablations or args.sequential or args.probe or args.prototypes or args.more_domain):
+    if args.more_complete:
+        rc |= check_targets(h, record, MORE_COMPLETE_REQUESTS, edit=f"{args.edit} edit, more domain-complete requests")
+    if not (args.ablations or args.sequential or args.probe or args.prototypes or args.more_domain
+            or args.more_complete):
         rc |= check_targets(h, record, edit=f"{args.edit} edit")
     return rc
 
