@@ -1049,6 +1049,13 @@ def gate_min_steps(h: q.Harness, seeds=(0,), values=MIN_STEPS) -> None:
     _bank_sweep(h, "min_steps", values, DOMAIN_REQUESTS + COMPLETE_REQUESTS, seeds, lambda v: {"min_steps": v})
 
 
+def gate_complete_banks(h: q.Harness, seeds=(0,)) -> None:
+    """The library's every-class gate as committed on the eight domain-complete requests (the harness's
+    three and its five more, ``--more-complete``), for prototype banks synthesized with each seed in
+    ``seeds``: whether a request meets on one bank or on every bank."""
+    _bank_sweep(h, "edit", ["library"], COMPLETE_REQUESTS + q.MORE_COMPLETE_REQUESTS, seeds, lambda v: None)
+
+
 def _constant_sweep(h: q.Harness, name, values, requests, seeds, variants=((None, None),)) -> None:
     """``_bank_sweep`` over the values of the gate's module constant ``name`` (read when the gate is
     fitted), or of a tuple of them together (each value then a tuple), put back afterwards."""
@@ -1271,6 +1278,7 @@ def main(argv=None) -> int:
         "gate-min-steps": lambda h, a: gate_min_steps(h, a.seeds, a.min_steps),
         "gate-map-class-weight": lambda h, a: gate_map_class_weight(h, a.seeds),
         "gate-collapse-cap": lambda h, a: gate_collapse_cap(h, a.seeds),
+        "gate-complete-banks": lambda h, a: gate_complete_banks(h, a.seeds),
         "gate-real-detectors": lambda h, a: gate_real_detectors(h),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
         "gate-two-blocks": lambda h, a: gate_two_blocks(h),
@@ -1283,7 +1291,7 @@ def main(argv=None) -> int:
                     help="--gate-map-ridge, --gate-collapse, --gate-translate, --gate-collapse-ridge, "
                          "--gate-map-translate, --gate-map-per-domain, --gate-map-threshold, --gate-synthesis, "
                          "--gate-map-class-weight, --gate-collapse-cap, --gate-min-steps, "
-                         "--gate-collapse-threshold: prototype bank seeds, comma-separated")
+                         "--gate-collapse-threshold, --gate-complete-banks: prototype bank seeds, comma-separated")
     ap.add_argument("--min-steps", default=",".join(map(str, MIN_STEPS)),
                     help="--gate-min-steps: the values, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
