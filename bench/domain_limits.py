@@ -1056,6 +1056,13 @@ def gate_complete_banks(h: q.Harness, seeds=(0,)) -> None:
     _bank_sweep(h, "edit", ["library"], COMPLETE_REQUESTS + q.MORE_COMPLETE_REQUESTS, seeds, lambda v: None)
 
 
+def gate_complete_push(h: q.Harness, seeds=(0,), values=(20.0, 30.0)) -> None:
+    """The library's every-class gate on the eight domain-complete requests (as ``gate_complete_banks``)
+    with each push in ``values`` (gate.COLLAPSE; the cap stays CAP times it): the photos it leaves are
+    caught but pushed too weakly (RESULTS (19)), the false flags of the kept domains get more too."""
+    _constant_sweep(h, "COLLAPSE", values, COMPLETE_REQUESTS + q.MORE_COMPLETE_REQUESTS, seeds)
+
+
 def _constant_sweep(h: q.Harness, name, values, requests, seeds, variants=((None, None),)) -> None:
     """``_bank_sweep`` over the values of the gate's module constant ``name`` (read when the gate is
     fitted), or of a tuple of them together (each value then a tuple), put back afterwards."""
@@ -1279,6 +1286,7 @@ def main(argv=None) -> int:
         "gate-map-class-weight": lambda h, a: gate_map_class_weight(h, a.seeds),
         "gate-collapse-cap": lambda h, a: gate_collapse_cap(h, a.seeds),
         "gate-complete-banks": lambda h, a: gate_complete_banks(h, a.seeds),
+        "gate-complete-push": lambda h, a: gate_complete_push(h, a.seeds),
         "gate-real-detectors": lambda h, a: gate_real_detectors(h),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
         "gate-two-blocks": lambda h, a: gate_two_blocks(h),
@@ -1291,7 +1299,8 @@ def main(argv=None) -> int:
                     help="--gate-map-ridge, --gate-collapse, --gate-translate, --gate-collapse-ridge, "
                          "--gate-map-translate, --gate-map-per-domain, --gate-map-threshold, --gate-synthesis, "
                          "--gate-map-class-weight, --gate-collapse-cap, --gate-min-steps, "
-                         "--gate-collapse-threshold, --gate-complete-banks: prototype bank seeds, comma-separated")
+                         "--gate-collapse-threshold, --gate-complete-banks, --gate-complete-push: prototype bank seeds, "
+                         "comma-separated")
     ap.add_argument("--min-steps", default=",".join(map(str, MIN_STEPS)),
                     help="--gate-min-steps: the values, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
