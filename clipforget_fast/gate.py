@@ -67,11 +67,11 @@ ACTION_SHARE = 0.5    # ε keeps every |ε(a_jᵀℓ + α_j)| on the prototypes 
 MAP_RIDGE = 0.3       # ridge of the map's least squares (relative to the mean eigenvalue of ℓ's Gram matrix),
                       # chosen on the proving ground from 1e-3 to 1 (bench/RESULTS.md): the map shrunk
                       # hard moves the kept classes less
-COLLAPSE = 10.0       # every class forgotten: the push at the median detected prototype, in multiples of
-                      # the median class token's norm; chosen on the proving ground from 3, 10 and 30
-                      # (bench/RESULTS.md): all three meet on sketch; on pixel art 3 leaves 27-31 %
-                      # recognized, 10 leaves 14.5-19 %, and 30 forgets little more (11.7-18.3 %) at a
-                      # higher cost to the kept domains where the detector errs
+COLLAPSE = 30.0       # every class forgotten: the push at the median detected prototype, in multiples of
+                      # the median class token's norm; chosen on the proving ground from 3, 10, 20 and 30
+                      # (bench/RESULTS.md (12), (19)): on eight requests and three prototype banks 30 meets
+                      # 4 of 8 on each bank, 10 meets 2 (the photos it catches keep their class, pushed
+                      # too weakly), at a higher cost to the kept domains where the detectors err
 CAP = 4.0             # ... and at most this many times that push at any image (GATE_LEVEL·CAP of gate input)
 COLLAPSE_RIDGE = 100.0  # ... the L2 penalty of its per-domain detectors (fitted on prototypes and translated
                         # ones); chosen on the proving ground from 10, 40, 100, 300 and 1000 (bench/RESULTS.md
