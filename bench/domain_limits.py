@@ -43,6 +43,9 @@
     python bench/domain_limits.py --gate-map-class-weight  # the map detectors' weight on the classes the
                                                     # map neutralizes
     python bench/domain_limits.py --gate-collapse-cap  # the every-class gate's push and its cap
+    python bench/domain_limits.py --gate-complete-banks --bank-seeds 0,1,2  # the every-class gate on the
+                                                    # eight domain-complete requests, bank by bank
+    python bench/domain_limits.py --gate-complete-push --bank-seeds 0,1,2  # the same at pushes 20 and 30
     python bench/domain_limits.py --gate-real-detectors  # the gate with detectors fitted on real renders:
                                                     # a ceiling for its stand-in data
     python bench/domain_limits.py --gate-map-ceiling  # the gate's action with a perfect detector, fitted

@@ -5,6 +5,8 @@ and prompt templates the edit never saw.
     python bench/quality.py --ablations     # baselines and ablations table on one request per mode
     python bench/quality.py --sequential    # forget A, then B on the patched model
     python bench/quality.py --probe         # recovery probe on edited image features
+    python bench/quality.py --more-domain   # the target check on six more domain requests
+    python bench/quality.py --more-complete # the target check on five more domain-complete requests
 
 Images: fresh renders (seeds ≥ 3·10⁶; training used < 10⁵, its model selection 10⁶). Accuracy is
 zero-shot top-1 over all classes with the domain-agnostic prompt ensemble, once with the edit's own
