@@ -122,9 +122,10 @@ def misses(spec: ForgetSpec, s: Scores, chance: float) -> list[str]:
 class Harness:
     def __init__(self, per_cell: int, config: ForgetConfig, weights=None):
         self.model, self.tok, _ = pg.load(weights=weights)
-        # how the tables name the model: another checkpoint by its file name and pooling
+        # how the tables name the model: another checkpoint by its file name, depth and pooling
         self.name = "proving ground" if weights is None else \
-            f"proving ground, {Path(weights).name}, {self.model.visual.pool_type} pooling"
+            f"proving ground, {Path(weights).name}, {len(self.model.visual.transformer.resblocks)} image " \
+            f"blocks, {self.model.visual.pool_type} pooling"
         self.config = config
         self.images, self.ci, self.di = pg.render(list(pg.CLASSES), list(pg.DOMAINS), per_cell, seed=RENDER_SEED)
         self.ev = dict(classes=list(pg.CLASSES), domains=list(pg.DOMAINS), domain_phrases=pg.DOMAIN_PHRASES,

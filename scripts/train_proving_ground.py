@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clipforget_fast.proving_ground import metrics  # noqa: E402
 from clipforget_fast.proving_ground.model import (POOL_TYPES, WEIGHTS_PATH, build_model,  # noqa: E402
-                                                  checkpoint_pool_type, get_tokenizer)
+                                                  checkpoint_pool_type, checkpoint_vision_layers,
+                                                  get_tokenizer)
 from clipforget_fast.proving_ground.render import (CLASS_PHRASES, CLASSES, COLOUR_NAMES,  # noqa: E402
                                                    DOMAIN_PHRASES, DOMAINS, render, render_raw,
                                                    to_model_input)
@@ -80,7 +81,7 @@ def save(model, path):
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    meta = {"pool_type": model.visual.pool_type}
+    meta = {"pool_type": model.visual.pool_type, "vision_layers": str(len(model.visual.transformer.resblocks))}
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)
 
@@ -113,6 +114,9 @@ def main():
                     help="what the image tower reads out: the class token, as OpenAI and LAION CLIP ViTs do (the "
                          "shipped model), or the mean of the patch tokens (the model shipped before it); recorded "
                          "in the checkpoint")
+    ap.add_argument("--vision-layers", type=int, default=None,
+                    help="the image tower's number of blocks (default: the config's, the shipped model's); "
+                         "recorded in the checkpoint")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 was fastest on the shared 2-core training machine")
     ap.add_argument("--eval-every", type=int, default=250)
@@ -137,12 +141,16 @@ def main():
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    model = build_model(args.pool).train()
+    model = build_model(args.pool, args.vision_layers).train()
     if args.init is not None:
         init_pool = checkpoint_pool_type(args.init)
         if init_pool != args.pool:
             raise ValueError(f"--init {str(args.init)!r} was trained with pool_type {init_pool!r}, "
                              f"not --pool {args.pool!r}")
+        init_layers = checkpoint_vision_layers(args.init)
+        if init_layers != len(model.visual.transformer.resblocks):
+            raise ValueError(f"--init {str(args.init)!r} has {init_layers} image blocks, "
+                             f"not --vision-layers {len(model.visual.transformer.resblocks)}")
         model.load_state_dict({k: v.float() for k, v in load_file(str(args.init)).items()})
     tokenizer = get_tokenizer()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]

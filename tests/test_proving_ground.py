@@ -148,6 +148,39 @@ def test_pooling_follows_the_checkpoint(loaded, tmp_path):
         build_model("first")
 
 
+def test_depth_follows_the_checkpoint(tmp_path):
+    """A tower of another depth (``vision_layers``) is recorded in the checkpoint's metadata and rebuilt
+    from it by pg.load; the shipped checkpoint says nothing and has the config's depth."""
+    from safetensors.torch import save_file
+
+    from clipforget_fast.proving_ground.model import build_model, checkpoint_vision_layers
+
+    layers = pg.register()["vision_cfg"]["layers"]
+    assert checkpoint_vision_layers(WEIGHTS_PATH) == layers
+    assert len(build_model().visual.transformer.resblocks) == layers
+    torch.manual_seed(0)
+    deeper = build_model("tok", layers + 2).eval()
+    assert len(deeper.visual.transformer.resblocks) == layers + 2
+    path = tmp_path / "deeper.safetensors"
+    save_file({k: v.contiguous() for k, v in deeper.state_dict().items()}, str(path),
+              metadata={"pool_type": "tok", "vision_layers": str(layers + 2)})
+    back, _, _ = pg.load(weights=path)
+    x, _, _ = pg.render(["star"], ["photo"], n_per_cell=2, seed=FRESH_SEED)
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode_image(x), deeper.encode_image(x), rtol=0, atol=0)
+    save_file({k: v.contiguous() for k, v in deeper.state_dict().items()}, str(path),
+              metadata={"pool_type": "tok"})
+    with pytest.raises(RuntimeError, match="resblocks"):      # the config's depth does not fit these weights
+        pg.load(weights=path)
+    save_file({k: v.contiguous() for k, v in deeper.state_dict().items()}, str(path),
+              metadata={"pool_type": "tok", "vision_layers": "six"})
+    with pytest.raises(ValueError, match="vision_layers='six'"):
+        pg.load(weights=path)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="vision_layers"):
+            build_model("tok", bad)
+
+
 def test_checkpoint_size():
     assert WEIGHTS_PATH.stat().st_size <= 25 * 1024 * 1024
 

@@ -10,7 +10,9 @@ config's `pool_type` "tok"). `pool_type="avg"` builds the same network averaging
 (the weights have the same names and shapes; only what the tower reads out differs), the pooling of the
 model shipped before this one. A checkpoint records its pooling in its safetensors metadata
 (`"pool_type"`), which `load` follows; one without it is average-pooled (those were written before the
-pooling was recorded).
+pooling was recorded). The image tower's depth can differ from the config's too (``vision_layers``, for
+measuring how a deeper tower changes an edit); a checkpoint records it as ``"vision_layers"``, which `load`
+follows as well (the config's when absent).
 """
 import json
 import logging
@@ -42,21 +44,27 @@ def register():
 POOL_TYPES = ("avg", "tok")
 
 
-def build_model(pool_type: str | None = None):
+def build_model(pool_type: str | None = None, vision_layers: int | None = None):
     """A randomly initialised proving-ground CLIP (fp32, train mode); ``pool_type`` is what the image
     tower reads out: ``"tok"`` (the class token: the config's, and the shipped model's) or ``"avg"`` (the
-    mean of the patch tokens); None takes the config's."""
+    mean of the patch tokens); ``vision_layers`` the image tower's number of blocks. None takes the
+    config's."""
     cfg = register()
     pool_type = cfg["vision_cfg"]["pool_type"] if pool_type is None else pool_type
     if pool_type not in POOL_TYPES:
         raise ValueError(f"pool_type={pool_type!r} must be one of {POOL_TYPES}")
+    kwargs = {}
+    if vision_layers is not None:
+        if isinstance(vision_layers, bool) or not isinstance(vision_layers, int) or vision_layers < 1:
+            raise ValueError(f"vision_layers={vision_layers!r} must be a positive int")
+        kwargs["vision_cfg"] = {**cfg["vision_cfg"], "layers": vision_layers}
     # open_clip logs "No pretrained weights loaded ... initialized randomly" for pretrained=None,
     # which reads as an error when load() fills the weights right after: keep it out of the log.
     quiet = logging.getLogger()
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        model = open_clip.create_model(MODEL_NAME, pretrained=None, device="cpu")
+        model = open_clip.create_model(MODEL_NAME, pretrained=None, device="cpu", **kwargs)
     finally:
         quiet.setLevel(level)
     model.visual.pool_type = pool_type     # read at forward time only: no weight depends on it
@@ -86,17 +94,30 @@ def checkpoint_pool_type(path) -> str:
     return pool
 
 
+def checkpoint_vision_layers(path) -> int:
+    """The image tower's number of blocks in a proving-ground checkpoint (its safetensors metadata's
+    ``"vision_layers"``; the config's when it does not say)."""
+    with safe_open(str(path), framework="pt") as f:
+        layers = (f.metadata() or {}).get("vision_layers")
+    if layers is None:
+        return register()["vision_cfg"]["layers"]
+    if not layers.isdigit() or int(layers) < 1:
+        raise ValueError(f"{str(path)!r}: metadata vision_layers={layers!r} is not a positive int")
+    return int(layers)
+
+
 def load(device="cpu", weights=None):
     """Load the committed, trained proving-ground model offline.
 
     Returns (model in eval mode, fp32, on `device`; tokenizer; preprocess). `weights` overrides the
     checkpoint path (a safetensors file of this architecture); its metadata's ``"pool_type"`` says how
-    the image tower pools (``"avg"`` when it has none).
+    the image tower pools (``"avg"`` when it has none), ``"vision_layers"`` how many blocks it has (the
+    config's when it has none).
     """
     path = Path(weights) if weights is not None else WEIGHTS_PATH
     if not path.is_file():
         raise ValueError(f"weights file not found: {str(path)!r}")
-    model = build_model(checkpoint_pool_type(path))
+    model = build_model(checkpoint_pool_type(path), checkpoint_vision_layers(path))
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     model.load_state_dict(state, strict=True)
     model = model.to(device).eval()
