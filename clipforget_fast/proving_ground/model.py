@@ -84,11 +84,16 @@ def get_preprocess():
                                      interpolation="bicubic", resize_mode="shortest")
 
 
+def _metadata(path) -> dict:
+    """A safetensors file's metadata ({} when it has none)."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
 def checkpoint_pool_type(path) -> str:
     """The image tower's pooling a proving-ground checkpoint was trained with (``"avg"`` when its
     safetensors metadata does not say: checkpoints written before the pooling was recorded)."""
-    with safe_open(str(path), framework="pt") as f:
-        pool = (f.metadata() or {}).get("pool_type", "avg")
+    pool = _metadata(path).get("pool_type", "avg")
     if pool not in POOL_TYPES:
         raise ValueError(f"{str(path)!r}: metadata pool_type={pool!r} is not one of {POOL_TYPES}")
     return pool
@@ -97,8 +102,7 @@ def checkpoint_pool_type(path) -> str:
 def checkpoint_vision_layers(path) -> int:
     """The image tower's number of blocks in a proving-ground checkpoint (its safetensors metadata's
     ``"vision_layers"``; the config's when it does not say)."""
-    with safe_open(str(path), framework="pt") as f:
-        layers = (f.metadata() or {}).get("vision_layers")
+    layers = _metadata(path).get("vision_layers")
     if layers is None:
         return register()["vision_cfg"]["layers"]
     if not layers.isdigit() or int(layers) < 1:
