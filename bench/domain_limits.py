@@ -51,6 +51,8 @@
     python bench/domain_limits.py --gate-map-ceiling  # the gate's action with a perfect detector, fitted
                                                     # on prototypes vs real renders, on domain-complete
     python bench/domain_limits.py --gate-two-blocks # the gate's action in the last two blocks
+    python bench/domain_limits.py --gate-detector-forms  # the every-class gate's detector as a committee
+                                                    # of half-spaces, or fitted on moved stand-ins
 
 Every option takes --weights W: another proving-ground checkpoint instead of the shipped one. The shipped
 model reads its class token out; --oracle, --transfer, --image-redirect, --fitted, --combined and
@@ -67,6 +69,7 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
+import math
 import sys
 import time
 from pathlib import Path
@@ -1255,6 +1258,162 @@ def gate_two_blocks(h: q.Harness) -> None:
                   f"{result(y2_t + two(ell2_t) * on2[:, None])} |", flush=True)
 
 
+def committee_detector(X: torch.Tensor, y: torch.Tensor, units: int, ridge: float, steps: int = 600):
+    """A read of more than one half-space: the mean of ``units`` ramps clipped to [0, 1] (each what two
+    hidden units of one MLP compute, act(z) - act(z - 1), as the every-class gate's push is clipped) less
+    a threshold t, so an image must pass several half-spaces by enough to score above 0. The threshold
+    after the mean is not a unit's: a gate would act on the mean through its push's effect, so this
+    bounds what such a read ranks rather than being a gate. Fitted on ``X``
+    [n, f] (standardized) against ``y`` [n] bool by Adam on the log loss of a·(smoothly clipped mean - t)
+    with the L2 penalty ``ridge``·|W|²/n (seed 0); returns the score function of raw features."""
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Z, yf = (X - mu) / sd, y.float()
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(0.1 * torch.randn(units, X.shape[1]))
+    b = torch.nn.Parameter(torch.zeros(units))
+    a, t = torch.nn.Parameter(torch.tensor(40.0)), torch.nn.Parameter(torch.tensor(0.5))
+    opt = torch.optim.Adam([W, b, a, t], lr=0.02)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            z = Z @ W.t() + b
+            g = (F.softplus(4 * z) - F.softplus(4 * (z - 1))).div(4).mean(1)
+            loss = F.binary_cross_entropy_with_logits(a * (g - t), yf) + ridge * W.pow(2).sum() / len(yf)
+            loss.backward()
+            opt.step()
+    Wr = W.detach() / sd
+    br = b.detach() - mu @ Wr.t()
+    return lambda F_: (F_ @ Wr.t() + br).clamp(0, 1).mean(1) - float(t.detach())
+
+
+def _moved(images: torch.Tensor, how: str) -> torch.Tensor:
+    """``images`` flipped left-right ("flip"), rolled by k pixels down and left ("shift k"), rotated by k
+    degrees ("rotate k") or zoomed by k ("zoom k", reflected at the border)."""
+    if how == "flip":
+        return images.flip(-1)
+    kind, k = how.split()
+    if kind == "shift":
+        return torch.roll(images, shifts=(int(k), -int(k)), dims=(-2, -1))
+    c, s = (math.cos(math.radians(float(k))), math.sin(math.radians(float(k)))) if kind == "rotate" else (float(k), 0.0)
+    theta = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=images.dtype).expand(len(images), 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="reflection", align_corners=False)
+
+
+GATE_FORMS_DOMAINS = ("pixel_art", "cartoon")   # the domains whose detectors the gate's misses come from
+MOVES = (("flip",), ("shift 3", "shift -3"), ("rotate 15", "rotate -15"), ("zoom 0.85", "zoom 1.15"),
+         ("flip", "shift 3", "shift -3", "rotate 15", "rotate -15", "zoom 0.85", "zoom 1.15"))
+
+
+@contextlib.contextmanager
+def _flipped_synthesis(seed: int = 0):
+    """Within it, prototype synthesis and translation see each image mirrored left-right at random, every
+    step (a seeded stream): prototypes made to read as their cell either way round, as real images do."""
+    from clipforget_fast import synthesis
+
+    library, gen = synthesis.encode_image, torch.Generator().manual_seed(seed)
+
+    def flipping(model, x):
+        mirror = (torch.rand(len(x), generator=gen) < 0.5).view(-1, 1, 1, 1).to(x.device)
+        return library(model, torch.where(mirror, x.flip(-1), x))
+
+    synthesis.encode_image = flipping
+    try:
+        yield
+    finally:
+        synthesis.encode_image = library
+
+
+def gate_detector_forms(h: q.Harness, per_cell: int = 40) -> None:
+    """Other forms of the every-class gate's detector, from its stand-in data and from real renders: a
+    committee of clipped half-spaces (``committee_detector``: a nonlinear read of the same features); the
+    linear detector fitted also on the stand-ins moved by flips, shifts, rotations and zooms (the real
+    renders' nuisances); and fitted on stand-ins from prototypes synthesized with random flips
+    (``_flipped_synthesis``), with the gate's result on them. Then how the model's own domain read of the
+    prototypes and of real renders bears those moves. For each domain of GATE_FORMS_DOMAINS the stand-ins
+    are the library's (prototypes and translated ones, bank seed 0, as ``forget`` builds them for every
+    class @ that domain); real renders: ``per_cell`` per cell (render seed 5·10⁶). Scored on the held-out
+    renders' class token at the gate's site: caught at 1 % of the others flagged, and caught / flagged at
+    score 0 (where the units switch on)."""
+    from clipforget_fast import gate, pipeline
+
+    site = gate_site(h.model)
+    off = dict(device_type="cpu", enabled=False)
+    T = cell_text(h.model, h.tok)
+
+    def ell(images):
+        return layer_norm(capture(h.model, site, images, 200, off)[0], site.norm)
+
+    def read(images, j, how):                   # the share the model's zero-shot domain read puts in domain j
+        moved = images if how is None else _moved(images, how)
+        with torch.no_grad():
+            E = torch.cat([F.normalize(h.model.encode_image(moved[i:i + 200]), dim=-1) for i in range(0, len(moved), 200)])
+        return float(((E @ T.t()).argmax(1) % len(D) == j).float().mean())
+
+    test = ell(h.images)
+    imgs, _, di = pg.render(C, D, per_cell, seed=REAL_SEED)
+    real = ell(imgs)
+    seen, reads, gates = {}, [], []
+    library = pipeline.gate_entries
+
+    def recording(model, where, images, forgotten, class_emb, *a, **k):
+        seen["images"], seen["domain"], seen["extra"] = images, k["domain_of"], k["extra"]
+        return library(model, where, images, forgotten, class_emb, *a, **k)
+
+    def stand_ins(dom, bank):                   # the request's stand-ins, labels and prototypes of ``dom``
+        res, _, _ = h.run(q.spec_for("domain-complete", None, [dom]))
+        gates.append(f"| {bank} | {dom} | {fmt(res['held-out'])} |")
+        j = D.index(dom)
+        labels = torch.cat([seen["domain"], seen["extra"][1]]) == j
+        return torch.cat([seen["images"], seen["extra"][0]]), labels, seen["images"][seen["domain"] == j]
+
+    print("| domain | fitted on | detector | caught at 1 % flagged | caught at 0 | flagged at 0 |\n|---|---|---|---|---|---|")
+    with _restored(pipeline, "gate_entries"):
+        pipeline.gate_entries = recording
+        for dom in GATE_FORMS_DOMAINS:
+            j, on = D.index(dom), h.di == D.index(dom)
+
+            def row(source, name, score):
+                s = score(test)
+                print(f"| {dom} | {source} | {name} | {100 * caught_at(s[on], s[~on], 0.01):.1f} % | "
+                      f"{100 * float((s[on] > 0).float().mean()):.1f} % | {100 * float((s[~on] > 0).float().mean()):.2f} % |",
+                      flush=True)
+
+            stand, labels, protos = stand_ins(dom, "the library's")
+            base = ell(stand)
+            for source, X, y in ((f"stand-ins ({len(labels)})", base, labels),
+                                 (f"real renders ({per_cell} per cell)", real, di == j)):
+                w, b = detector(X, y, gate.COLLAPSE_RIDGE)
+                row(source, "linear (the library's)", lambda F_: F_ @ w + b)
+                for units in (4, 8, 16):
+                    for ridge in (10.0, 100.0):
+                        row(source, f"committee of {units}, ridge {ridge:g}", committee_detector(X, y, units, ridge))
+            for moves in MOVES:
+                X = torch.cat([base] + [ell(_moved(stand, m)) for m in moves])
+                w, b = detector(X, labels.repeat(1 + len(moves)), gate.COLLAPSE_RIDGE * (1 + len(moves)))
+                row(f"stand-ins and {' + '.join(moves)}", "linear (the library's)", lambda F_: F_ @ w + b)
+            reads += [(dom, "the library's", m, read(protos, j, m), read(h.images[on], j, m))
+                      for m in (None,) + MOVES[-1]]
+            banks, h.banks = h.banks, {}
+            try:
+                with _flipped_synthesis():
+                    stand, labels, protos = stand_ins(dom, "synthesized with random flips")
+            finally:
+                h.banks = banks
+            w, b = detector(ell(stand), labels, gate.COLLAPSE_RIDGE)
+            row(f"stand-ins from prototypes synthesized with random flips ({len(labels)})", "linear (the library's)",
+                lambda F_: F_ @ w + b)
+            reads += [(dom, "synthesized with random flips", m, read(protos, j, m), read(h.images[on], j, m))
+                      for m in (None, "flip", "shift 3")]
+    print("\nThe model's own read of the domain (the best of every cell's prompts) on the prototypes and the held-out "
+          "renders of a domain, moved:\n\n| domain | prototypes | moved | prototypes read as the domain | real renders |"
+          "\n|---|---|---|---|---|")
+    for dom, bank, m, a, b_ in reads:
+        print(f"| {dom} | {bank} | {m or 'no'} | {100 * a:.1f} % | {100 * b_:.1f} % |")
+    print("\nThe every-class gate on each bank (forgotten accuracy / the other domains' drop):\n\n| prototypes | "
+          "domain | held-out templates |\n|---|---|---|\n" + "\n".join(gates))
+
+
 def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
     """An AccuracyMatrix of the held-out renders from their embeddings E and class embeddings T."""
     from clipforget_fast.evaluate import AccuracyMatrix
@@ -1298,6 +1457,7 @@ def main(argv=None) -> int:
         "gate-real-detectors": lambda h, a: gate_real_detectors(h),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
         "gate-two-blocks": lambda h, a: gate_two_blocks(h),
+        "gate-detector-forms": lambda h, a: gate_detector_forms(h),
     }
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-cell", type=int, default=20, help="held-out renders per cell")
