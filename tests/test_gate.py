@@ -1,5 +1,7 @@
 """The domain gate (clipforget_fast/gate.py): the neutral shift, the gate's on/off behaviour on a tiny
 random open_clip model, its patch (bias entries included) and the requests and towers it refuses."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,6 +179,40 @@ def test_gate_collapses_every_class_in_the_detected_domains(monkeypatch):
                             domain_of=domain_of)
     assert info3["detectors"] == 2 and len(info3["units"]) == 4 and len(info3["sharpness"]) == 2
     assert info3["prototypes_caught"] == 1.0 and info3["prototypes_flagged"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_collapse_runs_in_half_precision_with_large_tokens(dtype):
+    """The every-class gate's push, at most CAP times a push that is itself COLLAPSE times the median
+    token's norm, stays finite in a half-precision model whose residual stream is large (block 0's MLP
+    scaled up a thousandfold: tokens of norm ~1,600, a push capped near 135,000), images far past the
+    detector's switch included, and acts there as in fp32."""
+    model = make_tiny_clip()
+    mlp = model.visual.transformer.resblocks[0].mlp
+    with torch.no_grad():
+        for t in (mlp.c_proj.weight, mlp.c_proj.bias):
+            t.mul_(1000.0)
+    site = gate_site(model)
+    T = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+    fit = torch.cat([domain_images(40, False, 0), domain_images(40, True, 1)])
+    entries, info = gate_entries(model, site, fit, torch.arange(80) >= 40, T, rank=8, batch_size=64, autocast=OFF)
+    assert info["push_cap"] > 1e5
+    gone = domain_images(30, True, 11)
+    far = gone.clone()
+    far[:, 0, 8:24] += 5.0                          # a stronger mark: the detector's logit far past its switch
+    batches = (domain_images(30, False, 10), gone, far)
+    patch = Patch(entries)
+    with torch.no_grad():
+        with patch.applied(model):
+            ref = [encode_image(model, x) for x in batches]
+        half = copy.deepcopy(model).to(dtype)
+        patch.apply(half, force=True)               # computed on the fp32 weights: their hashes differ
+        out = [encode_image(half, x.to(dtype)).float() for x in batches]
+    assert all(bool(o.isfinite().all()) for o in out)
+    for o, r in zip(out, ref):                      # the kept images untouched, the detected ones collapsed
+        assert F.cosine_similarity(o, r).min() > 0.999
+    spread = lambda e: 1 - F.cosine_similarity(e, e.mean(0, keepdim=True)).mean()   # noqa: E731
+    assert spread(out[1]) < 1e-4 and spread(out[2]) < 1e-4
 
 
 @pytest.mark.parametrize("threshold, caught, flagged", [(100.0, 0.0, 0.0), (-100.0, 1.0, 1.0)])
