@@ -264,8 +264,22 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def _pixel_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the image tower's first floating weight (its patch embedding): the dtype its pixels
+    must come in when no autocast casts them (a bf16 or fp16 model on the CPU)."""
+    tower = model.vision_model if is_hf_clip(model) else getattr(model, "visual", model)
+    for p in tower.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
 def encode_image(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[B, D] image embeddings (not normalized) of normalized pixels ``images`` [B, 3, H, W]."""
+    """[B, D] image embeddings (not normalized) of normalized pixels ``images`` [B, 3, H, W], cast to the
+    image tower's weight dtype (differentiably: pixel gradients come back in the pixels' dtype)."""
+    dtype = _pixel_dtype(model)
+    if dtype is not None and images.dtype != dtype:
+        images = images.to(dtype)
     if is_hf_clip(model):
         return _features(model.get_image_features(pixel_values=images))
     return model.encode_image(images)

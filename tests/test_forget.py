@@ -89,6 +89,26 @@ def test_auto_edit_falls_back_to_projection(vocab):
     assert ForgetConfig(retain_energy=0.5).retain_energy_for("class-redirect") == 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kw, edit", [(dict(forget_classes=["dog"]), "class-redirect"),
+                                      (dict(forget_classes=["dog"], forget_domains=["sketch"]), "domain-gate"),
+                                      (dict(forget_domains=["sketch"]), "domain-gate"),
+                                      (dict(forget_domains=["sketch"]), "project")])
+def test_forget_a_half_precision_model_on_the_cpu(tokenizer, vocab, dtype, kw, edit):
+    """A bf16 or fp16 model where no autocast runs (the CPU): every edit computes its patch (the pixels
+    meet the tower in its dtype), and the patched model embeds finite features."""
+    from conftest import make_tiny_clip
+    from clipforget_fast.layers import encode_image
+
+    model = make_tiny_clip().to(dtype)
+    cfg = FAST.replace(edit=edit, gate_translate_steps=4)
+    patch = forget(model, tokenizer, ForgetSpec(*vocab, **kw), cfg)
+    assert patch.info["edit"] == edit and patch.entries
+    with torch.no_grad(), patch.applied(model):
+        e = encode_image(model, torch.randn(6, 3, 32, 32))
+    assert e.dtype == dtype and bool(e.float().isfinite().all())
+
+
 @pytest.mark.parametrize("edit", ["auto", "project"])
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_forget_under_no_grad_or_inference_mode(tiny_clip, tokenizer, vocab, edit, mode):
