@@ -147,6 +147,17 @@ def _names(value, flag: str) -> list[str] | None:
     return items
 
 
+def _proving_ground_words(args) -> dict:
+    """With ``--model proving-ground``: its vocabulary (``classes``, ``domains``), which a request on it
+    takes where it names none; else {}. (The library's phrases for names it knows, ``pixel_art`` as "pixel
+    art image", are the proving ground's.)"""
+    if getattr(args, "model", None) != PROVING_GROUND or getattr(args, "hf", None) is not None:
+        return {}
+    from . import proving_ground as pg
+
+    return dict(classes=list(pg.CLASSES), domains=list(pg.DOMAINS))
+
+
 def build_spec(args) -> ForgetSpec:
     listed = [args.classes, args.domains, args.forget_classes, args.forget_domains]
     if args.spec is not None:
@@ -164,9 +175,11 @@ def build_spec(args) -> ForgetSpec:
             raise UsageError(f"--spec: unknown keys {sorted(extra)}")
         kw = d
     else:
-        if args.classes is None or args.domains is None:
+        own = _proving_ground_words(args)
+        if (args.classes is None or args.domains is None) and not own:
             raise UsageError("give --classes and --domains (or --spec FILE)")
-        kw = dict(classes=_names(args.classes, "--classes"), domains=_names(args.domains, "--domains"),
+        kw = dict(classes=_names(args.classes, "--classes") if args.classes is not None else own.get("classes"),
+                  domains=_names(args.domains, "--domains") if args.domains is not None else own.get("domains"),
                   forget_classes=_names(args.forget_classes, "--forget-classes"),
                   forget_domains=_names(args.forget_domains, "--forget-domains"))
     if "classes" not in kw or "domains" not in kw:
@@ -409,8 +422,10 @@ def add_request_args(p: argparse.ArgumentParser, forget_optional: bool = False) 
     r = p.add_argument_group("request (or --spec FILE)" if not forget_optional else
                              "vocabulary (or --spec FILE); what is forgotten does not change the prototypes")
     r.add_argument("--spec", help="JSON request")
-    r.add_argument("--classes", help="the vocabulary's classes: a,b,c or @file")
-    r.add_argument("--domains", help="the vocabulary's domains: photo,sketch or @file")
+    r.add_argument("--classes", help="the vocabulary's classes: a,b,c or @file (with --model proving-ground: "
+                                     "its 20 unless given)")
+    r.add_argument("--domains", help="the vocabulary's domains: photo,sketch or @file (with --model proving-ground: "
+                                     "its 5 unless given)")
     r.add_argument("--forget-classes", help="classes to forget (default: every class of --forget-domains)")
     r.add_argument("--forget-domains", help="domains to forget them in (default: every domain)")
 

@@ -70,6 +70,20 @@ def test_forget_info_apply_and_reload(capsys, tmp_path, base):
     assert pg.load(weights=merged)[0].visual.pool_type == "tok"
 
 
+def test_the_proving_ground_brings_its_vocabulary(capsys, tmp_path):
+    """On the proving ground a request without --classes / --domains takes its 20 classes and 5 domains;
+    one of them given replaces only that list."""
+    p = tmp_path / "fish.safetensors"
+    run(capsys, "forget", "--model", "proving-ground", "--forget-classes", "fish", *FAST, "--out", p)
+    spec = Patch.load(p).spec
+    assert spec["classes"] == list(pg.CLASSES) and spec["domains"] == list(pg.DOMAINS)
+    assert sorted(map(tuple, spec["forget_cells"])) == sorted(("fish", d) for d in pg.DOMAINS)
+    run(capsys, "forget", "--model", "proving-ground", "--domains", "photo,sketch", "--forget-classes", "fish", *FAST,
+        "--out", p)
+    spec = Patch.load(p).spec
+    assert spec["classes"] == list(pg.CLASSES) and spec["domains"] == ["photo", "sketch"]
+
+
 def test_open_clip_loader_and_a_second_request_on_the_merged_weights(capsys, tmp_path, base):
     oc = ["--model", "ProvingGround-ViT-48", "--model-config", CONFIG_PATH]
     spec = tmp_path / "spec.json"
@@ -156,7 +170,7 @@ def test_bad_input_is_named_and_writes_nothing(capsys, tmp_path):
         ([*pgm, *VOCAB, "--forget-classes", "fish", "--set", "alpha=2"], "ForgetConfig.alpha=2"),
         ([*pgm, *VOCAB, "--forget-classes", "fish", "--set", "colour=1"], "unknown fields ['colour']"),
         ([*pgm, *VOCAB, "--forget-classes", "fish", "--set", "alpha"], "expected field=value"),
-        ([*pgm, "--domains", "photo", "--forget-classes", "fish"], "give --classes and --domains"),
+        (["--model", "ViT-B-32", "--domains", "photo", "--forget-classes", "fish"], "give --classes and --domains"),
         ([*pgm, "--classes", ",", "--domains", "photo", "--forget-classes", "fish"], "--classes: no names"),
         ([*pgm, "--classes", "@" + str(tmp_path / "none.txt"), "--domains", "photo"], "none.txt"),
         (["--model", "ViT-B-32", *VOCAB, "--forget-classes", "fish"], "--checkpoint FILE"),
