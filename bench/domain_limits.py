@@ -52,7 +52,8 @@
                                                     # on prototypes vs real renders, on domain-complete
     python bench/domain_limits.py --gate-two-blocks # the gate's action in the last two blocks
     python bench/domain_limits.py --gate-detector-forms  # the every-class gate's detector as a committee
-                                                    # of half-spaces, or fitted on moved stand-ins
+                                                    # of half-spaces, fitted on moved stand-ins, held
+                                                    # steady under moves, on mirrored prototypes
 
 Every option takes --weights W: another proving-ground checkpoint instead of the shipped one. The shipped
 model reads its class token out; --oracle, --transfer, --image-redirect, --fitted, --combined and
@@ -1286,6 +1287,32 @@ def committee_detector(X: torch.Tensor, y: torch.Tensor, units: int, ridge: floa
     return lambda F_: (F_ @ Wr.t() + br).clamp(0, 1).mean(1) - float(t.detach())
 
 
+def steady_detector(X: torch.Tensor, y: torch.Tensor, moved: torch.Tensor, ridge: float, steady: float):
+    """The library's logistic detector (standardized features, L2 penalty ``ridge``·|w|²/n) with a second
+    penalty ``steady``·wᵀ S w, S the second moment of ``moved`` [m, f] (the change of the features when
+    an example is moved): a read kept to what does not change when an image moves, as real images' domain
+    does not. (w, b) on the raw features."""
+    with torch.enable_grad():
+        mu, sd = X.mean(0), X.std(0) + 1e-6
+        z, dz = (X - mu) / sd, moved / sd
+        S = dz.t() @ dz / len(dz)
+        w = torch.zeros(X.shape[1], requires_grad=True)
+        b = torch.zeros((), requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+        yf = y.float()
+
+        def closure():
+            opt.zero_grad()
+            loss = (F.binary_cross_entropy_with_logits(z @ w + b, yf) + ridge * w.pow(2).sum() / len(yf)
+                    + steady * (w @ S @ w))
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        w = w.detach() / sd
+        return w, b.detach() - mu @ w
+
+
 def _moved(images: torch.Tensor, how: str) -> torch.Tensor:
     """``images`` flipped left-right ("flip"), rolled by k pixels down and left ("shift k"), rotated by k
     degrees ("rotate k") or zoomed by k ("zoom k", reflected at the border)."""
@@ -1301,6 +1328,7 @@ def _moved(images: torch.Tensor, how: str) -> torch.Tensor:
 
 
 GATE_FORMS_DOMAINS = ("pixel_art", "cartoon")   # the domains whose detectors the gate's misses come from
+STEADY = (0.01, 0.1, 1.0)                     # steady_detector's penalty on what moving changes
 MOVES = (("flip",), ("shift 3", "shift -3"), ("rotate 15", "rotate -15"), ("zoom 0.85", "zoom 1.15"),
          ("flip", "shift 3", "shift -3", "rotate 15", "rotate -15", "zoom 0.85", "zoom 1.15"))
 
@@ -1328,9 +1356,9 @@ def gate_detector_forms(h: q.Harness, per_cell: int = 40) -> None:
     """Other forms of the every-class gate's detector, from its stand-in data and from real renders: a
     committee of clipped half-spaces (``committee_detector``: a nonlinear read of the same features); the
     linear detector fitted also on the stand-ins moved by flips, shifts, rotations and zooms (the real
-    renders' nuisances); and fitted on stand-ins from prototypes synthesized with random flips
-    (``_flipped_synthesis``), with the gate's result on them. Then how the model's own domain read of the
-    prototypes and of real renders bears those moves. For each domain of GATE_FORMS_DOMAINS the stand-ins
+    renders' nuisances), or held steady under those moves (``steady_detector``); and fitted on stand-ins
+    from prototypes synthesized with random flips (``_flipped_synthesis``), with the gate's result on
+    them. Then how the model's own domain read of the prototypes and of real renders bears those moves. For each domain of GATE_FORMS_DOMAINS the stand-ins
     are the library's (prototypes and translated ones, bank seed 0, as ``forget`` builds them for every
     class @ that domain); real renders: ``per_cell`` per cell (render seed 5·10⁶). Scored on the held-out
     renders' class token at the gate's site: caught at 1 % of the others flagged, and caught / flagged at
@@ -1392,6 +1420,11 @@ def gate_detector_forms(h: q.Harness, per_cell: int = 40) -> None:
                 X = torch.cat([base] + [ell(_moved(stand, m)) for m in moves])
                 w, b = detector(X, labels.repeat(1 + len(moves)), gate.COLLAPSE_RIDGE * (1 + len(moves)))
                 row(f"stand-ins and {' + '.join(moves)}", "linear (the library's)", lambda F_: F_ @ w + b)
+            change = X[len(base):] - base.repeat(len(MOVES[-1]), 1)     # every move of the last, widest set
+            for steady in STEADY:
+                w, b = steady_detector(base, labels, change, gate.COLLAPSE_RIDGE, steady)
+                row(f"stand-ins ({len(labels)})", f"linear, held steady under the moves ({steady:g})",
+                    lambda F_: F_ @ w + b)
             reads += [(dom, "the library's", m, read(protos, j, m), read(h.images[on], j, m))
                       for m in (None,) + MOVES[-1]]
             banks, h.banks = h.banks, {}
