@@ -120,12 +120,15 @@ def misses(spec: ForgetSpec, s: Scores, chance: float) -> list[str]:
 
 
 class Harness:
-    def __init__(self, per_cell: int, config: ForgetConfig, weights=None):
+    def __init__(self, per_cell: int, config: ForgetConfig, weights=None, dtype: torch.dtype = torch.float32):
         self.model, self.tok, _ = pg.load(weights=weights)
+        self.model.to(dtype)                     # edits and evaluations alike run on weights of this dtype
         # how the tables name the model: another checkpoint by its file name, depth and pooling
         self.name = "proving ground" if weights is None else \
             f"proving ground, {Path(weights).name}, {len(self.model.visual.transformer.resblocks)} image " \
             f"blocks, {self.model.visual.pool_type} pooling"
+        if dtype != torch.float32:
+            self.name += f", {str(dtype).removeprefix('torch.')} weights"
         self.config = config
         self.images, self.ci, self.di = pg.render(list(pg.CLASSES), list(pg.DOMAINS), per_cell, seed=RENDER_SEED)
         self.ev = dict(classes=list(pg.CLASSES), domains=list(pg.DOMAINS), domain_phrases=pg.DOMAIN_PHRASES,
@@ -455,6 +458,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None,
                     help="another proving-ground checkpoint (e.g. a class-token one from scripts/train_proving_ground.py "
                          "--pool tok); the tables name it")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="the model's weight dtype for edits and evaluations (bf16: as a half-precision model is "
+                         "edited where no autocast runs)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run of the harness itself: 2 renders per cell, 2 prototypes × 10 steps, "
                          "one request per mode, nothing recorded (its verdicts mean nothing)")
@@ -466,7 +472,7 @@ def main(argv=None) -> int:
     config = ForgetConfig() if args.edit == "default" else ForgetConfig(edit=args.edit)
     config = config.replace(**{k: v for k, v in (("seed", args.seed), ("prototypes_per_cell", args.prototypes_per_cell))
                                if v is not None})
-    h = Harness(args.per_cell, config, args.weights)
+    h = Harness(args.per_cell, config, args.weights, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision])
     record = not args.no_record
     rc = 0
     if args.prototypes:
