@@ -324,3 +324,15 @@ def test_domain_gate_on_hf_and_converted(vocab):
         with patch.applied(hf), moved.applied(oc):
             torch.testing.assert_close(encode_image(hf, x), encode_image(oc, x), atol=2e-5, rtol=0)
             assert (encode_image(oc, x) - plain).abs().max() > 1e-3
+
+
+def test_a_half_precision_hf_model_on_the_cpu(vocab):
+    """A bf16 CLIPModel where no autocast runs (transformers casts the pixels to its patch embedding's
+    dtype itself): the domain gate's patch computes and applies, and the features stay finite."""
+    hf, tok = to_hf(make_tiny_clip()).to(torch.bfloat16), hf_tokenizer()
+    patch = forget(hf, tok, ForgetSpec(*vocab, forget_domains=["sketch"]),
+                   ForgetConfig(prototypes_per_cell=2, steps=8, edit="domain-gate", gate_translate_steps=4))
+    assert patch.info["edit"] == "domain-gate"
+    with torch.no_grad(), patch.applied(hf):
+        e = encode_image(hf, torch.randn(3, 3, 32, 32))
+    assert e.dtype == torch.bfloat16 and bool(e.float().isfinite().all())
