@@ -79,7 +79,8 @@ class ForgetConfig:
     # --- execution ---
     seed: int = 0                       # seeds noise, jitter and random sketches
     device: str | None = None           # None = the model's device
-    dtype: str | None = None            # autocast dtype; None = bfloat16 on CUDA, float32 on CPU
+    dtype: str | None = None            # autocast dtype; None = bfloat16 on CUDA, none on the CPU (the
+                                        # weights' own dtype)
 
     def __post_init__(self):
         def need(cond, field, why):
