@@ -265,8 +265,8 @@ def _features(out) -> torch.Tensor:
 
 
 def _pixel_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype of the image tower's first floating weight (its patch embedding): the dtype its pixels
-    must come in when no autocast casts them (a bf16 or fp16 model on the CPU)."""
+    """The dtype of the image tower's first floating weight (the dtype the tower was cast to): the dtype
+    its pixels must come in when no autocast casts them (a bf16 or fp16 model on the CPU)."""
     tower = model.vision_model if is_hf_clip(model) else getattr(model, "visual", model)
     for p in tower.parameters():
         if p.is_floating_point():

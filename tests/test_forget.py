@@ -5,6 +5,9 @@ import torch
 from torch import nn
 
 from clipforget_fast import ForgetConfig, ForgetSpec, Patch, forget
+from clipforget_fast.layers import encode_image
+
+from conftest import make_tiny_clip
 
 # the projection edit exercises every stage (synthesis, capture, nullspace on both towers)
 FAST = ForgetConfig(prototypes_per_cell=2, steps=8, batch_size=64, edit="project")
@@ -97,9 +100,6 @@ def test_auto_edit_falls_back_to_projection(vocab):
 def test_forget_a_half_precision_model_on_the_cpu(tokenizer, vocab, dtype, kw, edit):
     """A bf16 or fp16 model where no autocast runs (the CPU): every edit computes its patch (the pixels
     meet the tower in its dtype), and the patched model embeds finite features."""
-    from conftest import make_tiny_clip
-    from clipforget_fast.layers import encode_image
-
     model = make_tiny_clip().to(dtype)
     cfg = FAST.replace(edit=edit, gate_translate_steps=4)
     patch = forget(model, tokenizer, ForgetSpec(*vocab, **kw), cfg)
