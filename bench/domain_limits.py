@@ -1459,8 +1459,9 @@ def evaluate_embeddings(E: torch.Tensor, T: torch.Tensor, h: q.Harness):
 
 
 def main(argv=None) -> int:
-    # each measurement: its flag and how it runs on the harness and the parsed arguments, in this order
-    measurements = {
+    # each measurement: its flag and how it runs on the harness and the parsed arguments, in this order;
+    # those over prototype banks take the --bank-seeds (``seeds``) as well
+    plain = {
         "oracle": lambda h, a: oracle(h),
         "transfer": lambda h, a: transfer(h),
         "image-redirect": lambda h, a: image_redirect(h),
@@ -1473,35 +1474,38 @@ def main(argv=None) -> int:
         "class-token-gate": lambda h, a: class_token_gate(h, steps=a.steps),
         "gate-detector": lambda h, a: gate_detector(h),
         "gate-keep-order": lambda h, a: gate_keep_order(h),
-        "gate-map-ridge": lambda h, a: gate_map_ridge(h, a.seeds),
-        "gate-collapse": lambda h, a: gate_collapse(h, a.seeds),
-        "gate-translate": lambda h, a: gate_translate(h, a.seeds),
-        "gate-collapse-ridge": lambda h, a: gate_collapse_ridge(h, a.seeds),
-        "gate-map-translate": lambda h, a: gate_map_translate(h, a.seeds),
-        "gate-map-per-domain": lambda h, a: gate_map_per_domain(h, a.seeds),
-        "gate-map-threshold": lambda h, a: gate_map_threshold(h, a.seeds),
-        "gate-synthesis": lambda h, a: gate_synthesis(h, a.seeds),
-        "gate-collapse-threshold": lambda h, a: gate_collapse_threshold(h, a.seeds),
-        "gate-min-steps": lambda h, a: gate_min_steps(h, a.seeds, a.min_steps),
-        "gate-map-class-weight": lambda h, a: gate_map_class_weight(h, a.seeds),
-        "gate-collapse-cap": lambda h, a: gate_collapse_cap(h, a.seeds),
-        "gate-complete-banks": lambda h, a: gate_complete_banks(h, a.seeds),
-        "gate-complete-push": lambda h, a: gate_complete_push(h, a.seeds),
+    }
+    banked = {
+        "gate-map-ridge": lambda h, a, seeds: gate_map_ridge(h, seeds),
+        "gate-collapse": lambda h, a, seeds: gate_collapse(h, seeds),
+        "gate-translate": lambda h, a, seeds: gate_translate(h, seeds),
+        "gate-collapse-ridge": lambda h, a, seeds: gate_collapse_ridge(h, seeds),
+        "gate-map-translate": lambda h, a, seeds: gate_map_translate(h, seeds),
+        "gate-map-per-domain": lambda h, a, seeds: gate_map_per_domain(h, seeds),
+        "gate-map-threshold": lambda h, a, seeds: gate_map_threshold(h, seeds),
+        "gate-synthesis": lambda h, a, seeds: gate_synthesis(h, seeds),
+        "gate-collapse-threshold": lambda h, a, seeds: gate_collapse_threshold(h, seeds),
+        "gate-min-steps": lambda h, a, seeds: gate_min_steps(h, seeds, a.min_steps),
+        "gate-map-class-weight": lambda h, a, seeds: gate_map_class_weight(h, seeds),
+        "gate-collapse-cap": lambda h, a, seeds: gate_collapse_cap(h, seeds),
+        "gate-complete-banks": lambda h, a, seeds: gate_complete_banks(h, seeds),
+        "gate-complete-push": lambda h, a, seeds: gate_complete_push(h, seeds),
+    }
+    last = {
         "gate-real-detectors": lambda h, a: gate_real_detectors(h),
         "gate-map-ceiling": lambda h, a: gate_map_ceiling(h),
         "gate-two-blocks": lambda h, a: gate_two_blocks(h),
         "gate-detector-forms": lambda h, a: gate_detector_forms(h),
     }
+    measurements = {**plain, **{flag: (lambda h, a, run=run: run(h, a, a.seeds)) for flag, run in banked.items()},
+                    **last}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-cell", type=int, default=20, help="held-out renders per cell")
     for flag in measurements:
         ap.add_argument(f"--{flag}", action="store_true")
-    ap.add_argument("--bank-seeds", default="0",
-                    help="--gate-map-ridge, --gate-collapse, --gate-translate, --gate-collapse-ridge, "
-                         "--gate-map-translate, --gate-map-per-domain, --gate-map-threshold, --gate-synthesis, "
-                         "--gate-map-class-weight, --gate-collapse-cap, --gate-min-steps, "
-                         "--gate-collapse-threshold, --gate-complete-banks, --gate-complete-push: prototype bank seeds, "
-                         "comma-separated")
+    ap.add_argument("--bank-seeds", default=None,
+                    help=", ".join(f"--{flag}" for flag in banked) + ": prototype bank seeds, comma-separated "
+                         "(default 0)")
     ap.add_argument("--min-steps", default=",".join(map(str, MIN_STEPS)),
                     help="--gate-min-steps: the values, comma-separated")
     ap.add_argument("--weights", default=None, help="another proving-ground checkpoint")
@@ -1510,11 +1514,13 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-per-cell", type=int, default=20, help="--combined: real renders per cell to fit on")
     ap.add_argument("--mode", choices=("global", "domain", "domain-complete"), help="--combined: only this mode")
     args = ap.parse_args(argv)
-    args.seeds = tuple(int(v) for v in args.bank_seeds.split(","))
+    args.seeds = tuple(int(v) for v in (args.bank_seeds or "0").split(","))
     args.min_steps = tuple(int(v) for v in args.min_steps.split(","))
     chosen = [flag for flag in measurements if getattr(args, flag.replace("-", "_"))]
     if not chosen:
         ap.error("choose at least one of " + ", ".join(f"--{flag}" for flag in measurements))
+    if args.bank_seeds is not None and not set(chosen) & set(banked):
+        ap.error("--bank-seeds goes with one of " + ", ".join(f"--{flag}" for flag in banked))
     torch.manual_seed(0)
     h = q.Harness(args.per_cell, ForgetConfig(), args.weights)
     for flag in chosen:
