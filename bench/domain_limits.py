@@ -1327,6 +1327,11 @@ def _moved(images: torch.Tensor, how: str) -> torch.Tensor:
     return F.grid_sample(images, grid, padding_mode="reflection", align_corners=False)
 
 
+# prototype banks made to read as their cell however they are moved: mirrored at random every step, and
+# also rolled by up to 4 pixels (every phase of an 8-pixel patch grid) and kept moving to step 200 of 300
+STEADY_BANKS = (("synthesized with random flips", {}),
+                ("synthesized with random flips, rolls up to 4 pixels, moving to step 200 of 300",
+                 dict(jitter=4, steps=300, min_steps=200)))
 GATE_FORMS_DOMAINS = ("pixel_art", "cartoon")   # the domains whose detectors the gate's misses come from
 STEADY = (0.01, 0.1, 1.0)                     # steady_detector's penalty on what moving changes
 MOVES = (("flip",), ("shift 3", "shift -3"), ("rotate 15", "rotate -15"), ("zoom 0.85", "zoom 1.15"),
@@ -1357,8 +1362,8 @@ def gate_detector_forms(h: q.Harness, per_cell: int = 40) -> None:
     committee of clipped half-spaces (``committee_detector``: a nonlinear read of the same features); the
     linear detector fitted also on the stand-ins moved by flips, shifts, rotations and zooms (the real
     renders' nuisances), or held steady under those moves (``steady_detector``); and fitted on stand-ins
-    from prototypes synthesized with random flips (``_flipped_synthesis``), with the gate's result on
-    them. Then how the model's own domain read of the prototypes and of real renders bears those moves. For each domain of GATE_FORMS_DOMAINS the stand-ins
+    from prototypes synthesized to read as their cell however they are moved (STEADY_BANKS, with
+    ``_flipped_synthesis``), with the gate's result on them. Then how the model's own domain read of the prototypes and of real renders bears those moves. For each domain of GATE_FORMS_DOMAINS the stand-ins
     are the library's (prototypes and translated ones, bank seed 0, as ``forget`` builds them for every
     class @ that domain); real renders: ``per_cell`` per cell (render seed 5·10⁶). Scored on the held-out
     renders' class token at the gate's site: caught at 1 % of the others flagged, and caught / flagged at
@@ -1388,8 +1393,8 @@ def gate_detector_forms(h: q.Harness, per_cell: int = 40) -> None:
         seen["images"], seen["domain"], seen["extra"] = images, k["domain_of"], k["extra"]
         return library(model, where, images, forgotten, class_emb, *a, **k)
 
-    def stand_ins(dom, bank):                   # the request's stand-ins, labels and prototypes of ``dom``
-        res, _, _ = h.run(q.spec_for("domain-complete", None, [dom]))
+    def stand_ins(dom, bank, config=None):      # the request's stand-ins, labels and prototypes of ``dom``
+        res, _, _ = h.run(q.spec_for("domain-complete", None, [dom]), config)
         gates.append(f"| {bank} | {dom} | {fmt(res['held-out'])} |")
         j = D.index(dom)
         labels = torch.cat([seen["domain"], seen["extra"][1]]) == j
@@ -1427,17 +1432,18 @@ def gate_detector_forms(h: q.Harness, per_cell: int = 40) -> None:
                     lambda F_: F_ @ w + b)
             reads += [(dom, "the library's", m, read(protos, j, m), read(h.images[on], j, m))
                       for m in (None,) + MOVES[-1]]
-            banks, h.banks = h.banks, {}
-            try:
-                with _flipped_synthesis():
-                    stand, labels, protos = stand_ins(dom, "synthesized with random flips")
-            finally:
-                h.banks = banks
-            w, b = detector(ell(stand), labels, gate.COLLAPSE_RIDGE)
-            row(f"stand-ins from prototypes synthesized with random flips ({len(labels)})", "linear (the library's)",
-                lambda F_: F_ @ w + b)
-            reads += [(dom, "synthesized with random flips", m, read(protos, j, m), read(h.images[on], j, m))
-                      for m in (None, "flip", "shift 3")]
+            for bank, synthesis in STEADY_BANKS:
+                banks, h.banks = h.banks, {}
+                try:
+                    with _flipped_synthesis():
+                        stand, labels, protos = stand_ins(dom, bank, h.config.replace(**synthesis))
+                finally:
+                    h.banks = banks
+                w, b = detector(ell(stand), labels, gate.COLLAPSE_RIDGE)
+                row(f"stand-ins from prototypes {bank} ({len(labels)})", "linear (the library's)",
+                    lambda F_: F_ @ w + b)
+                reads += [(dom, bank, m, read(protos, j, m), read(h.images[on], j, m))
+                          for m in (None, "flip", "shift 3", "shift -3")]
     print("\nThe model's own read of the domain (the best of every cell's prompts) on the prototypes and the held-out "
           "renders of a domain, moved:\n\n| domain | prototypes | moved | prototypes read as the domain | real renders |"
           "\n|---|---|---|---|---|")
