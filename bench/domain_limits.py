@@ -1363,7 +1363,8 @@ def gate_detector_forms(h: q.Harness, per_cell: int = 40) -> None:
     linear detector fitted also on the stand-ins moved by flips, shifts, rotations and zooms (the real
     renders' nuisances), or held steady under those moves (``steady_detector``); and fitted on stand-ins
     from prototypes synthesized to read as their cell however they are moved (STEADY_BANKS, with
-    ``_flipped_synthesis``), with the gate's result on them. Then how the model's own domain read of the prototypes and of real renders bears those moves. For each domain of GATE_FORMS_DOMAINS the stand-ins
+    ``_flipped_synthesis``), with the gate's result on them. Then how the model's own domain read of the
+    prototypes and of real renders bears those moves. For each domain of GATE_FORMS_DOMAINS the stand-ins
     are the library's (prototypes and translated ones, bank seed 0, as ``forget`` builds them for every
     class @ that domain); real renders: ``per_cell`` per cell (render seed 5·10⁶). Scored on the held-out
     renders' class token at the gate's site: caught at 1 % of the others flagged, and caught / flagged at
