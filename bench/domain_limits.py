@@ -1381,7 +1381,8 @@ def gate_detector_forms(h: q.Harness, per_cell: int = 40) -> None:
     def read(images, j, how):                   # the share the model's zero-shot domain read puts in domain j
         moved = images if how is None else _moved(images, how)
         with torch.no_grad():
-            E = torch.cat([F.normalize(h.model.encode_image(moved[i:i + 200]), dim=-1) for i in range(0, len(moved), 200)])
+            E = torch.cat([F.normalize(h.model.encode_image(moved[i:i + 200]), dim=-1)
+                           for i in range(0, len(moved), 200)])
         return float(((E @ T.t()).argmax(1) % len(D) == j).float().mean())
 
     test = ell(h.images)
@@ -1401,7 +1402,8 @@ def gate_detector_forms(h: q.Harness, per_cell: int = 40) -> None:
         labels = torch.cat([seen["domain"], seen["extra"][1]]) == j
         return torch.cat([seen["images"], seen["extra"][0]]), labels, seen["images"][seen["domain"] == j]
 
-    print("| domain | fitted on | detector | caught at 1 % flagged | caught at 0 | flagged at 0 |\n|---|---|---|---|---|---|")
+    print("| domain | fitted on | detector | caught at 1 % flagged | caught at 0 | flagged at 0 |\n"
+          "|---|---|---|---|---|---|")
     with _restored(pipeline, "gate_entries"):
         pipeline.gate_entries = recording
         for dom in GATE_FORMS_DOMAINS:
@@ -1410,7 +1412,8 @@ def gate_detector_forms(h: q.Harness, per_cell: int = 40) -> None:
             def row(source, name, score):
                 s = score(test)
                 print(f"| {dom} | {source} | {name} | {100 * caught_at(s[on], s[~on], 0.01):.1f} % | "
-                      f"{100 * float((s[on] > 0).float().mean()):.1f} % | {100 * float((s[~on] > 0).float().mean()):.2f} % |",
+                      f"{100 * float((s[on] > 0).float().mean()):.1f} % | "
+                      f"{100 * float((s[~on] > 0).float().mean()):.2f} % |",
                       flush=True)
 
             stand, labels, protos = stand_ins(dom, "the library's")
@@ -1446,7 +1449,8 @@ def gate_detector_forms(h: q.Harness, per_cell: int = 40) -> None:
                 reads += [(dom, bank, m, read(protos, j, m), read(h.images[on], j, m))
                           for m in (None, "flip", "shift 3", "shift -3")]
     print("\nThe model's own read of the domain (the best of every cell's prompts) on the prototypes and the held-out "
-          "renders of a domain, moved:\n\n| domain | prototypes | moved | prototypes read as the domain | real renders |"
+          "renders of a domain, moved:\n\n"
+          "| domain | prototypes | moved | prototypes read as the domain | real renders |"
           "\n|---|---|---|---|---|")
     for dom, bank, m, a, b_ in reads:
         print(f"| {dom} | {bank} | {m or 'no'} | {100 * a:.1f} % | {100 * b_:.1f} % |")
