@@ -466,13 +466,14 @@ def main(argv=None) -> int:
                          "one request per mode, nothing recorded (its verdicts mean nothing)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     if args.quick:
-        h = Harness(2, ForgetConfig(prototypes_per_cell=2, steps=10), args.weights)
+        h = Harness(2, ForgetConfig(prototypes_per_cell=2, steps=10), args.weights, dtype)
         return check_targets(h, False, ABLATION_REQUESTS) and 0
     config = ForgetConfig() if args.edit == "default" else ForgetConfig(edit=args.edit)
     config = config.replace(**{k: v for k, v in (("seed", args.seed), ("prototypes_per_cell", args.prototypes_per_cell))
                                if v is not None})
-    h = Harness(args.per_cell, config, args.weights, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision])
+    h = Harness(args.per_cell, config, args.weights, dtype)
     record = not args.no_record
     rc = 0
     if args.prototypes:
