@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
 
 from clipforget_fast import ForgetConfig, ForgetSpec, evaluate, forget, synthesize_prototypes  # noqa: E402
-from clipforget_fast import proving_ground as pg  # noqa: E402
+from clipforget_fast import proving_ground as pg
+from clipforget_fast.cli import PRECISIONS  # noqa: E402
 from clipforget_fast.spec import DEFAULT_TEMPLATES  # noqa: E402
 from clipforget_fast.synthesis import SYNTHESIS_FIELDS  # noqa: E402
 
@@ -466,7 +467,7 @@ def main(argv=None) -> int:
                          "one request per mode, nothing recorded (its verdicts mean nothing)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    dtype = PRECISIONS[args.precision]
     if args.quick:
         h = Harness(2, ForgetConfig(prototypes_per_cell=2, steps=10), args.weights, dtype)
         return check_targets(h, False, ABLATION_REQUESTS) and 0

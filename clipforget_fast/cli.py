@@ -49,6 +49,7 @@ from .spec import ForgetSpec
 from .synthesis import PrototypeBank
 
 PROVING_GROUND = "proving-ground"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # --precision: weight dtype
 
 
 class UsageError(ValueError):
@@ -64,7 +65,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true",
                    help="build --model with random weights (mechanics and speed only; nothing is forgotten)")
     g.add_argument("--hf", metavar="DIR", help="folder of a Hugging Face CLIPModel and its tokenizer")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype")
+    g.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="weight dtype")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -79,7 +80,7 @@ def load_model(args) -> tuple[torch.nn.Module, object, object]:
     """(model in eval mode, tokenizer, preprocess: PIL image -> [3, H, W] normalized) from the model
     arguments (the preprocess is None for a Hugging Face folder without an image processor)."""
     family(args)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    dtype = PRECISIONS[args.precision]
     if args.hf is not None:
         if args.checkpoint or args.model_config or args.random_weights:
             raise UsageError("--checkpoint, --model-config and --random-weights go with --model, not --hf")
