@@ -65,7 +65,7 @@ class AccuracyMatrix:
         idx = self._index(cells)
         if not idx:
             return float("nan")
-        acc = self.accuracy
+        acc = self.correct.double() / self.total.double()       # fp64: 7 of 100 is 0.07, not 0.0700000003
         vals = torch.stack([acc[i, j] for i, j in idx])
         return float(vals[~vals.isnan()].mean())
 
