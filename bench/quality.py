@@ -8,10 +8,11 @@ and prompt templates the edit never saw.
     python bench/quality.py --more-domain   # the target check on six more domain requests
     python bench/quality.py --more-complete # the target check on five more domain-complete requests
 
-Images: fresh renders (seeds ≥ 3·10⁶; training used < 10⁵, its model selection 10⁶). Accuracy is
-zero-shot top-1 over all classes with the domain-agnostic prompt ensemble, once with the edit's own
-templates and once with held-out templates (paraphrases the edit never used). Forgotten cells are
-judged per domain (mean over the forgotten classes in that domain); kept cells by their mean drop.
+Images: fresh renders (seeds ≥ 3·10⁶; training used < 10⁵, its model selection 10⁶), PER_CELL per
+cell; the table gives the image counts behind each percentage. Accuracy is zero-shot top-1 over all
+classes with the domain-agnostic prompt ensemble, once with the edit's own templates and once with
+held-out templates (paraphrases the edit never used). Forgotten cells are judged per domain (mean over
+the forgotten classes in that domain); kept cells by their mean drop.
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ HELD_OUT_TEMPLATES = (
     "a picture of a {cls} ({domain}).",
 )
 RENDER_SEED = 3_000_000
+# held-out renders per (class, domain) cell. One image of a forgotten cell weighs 100 / PER_CELL points
+# against a slack of 2 points over chance: at 20 (the count until 2026-11-30) one image moved a
+# one-class cell 5 points and the same class's other domains 1.25, coarser than the targets themselves
+PER_CELL = 100
 
 # (mode, forget_classes, forget_domains): 1, 3 and 5 classes; one and several domains
 REQUESTS = [
@@ -460,7 +465,7 @@ def prototype_report(h: Harness, out: Path, record: bool) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--per-cell", type=int, default=20, help="held-out renders per cell")
+    ap.add_argument("--per-cell", type=int, default=PER_CELL, help="held-out renders per cell")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--ablations", action="store_true", help="baselines and ablations table")
     ap.add_argument("--sequential", action="store_true", help="forget A then B on the patched model")
