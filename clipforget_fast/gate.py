@@ -84,12 +84,14 @@ MAP_PER_DOMAIN = True  # some classes forgotten in several domains: a detector (
                        # (16): fish @ sketch, cartoon then meets on three prototype banks, 0 of 3 with one)
 MAP_THRESHOLD = 0.0    # the detector logit at which the map's units switch on; chosen on the proving ground
                        # from 0, -1 and -2 (bench/RESULTS.md (16)): a looser gate forgets more pixel art and
-                       # costs the forgotten classes in the other domains far more
+                       # costs the forgotten classes in the other domains far more; 0.5 (with
+                       # gate_keep_order 10000) trades the other way, 4 of 9 met as with 0 ((22))
 MAP_CLASS_WEIGHT = 1.0  # the weight, in the map detectors' log loss, of the examples of the classes the map
                         # neutralizes (the others: 1), where a detector's errors cost most; chosen on the
                         # proving ground from 1, 3 and 10 (bench/RESULTS.md (17): more weight, fewer requests met)
 KEEP_ORDER = ForgetConfig.gate_keep_order   # chosen on the proving ground from 0, 1, 10, 100, 1000 and
-                                            # 10000 on its nine domain requests (bench/RESULTS.md)
+                                            # 10000 on its nine domain requests (bench/RESULTS.md; (22):
+                                            # 100, 1000 and 10000 each meet 4 of 9 at 100 renders a cell)
 
 
 @torch.no_grad()
