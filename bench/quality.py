@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
 
 from clipforget_fast import ForgetConfig, ForgetSpec, evaluate, forget, synthesize_prototypes  # noqa: E402
-from clipforget_fast import proving_ground as pg
+from clipforget_fast import proving_ground as pg  # noqa: E402
 from clipforget_fast.cli import PRECISIONS  # noqa: E402
 from clipforget_fast.spec import DEFAULT_TEMPLATES  # noqa: E402
 from clipforget_fast.synthesis import SYNTHESIS_FIELDS  # noqa: E402
@@ -92,8 +92,8 @@ class Scores:
     same_class_drop: float      # domain mode: drop over the forgotten classes in the other domains
     keep_before: float
     keep_after: float
-    forget_counts: dict = None  # domain -> (recognized, images) behind forget_by_domain
-    lost: dict = None           # "kept" / "same": (images recognized before less after, images)
+    forget_counts: dict         # domain -> (recognized, images) behind forget_by_domain
+    lost: dict                  # "kept" / "same": (images recognized before less after, images)
 
 
 def spec_for(mode, fc, fd) -> ForgetSpec:
@@ -114,8 +114,11 @@ def score(spec: ForgetSpec, before, after) -> Scores:
     rest = spec.retain_cells - same
     sd = 100 * (before.cell_mean(same) - after.cell_mean(same)) if same else float("nan")
     counts = {d: after.counts([(c, dd) for c, dd in spec.forget_cells if dd == d]) for d in fb}
-    lost = {key: (before.counts(cells)[0] - after.counts(cells)[0], before.counts(cells)[1])
-            for key, cells in (("kept", rest), ("same", same)) if cells}
+    lost = {}
+    for key, cells in (("kept", rest), ("same", same)):
+        if cells:
+            (right, n), (right_after, _) = before.counts(cells), after.counts(cells)
+            lost[key] = (right - right_after, n)
     return Scores(fb, 100 * (before.cell_mean(rest) - after.cell_mean(rest)), sd,
                   100 * before.cell_mean(rest), 100 * after.cell_mean(rest), counts, lost)
 
