@@ -1105,13 +1105,16 @@ def _restored(obj, name: str):
 @contextlib.contextmanager
 def _translations_once():
     """Within it, forget() translates the prototypes of a bank for a request and a number of steps once
-    and reuses them (a sweep of the gate's own constants does not change them)."""
+    and reuses them (a sweep of the gate's own constants does not change them). The key holds the cells
+    in their order: two requests with the same forgotten domains list their cells (forgotten first) in
+    different orders, and translation's batches, made up otherwise, give other translations in the last
+    bits, which twenty steps of ascent carry into the gate (a point on some requests at 100 renders a cell)."""
     from clipforget_fast import pipeline as module
     saved, memo = module._translated, {}
 
     def translated(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config, classes,
                    world=None):
-        key = (float(images.double().sum()), tuple(forgotten_domains), config.gate_translate_steps)
+        key = (tuple(cells), float(images.double().sum()), tuple(forgotten_domains), config.gate_translate_steps)
         if key not in memo:
             memo[key] = saved(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config,
                               classes, world)
