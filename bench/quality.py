@@ -102,25 +102,24 @@ def spec_for(mode, fc, fd) -> ForgetSpec:
 
 
 def score(spec: ForgetSpec, before, after) -> Scores:
-    fb = {}
+    fb, counts = {}, {}
     for d in spec.domains:
         cells = [(c, dd) for c, dd in spec.forget_cells if dd == d]
         if cells:
-            fb[d] = 100 * after.cell_mean(cells)
+            fb[d], counts[d] = 100 * after.cell_mean(cells), after.counts(cells)
     same = set()
     if spec.mode in ("domain", "cells"):
         fcls = {c for c, _ in spec.forget_cells}
         same = {cell for cell in spec.retain_cells if cell[0] in fcls}
     rest = spec.retain_cells - same
     sd = 100 * (before.cell_mean(same) - after.cell_mean(same)) if same else float("nan")
-    counts = {d: after.counts([(c, dd) for c, dd in spec.forget_cells if dd == d]) for d in fb}
     lost = {}
     for key, cells in (("kept", rest), ("same", same)):
         if cells:
             (right, n), (right_after, _) = before.counts(cells), after.counts(cells)
             lost[key] = (right - right_after, n)
-    return Scores(fb, 100 * (before.cell_mean(rest) - after.cell_mean(rest)), sd,
-                  100 * before.cell_mean(rest), 100 * after.cell_mean(rest), counts, lost)
+    keep_before, keep_after = 100 * before.cell_mean(rest), 100 * after.cell_mean(rest)
+    return Scores(fb, keep_before - keep_after, sd, keep_before, keep_after, counts, lost)
 
 
 def misses(spec: ForgetSpec, s: Scores, chance: float) -> list[str]:
