@@ -229,9 +229,16 @@ def cmd_forget(args) -> int:
     family(args)
     spec = build_spec(args)                        # the request is checked before any model is loaded
     bank = PrototypeBank.load(_existing(args.prototypes, "--prototypes")) if args.prototypes else None
-    model, tokenizer, _ = load_model(args)
+    folders = domain_folder(Path(args.domain_examples), spec.domains) if args.domain_examples else None
+    model, tokenizer, preprocess = load_model(args)
+    examples = None
+    if folders is not None:
+        if preprocess is None:
+            raise UsageError(f"--hf: {args.hf!r} has no preprocessor_config.json (the image processor)")
+        examples = {d: torch.stack([_read_image(f, preprocess, "--domain-examples") for f in files])
+                    for d, files in folders.items()}
     t = time.perf_counter()
-    patch = forget(model, tokenizer, spec, config, prototypes=bank)
+    patch = forget(model, tokenizer, spec, config, prototypes=bank, domain_examples=examples)
     secs = time.perf_counter() - t
     patch.save(out)
     summary = {"patch": str(out), "mode": spec.mode, "edit": patch.info.get("edit"),
@@ -354,9 +361,35 @@ def image_folder(root: Path, per_cell: int | None = None) -> dict:
     return cells
 
 
-def cmd_evaluate(args) -> int:
+def domain_folder(root: Path, domains) -> dict:
+    """{domain: [image files]} of a folder laid out as root/<domain>/.../<image> (any subfolders: only the
+    domain is read), sorted by path; every <domain> must be one of ``domains``."""
+    if not root.is_dir():
+        raise UsageError(f"--domain-examples: no folder at {str(root)!r}")
+    found = {}
+    for ddir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if ddir.name not in domains:
+            raise UsageError(f"--domain-examples: folder {ddir.name!r} is not one of the request's domains "
+                             f"{list(domains)}")
+        files = sorted(f for f in ddir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            found[ddir.name] = files
+    if not found:
+        raise UsageError(f"--domain-examples: no images under {str(root)!r} (expected <domain>/<image> files)")
+    return found
+
+
+def _read_image(path: Path, preprocess, flag: str) -> torch.Tensor:
     from PIL import Image
 
+    try:
+        with Image.open(path) as im:
+            return preprocess(im.convert("RGB"))
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot read {str(path)!r} ({e})") from e
+
+
+def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
     if args.per_cell is not None and args.per_cell < 1:
@@ -377,11 +410,7 @@ def cmd_evaluate(args) -> int:
     images, ci, di = [], [], []
     for (c, d), files in cells.items():
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    images.append(preprocess(im.convert("RGB")))
-            except OSError as e:
-                raise UsageError(f"--images: cannot read {str(f)!r} ({e})") from e
+            images.append(_read_image(f, preprocess, "--images"))
             ci.append(classes.index(c))
             di.append(domains.index(d))
     images, ci, di = torch.stack(images), torch.tensor(ci), torch.tensor(di)
@@ -441,6 +470,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--set", action="append", metavar="FIELD=VALUE", help="one ForgetConfig field (repeatable)")
     f.add_argument("--prototypes", metavar="BANK", help="prototypes made by `clipforget prototypes` to reuse "
                                                         "(cells it lacks are synthesized)")
+    f.add_argument("--domain-examples", metavar="DIR",
+                   help="real images of some of the request's domains, as DIR/<domain>/.../<image> (any classes; "
+                        "only the folder's domain is read): the domain gate's detectors are fitted on them too")
     f.add_argument("--out", required=True, help="the patch file (.safetensors)")
     f.add_argument("--json", action="store_true", help="print the summary as JSON")
     f.set_defaults(run=cmd_forget)

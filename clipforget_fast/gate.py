@@ -219,7 +219,8 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
                  rank: int, batch_size: int, autocast: dict, taken=(), neutralize=None,
                  keep_order: float = KEEP_ORDER, domain_of: torch.Tensor | None = None,
                  extra: tuple[torch.Tensor, ...] | None = None,
-                 class_of: torch.Tensor | None = None) -> tuple[list[PatchEntry], dict]:
+                 class_of: torch.Tensor | None = None,
+                 examples: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[PatchEntry], dict]:
     """The domain gate's patch entries (see the module docstring) and what it measured on the prototypes.
 
     images:    [n, 3, H, W] the prototypes of every cell of the request.
@@ -236,6 +237,9 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
                for the detectors (prototypes translated between domains), labelled by domain (and class).
     class_of:  [n] int, the class (row of class_emb) of each prototype: with ``neutralize``, the map's
                detectors weigh those classes' examples by MAP_CLASS_WEIGHT (the class of ``extra`` too).
+    examples:  (images [e, 3, H, W], domain [e] int): with ``domain_of``, real images of some domains (of
+               classes not known), more examples for the detectors as ``extra`` are (weight 1). The gate's
+               sharpness and the map are still set from the prototypes.
     """
     probe = torch.tensor([-12.0, 12.0])
     out = site.act(probe).float()
@@ -285,6 +289,16 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
         ell_x = layer_norm(capture(model, site, ex, batch_size, autocast)[0], site.norm)
         if classes is not None:
             classes = torch.cat([classes, extra[2].to(images.device)]) if len(extra) > 2 else None
+    if examples is not None and len(examples[0]):
+        if domain_of is None:
+            raise ValueError("the domain gate's examples need the prototypes' domains (domain_of)")
+        ell_e = layer_norm(capture(model, site, examples[0].to(images.device), batch_size, autocast)[0], site.norm)
+        de = examples[1].to(images.device)
+        info["examples"] = {int(j): int((de == j).sum()) for j in sorted(set(de.tolist()))}
+        ell_x = ell_e if ell_x is None else torch.cat([ell_x, ell_e])
+        ed = de if ed is None else torch.cat([ed, de])
+        if classes is not None:                         # their classes are not known: never weighed
+            classes = torch.cat([classes, torch.full_like(de, -1)])
     more = None
     if ell_x is not None:
         more = (ell_x, [ed == j for j in gone] if per_domain

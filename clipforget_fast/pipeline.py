@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -21,7 +22,8 @@ from .config import ForgetConfig, gated_request
 from .distributed import World
 from .evaluate import AccuracyMatrix
 from .gate import gate_entries, rewired_units
-from .layers import Layer, context_length, encode_image, find_layers, gate_site, image_tower_fingerprint
+from .layers import (Layer, context_length, encode_image, find_layers, gate_site, image_geometry,
+                     image_tower_fingerprint)
 from .nullspace import forget_basis
 from .patch import Patch, PatchEntry, applied_patches, tensor_hash
 from .redirect import class_shifts, class_targets, pseudo_images, redirect_entry
@@ -297,11 +299,44 @@ def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_te
         torch.tensor([classes.index(cells[j][0]) for j in tgt.tolist()])
 
 
+def _domain_examples(examples, spec: ForgetSpec, model: nn.Module):
+    """``forget``'s ``domain_examples`` checked against the request and the model: (images [n, 3, H, W]
+    fp32, domain index [n] into ``spec.domains``), or None."""
+    if examples is None:
+        return None
+    if not isinstance(examples, Mapping):
+        raise TypeError(f"domain_examples must map domain names to image tensors, got {type(examples).__name__}")
+    unknown = sorted(str(d) for d in examples if d not in spec.domains)
+    if unknown:
+        raise ValueError(f"domain_examples: {', '.join(map(repr, unknown))} not among the request's domains "
+                         f"{list(spec.domains)}")
+    (H, W), _, _ = image_geometry(model)
+    images, domain = [], []
+    for d in spec.domains:
+        if d not in examples:
+            continue
+        x = examples[d]
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4 or x.shape[1:] != (3, H, W):
+            what = (f"a {type(x).__name__}" if not isinstance(x, torch.Tensor)
+                    else f"{x.dtype} of shape {tuple(x.shape)}")
+            raise ValueError(f"domain_examples[{d!r}]: expected floating images [n, 3, {H}, {W}] preprocessed as "
+                             f"the model's inputs, got {what}")
+        if len(x) == 0:
+            raise ValueError(f"domain_examples[{d!r}]: no images")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"domain_examples[{d!r}]: images with NaN or infinite pixels")
+        images.append(x.detach().float())
+        domain.append(torch.full((len(x),), spec.domains.index(d), dtype=torch.long))
+    if not images:
+        raise ValueError("domain_examples: no domain given (pass None for none)")
+    return torch.cat([x.cpu() for x in images]), torch.cat(domain)
+
+
 def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World,
-                        site, site_error) -> Patch:
+                        site, site_error, examples=None) -> Patch:
     """forget() with the domain gate (gate.py) at ``site`` (or ``site_error`` when the model has none):
     prompts, prototypes of every cell, the gate's entries (solved on the leading rank, broadcast),
-    self-check."""
+    self-check. ``examples``: ``_domain_examples``, more examples for the gate's detectors."""
     gated = gated_request(spec)
     if gated is None:
         raise ValueError("edit='domain-gate' forgets some classes (or all) in some domains (the forgotten cells "
@@ -344,8 +379,10 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
                                          config.batch_size, autocast, rewired_units(applied_patches(model), site),
                                          neutralize=[classes.index(c) for c in gated[0]],
                                          keep_order=config.gate_keep_order, domain_of=domain_of, extra=extra,
-                                         class_of=class_of)
+                                         class_of=class_of, examples=examples)
         entries, info["gate"] = world.broadcast((entries, gate))
+        if "examples" in info["gate"]:                 # the real examples per domain, by name
+            info["gate"]["examples"] = {spec.domains[j]: n for j, n in info["gate"]["examples"].items()}
         timings["gate"] = time.perf_counter() - t
     info["timings"] = timings
     patch = Patch(entries, spec.to_dict(), config.to_dict(), info)
@@ -376,7 +413,8 @@ def synthesize_prototypes(model: nn.Module, tokenizer, spec: ForgetSpec,
 
 
 def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig = ForgetConfig(),
-           prototypes: PrototypeBank | None = None, *, distributed: bool | None = None, group=None) -> Patch:
+           prototypes: PrototypeBank | None = None, *, domain_examples: Mapping[str, torch.Tensor] | None = None,
+           distributed: bool | None = None, group=None) -> Patch:
     """Compute the patch that makes ``model`` forget ``spec.forget_cells`` and keep ``retain_cells``.
 
     model:      an open_clip ``CLIP`` with a VisionTransformer image tower, or a Hugging Face
@@ -384,6 +422,10 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     tokenizer:  the model's tokenizer (``open_clip.get_tokenizer(name)``, or the model's Hugging Face
                 ``CLIPTokenizer``).
     prototypes: optional ``synthesize_prototypes`` result to reuse; cells it lacks are synthesized.
+    domain_examples: optional real images of some of the request's domains, {domain: [n, 3, H, W]}
+                preprocessed as the model's inputs, of any classes (only their domain is used): the domain
+                gate's detectors are fitted on them as well as on the prototypes. Only for requests the
+                domain gate edits; without them the edit is data-free.
     distributed: None (default) shares the work with the other ranks when ``torch.distributed`` is
                 initialized with more than one process (launched with ``torchrun``; every rank must then
                 call ``forget`` with the same arguments, and every rank gets the same patch); True
@@ -401,9 +443,14 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
               or (l.tower == "visual" and config.use_prototypes and config.prototypes_per_cell > 0)]
     site, site_error = _find_gate_site(model)
     edit = config.edit_for(spec, gate_site=site is not None)
+    examples = _domain_examples(domain_examples, spec, model)
+    if examples is not None and edit != "domain-gate":
+        raise ValueError(f"domain_examples are for the domain gate's detectors, and this request (mode "
+                         f"{spec.mode!r}) gets edit {edit!r}; pass them only where the domain gate edits "
+                         f"(config.edit_for(spec, gate_site=...) says which)")
     if edit == "domain-gate":
         return _forget_domain_gate(model, tokenizer, spec, config, prototypes, World(distributed, group), site,
-                                   site_error)
+                                   site_error, examples)
     redirect = edit == "class-redirect"
     retain_energy = config.retain_energy_for(edit)
     forgotten_classes = {c for c, _ in spec.forget_cells}

@@ -161,6 +161,40 @@ def test_prototype_bank_made_once_and_reused(capsys, tmp_path):
                                            "--out", p)
 
 
+def test_forget_with_domain_examples_from_a_folder(capsys, tmp_path):
+    from PIL import Image
+
+    classes, domains = ["fish", "house", "star", "crescent_moon"], ["photo", "sketch"]
+    raw, ci, di, _ = pg.render_raw(classes, domains, 2, seed=5_000_003)
+    root = tmp_path / "examples"
+    for k, (img, c, d) in enumerate(zip(raw, ci, di)):     # any layout under <domain>/: here by class
+        f = root / domains[d] / classes[c] / f"{k:03d}.png"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(f)
+    Image.fromarray(raw[0]).save(root / "sketch" / "loose.png")
+    p = tmp_path / "p.safetensors"
+    request = ["--model", "proving-ground", *VOCAB, "--forget-classes", "house", "--forget-domains", "sketch",
+               "--set", "prototypes_per_cell=2", "--set", "steps=10", "--set", "gate_translate_steps=0"]
+    run(capsys, "forget", *request, "--domain-examples", root, "--out", p)
+    assert Patch.load(p).info["gate"]["examples"] == {"photo": 8, "sketch": 9}
+    p.unlink()
+    (root / "oil").mkdir()
+    assert "folder 'oil' is not one of the request's domains" in fails(capsys, "forget", *request, "--domain-examples",
+                                                                        root, "--out", p)
+    (root / "oil").rmdir()
+    assert "no folder at" in fails(capsys, "forget", *request, "--domain-examples", tmp_path / "none", "--out", p)
+    (tmp_path / "empty" / "photo").mkdir(parents=True)
+    assert "no images under" in fails(capsys, "forget", *request, "--domain-examples", tmp_path / "empty", "--out", p)
+    (root / "photo" / "bad.png").write_bytes(b"not an image")
+    err = fails(capsys, "forget", *request, "--domain-examples", root, "--out", p)
+    assert "--domain-examples: cannot read" in err and "bad.png" in err
+    (root / "photo" / "bad.png").unlink()
+    err = fails(capsys, "forget", "--model", "proving-ground", *VOCAB, "--forget-classes", "fish", *FAST,
+                "--domain-examples", root, "--out", p)
+    assert "domain_examples are for the domain gate's detectors" in err
+    assert not p.exists()
+
+
 def test_bad_input_is_named_and_writes_nothing(capsys, tmp_path):
     out = tmp_path / "p.safetensors"
     pgm = ["--model", "proving-ground"]

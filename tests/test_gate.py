@@ -134,6 +134,43 @@ def test_gate_acts_on_the_detected_domain_only():
     assert off(after[1]) < 0.3 * off(before[1]) and off(after[2]) < 0.3 * off(before[2])
 
 
+def test_real_examples_teach_the_detector_what_the_prototypes_miss():
+    """The prototypes of the forgotten domain carry two cues, a faint red stripe and a bright green one,
+    and the kept ones neither, so a detector fitted on them alone reads green; real images of the kept
+    domain with a green stripe are then flagged. Real examples of both domains (``examples``) teach it that green is
+    not the domain: those images are left alone, and the forgotten domain's are still gated."""
+    model = make_tiny_clip()
+    twin = copy.deepcopy(model)                 # the second patch goes on weights never patched
+    site = gate_site(model)
+    T = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+
+    def green(x):
+        x[:, 1, :, 8:24] += 2.5
+        return x
+
+    faint = green(domain_images(40, False, 1))
+    faint[:, 0, 8:24] += 0.8                    # where domain_images marks its domain, brightly
+    fit = torch.cat([domain_images(40, False, 0), faint])
+    domain_of = (torch.arange(80) >= 40).long()
+    real = torch.cat([green(domain_images(40, False, 5)), green(domain_images(40, True, 6))])
+    real_domain = (torch.arange(80) >= 40).long()
+    args = dict(rank=8, batch_size=64, autocast=OFF, neutralize=[1, 3], domain_of=domain_of)
+    alone, info_alone = gate_entries(model, site, fit, domain_of == 1, T, **args)
+    taught, info = gate_entries(model, site, fit, domain_of == 1, T, examples=(real, real_domain), **args)
+    assert "examples" not in info_alone and info["examples"] == {0: 40, 1: 40}
+    assert info["detector_examples"] == info_alone["detector_examples"] + 80
+    kept_green, gone = green(domain_images(30, False, 10)), green(domain_images(30, True, 11))   # fresh
+    off = lambda e: (scores(e, T)[:, [1, 3]] - scores(e, T).mean(1, keepdim=True)).abs().mean()  # noqa: E731
+    before, after_alone = run_patch(model, Patch(alone), kept_green, gone)
+    _, after = run_patch(twin, Patch(taught), kept_green, gone)
+    assert off(after_alone[0]) < 0.5 * off(before[0])                     # flagged without the examples
+    assert F.cosine_similarity(before[0], after[0]).min() > 0.99          # left alone with them
+    assert off(after[1]) < 0.3 * off(before[1])                           # the forgotten domain still gated
+    with pytest.raises(ValueError, match="need the prototypes' domains"):
+        gate_entries(model, site, fit, domain_of == 1, T, rank=8, batch_size=64, autocast=OFF, neutralize=[1, 3],
+                     examples=(real, real_domain))
+
+
 def test_gate_collapses_every_class_in_the_detected_domains(monkeypatch):
     """Every class forgotten: one unit per forgotten domain writes that domain's mean token, so every
     detected image embeds alike, whatever its class; the kept domain's embeddings stay."""
@@ -315,3 +352,31 @@ def test_a_second_gate_takes_other_units_and_both_revert(tokenizer, vocab):
     first.revert(model)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k], atol=1e-5, rtol=0)
+
+
+def test_forget_takes_real_domain_examples_and_refuses_bad_ones(tokenizer, vocab):
+    model = make_tiny_clip()
+    spec = ForgetSpec(*vocab, forget_domains=["sketch"])
+    cfg = ForgetConfig(prototypes_per_cell=2, steps=8, edit="domain-gate", gate_translate_steps=0)
+    gen = torch.Generator().manual_seed(0)
+    examples = {"sketch": torch.randn(5, 3, 32, 32, generator=gen), "photo": torch.randn(3, 3, 32, 32, generator=gen)}
+    plain = forget(model, tokenizer, spec, cfg)
+    taught = forget(model, tokenizer, spec, cfg, domain_examples=examples)
+    assert taught.info["gate"]["examples"] == {"photo": 3, "sketch": 5} and "examples" not in plain.info["gate"]
+    assert taught.info["gate"]["detector_examples"] == plain.info["gate"]["detector_examples"] + 8
+    assert any((a.A - b.A).abs().max() > 0 for a, b in zip(taught.entries, plain.entries))
+    bad = [({"drawing": examples["sketch"]}, ValueError, "'drawing' not among the request's domains"),
+           ({"sketch": torch.randn(2, 3, 16, 16)}, ValueError, r"expected floating images \[n, 3, 32, 32\]"),
+           ({"sketch": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)}, ValueError, "torch.uint8"),
+           ({"sketch": [examples["sketch"]]}, ValueError, "got a list"),
+           ({"sketch": torch.randn(0, 3, 32, 32)}, ValueError, "no images"),
+           ({"sketch": torch.full((1, 3, 32, 32), float("nan"))}, ValueError, "NaN"),
+           ({}, ValueError, "no domain given"),
+           ([examples["sketch"]], TypeError, "must map domain names to image tensors")]
+    for value, error, message in bad:
+        with pytest.raises(error, match=message):
+            forget(model, tokenizer, spec, cfg, domain_examples=value)
+    # only the domain gate reads them: another edit refuses them rather than ignore them
+    with pytest.raises(ValueError, match="domain_examples are for the domain gate's detectors.*'class-redirect'"):
+        forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"]), ForgetConfig(prototypes_per_cell=2, steps=8),
+               domain_examples=examples)
