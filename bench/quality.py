@@ -30,6 +30,7 @@ from common import append_results  # noqa: E402
 from clipforget_fast import ForgetConfig, ForgetSpec, evaluate, forget, synthesize_prototypes  # noqa: E402
 from clipforget_fast import proving_ground as pg  # noqa: E402
 from clipforget_fast.cli import PRECISIONS  # noqa: E402
+from clipforget_fast.layers import gate_site  # noqa: E402
 from clipforget_fast.spec import DEFAULT_TEMPLATES  # noqa: E402
 from clipforget_fast.synthesis import SYNTHESIS_FIELDS  # noqa: E402
 
@@ -45,6 +46,9 @@ RENDER_SEED = 3_000_000
 # against a slack of 2 points over chance: at 20 (the count until 2026-11-30) one image moved a
 # one-class cell 5 points and the same class's other domains 1.25, coarser than the targets themselves
 PER_CELL = 100
+# --domain-examples: real renders handed to forget() as ``domain_examples`` (their seeds apart from the
+# held-out ones; the same renders bench/domain_limits.py fits its real-data detectors on)
+EXAMPLES_SEED = 5_000_000
 
 # (mode, forget_classes, forget_domains): 1, 3 and 5 classes; one and several domains
 REQUESTS = [
@@ -152,6 +156,18 @@ class Harness:
                        class_phrases=pg.CLASS_PHRASES)
         self.before = {name: self._eval(t) for name, t in (("edit", DEFAULT_TEMPLATES), ("held-out", HELD_OUT_TEMPLATES))}
         self.banks = {}
+        self.examples = None                     # {domain: images}: forget()'s domain_examples, where the gate edits
+        try:
+            self.has_site = gate_site(self.model) is not None
+        except ValueError:
+            self.has_site = False
+
+    def use_examples(self, per_cell: int) -> None:
+        """Hand forget() ``per_cell`` real renders of every cell, by domain (render seed EXAMPLES_SEED), for
+        every request the domain gate edits; the tables say so in their title."""
+        images, _, di = pg.render(list(pg.CLASSES), list(pg.DOMAINS), per_cell, seed=EXAMPLES_SEED)
+        self.examples = {d: images[di == j].to(next(self.model.parameters()).dtype) for j, d in enumerate(pg.DOMAINS)}
+        self.name += f", {per_cell} real renders per cell as domain examples"
 
     def _eval(self, templates):
         return evaluate(self.model, self.tok, self.images, self.ci, self.di, templates=templates, **self.ev)
@@ -166,7 +182,11 @@ class Harness:
         """Edit, evaluate with both template sets, restore. ``edit`` overrides forget() (baselines)."""
         config = config or self.config
         t = time.perf_counter()
-        patch = edit(self, spec) if edit else forget(self.model, self.tok, spec, config, prototypes=self.bank(config))
+        examples = None
+        if self.examples is not None and not edit:
+            examples = self.examples if config.edit_for(spec, gate_site=self.has_site) == "domain-gate" else None
+        patch = edit(self, spec) if edit else forget(self.model, self.tok, spec, config, prototypes=self.bank(config),
+                                                     domain_examples=examples)
         secs = time.perf_counter() - t
         with patch.applied(self.model):          # the weights come back exactly, request after request
             after = {name: self._eval(t) for name, t in (("edit", DEFAULT_TEMPLATES), ("held-out", HELD_OUT_TEMPLATES))}
@@ -480,6 +500,10 @@ def main(argv=None) -> int:
                     help="edit checked against the targets: the library's forget() or a bench variant")
     ap.add_argument("--seed", type=int, default=None, help="ForgetConfig.seed (prototype synthesis)")
     ap.add_argument("--prototypes-per-cell", type=int, default=None, help="ForgetConfig.prototypes_per_cell")
+    ap.add_argument("--gate-keep-order", type=float, default=None, help="ForgetConfig.gate_keep_order")
+    ap.add_argument("--domain-examples", type=int, default=None, metavar="N",
+                    help="hand forget() N real renders per cell as domain_examples wherever the domain gate edits "
+                         "(not data-free: the defaults' targets are measured without)")
     ap.add_argument("--weights", default=None,
                     help="another proving-ground checkpoint (e.g. a class-token one from scripts/train_proving_ground.py "
                          "--pool tok); the tables name it")
@@ -496,9 +520,13 @@ def main(argv=None) -> int:
         h = Harness(2, ForgetConfig(prototypes_per_cell=2, steps=10), args.weights, dtype)
         return check_targets(h, False, ABLATION_REQUESTS) and 0
     config = ForgetConfig() if args.edit == "default" else ForgetConfig(edit=args.edit)
-    config = config.replace(**{k: v for k, v in (("seed", args.seed), ("prototypes_per_cell", args.prototypes_per_cell))
-                               if v is not None})
+    config = config.replace(**{k: v for k, v in (("seed", args.seed), ("prototypes_per_cell", args.prototypes_per_cell),
+                                                 ("gate_keep_order", args.gate_keep_order)) if v is not None})
     h = Harness(args.per_cell, config, args.weights, dtype)
+    if args.domain_examples is not None:
+        if args.domain_examples < 1:
+            ap.error(f"--domain-examples {args.domain_examples}: must be ≥ 1")
+        h.use_examples(args.domain_examples)
     record = not args.no_record
     rc = 0
     if args.prototypes:
