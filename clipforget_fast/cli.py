@@ -18,7 +18,8 @@ downloaded. The request comes from ``--classes/--domains/--forget-classes/--forg
 lists, or ``@file`` with one name per line) or from ``--spec FILE`` (JSON: those four keys, optionally
 ``templates``, ``domain_phrases``, ``class_phrases``; or a ``ForgetSpec.to_dict()``). ``ForgetConfig``
 fields come from ``--config FILE`` (JSON) and ``--set field=value`` (value read as JSON when it parses,
-else as a string).
+else as a string). ``forget --domain-examples DIR`` reads real images under ``DIR/<domain>/`` (any
+subfolders) for the domain gate's detectors (``forget``'s ``domain_examples``).
 
 ``apply`` merges the patches, in the order given, into the weights and writes them where a plain
 loader reads them: a safetensors state dict for open_clip (``open_clip.create_model(name,

@@ -42,7 +42,10 @@ tower does not read them, but their features change.
 
 Every detector is fitted on the prototypes and, given them, on prototypes translated into and out of
 the forgotten domains (``extra``; ``ForgetConfig.gate_translate_steps``): examples near each domain's
-border that real images need and the prototypes alone lack.
+border that real images need and the prototypes alone lack. Where the caller has real images of some
+domains (``examples``: ``forget``'s ``domain_examples``, labelled by domain alone), the detectors are
+fitted on them too; the edit is then no longer data-free, and on the proving ground it meets far more of
+its targets (README).
 
 What it needs: prototypes that a linear read of the class token tells apart by domain as real images
 are (bench/RESULTS.md measures where that holds), and a hidden layer wider than m.
@@ -89,6 +92,8 @@ MAP_THRESHOLD = 0.0    # the detector logit at which the map's units switch on; 
 MAP_CLASS_WEIGHT = 1.0  # the weight, in the map detectors' log loss, of the examples of the classes the map
                         # neutralizes (the others: 1), where a detector's errors cost most; chosen on the
                         # proving ground from 1, 3 and 10 (bench/RESULTS.md (17): more weight, fewer requests met)
+EXAMPLES_SHARE = None  # with real examples (``examples``): None weighs each like a stand-in; s in (0, 1) gives
+                       # them the share s of the detectors' total weight
 KEEP_ORDER = ForgetConfig.gate_keep_order   # chosen on the proving ground from 0, 1, 10, 100, 1000 and
                                             # 10000 on its nine domain requests (bench/RESULTS.md; (22):
                                             # 100, 1000 and 10000 each meet 4 of 9 at 100 renders a cell)
@@ -303,13 +308,20 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     if ell_x is not None:
         more = (ell_x, [ed == j for j in gone] if per_domain
                 else [torch.isin(ed, torch.tensor(gone, device=ed.device))])
+    weight = None
+    if neutralize is not None and classes is not None and MAP_CLASS_WEIGHT != 1.0:
+        hit = torch.isin(classes, torch.tensor(sorted(set(neutralize)), device=classes.device))
+        weight = torch.where(hit, MAP_CLASS_WEIGHT, 1.0).to(ell.dtype)
+    if "examples" in info and EXAMPLES_SHARE is not None:    # the real examples carry this share of the weight
+        n_e = sum(info["examples"].values())
+        if weight is None:
+            weight = torch.ones(len(ell) + len(more[0]), dtype=ell.dtype, device=ell.device)
+        stand = weight[:-n_e].sum()
+        weight = weight.clone()
+        weight[-n_e:] = EXAMPLES_SHARE / (1 - EXAMPLES_SHARE) * stand / n_e
     if neutralize is None:
-        rows, bias, cols, info_action = _collapse(ell, y, groups, more)
+        rows, bias, cols, info_action = _collapse(ell, y, groups, more, weight)
     else:
-        weight = None
-        if classes is not None and MAP_CLASS_WEIGHT != 1.0:
-            hit = torch.isin(classes, torch.tensor(sorted(set(neutralize)), device=classes.device))
-            weight = torch.where(hit, MAP_CLASS_WEIGHT, 1.0).to(ell.dtype)
         rows, bias, cols, info_action = _neutral_map(ell, y, groups, site, class_emb, neutralize, r, keep_order,
                                                      more, weight)
     info.update(info_action)
@@ -334,7 +346,7 @@ def _detectors(ell: torch.Tensor, groups: list[torch.Tensor], more, ridge: float
             for grp, lab in zip(groups, more[1])]
 
 
-def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor], more=None):
+def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor], more=None, weight=None):
     """Every class forgotten: two units per forgotten domain (``groups`` [n] bool each), with the
     pre-activations z = s_j·g_j(ℓ) and z - CAP·GATE_LEVEL (g_j a detector of that domain against every
     other prototype) and the output columns K v_j and -K v_j (v_j the direction of that domain's mean
@@ -343,13 +355,14 @@ def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor], mo
     included). A detected image's token becomes mostly K v_j, the same for every class: its embedding
     carries that domain's average image and too little of its own to tell its class, whatever templates
     read it. K makes the push at the median detected prototype COLLAPSE times the median centred token's
-    norm. ``more``: (ℓ [e, width], one [e] bool per group) more examples for the detectors' fits."""
+    norm. ``more``: (ℓ [e, width], one [e] bool per group) more examples for the detectors' fits;
+    ``weight``: the examples' weights (prototypes, then ``more``'s)."""
     yc = y - y.mean(1, keepdim=True)
     K = COLLAPSE * float(yc.norm(dim=1).median()) / GATE_LEVEL
     top = CAP * GATE_LEVEL
     rows, bias, cols, sharp = [], [], [], []
     fired = torch.zeros(len(ell), dtype=torch.bool, device=ell.device)
-    for grp, (w, b) in zip(groups, _detectors(ell, groups, more, COLLAPSE_RIDGE)):
+    for grp, (w, b) in zip(groups, _detectors(ell, groups, more, COLLAPSE_RIDGE, weight)):
         b = b - COLLAPSE_THRESHOLD                      # the units switch on where the logit passes it
         g = ell @ w + b
         s = _sharpness(g, grp)
