@@ -93,7 +93,8 @@ MAP_CLASS_WEIGHT = 1.0  # the weight, in the map detectors' log loss, of the exa
                         # neutralizes (the others: 1), where a detector's errors cost most; chosen on the
                         # proving ground from 1, 3 and 10 (bench/RESULTS.md (17): more weight, fewer requests met)
 EXAMPLES_SHARE = None  # with real examples (``examples``): None weighs each like a stand-in; s in (0, 1) gives
-                       # them the share s of the detectors' total weight
+                       # them the share s of the detectors' total weight; 0.5 met no more requests on the
+                       # proving ground (bench/RESULTS.md (24))
 KEEP_ORDER = ForgetConfig.gate_keep_order   # chosen on the proving ground from 0, 1, 10, 100, 1000 and
                                             # 10000 on its nine domain requests (bench/RESULTS.md; (22):
                                             # 100, 1000 and 10000 each meet 4 of 9 at 100 renders a cell)
@@ -243,8 +244,9 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     class_of:  [n] int, the class (row of class_emb) of each prototype: with ``neutralize``, the map's
                detectors weigh those classes' examples by MAP_CLASS_WEIGHT (the class of ``extra`` too).
     examples:  (images [e, 3, H, W], domain [e] int): with ``domain_of``, real images of some domains (of
-               classes not known), more examples for the detectors as ``extra`` are (weight 1). The gate's
-               sharpness and the map are still set from the prototypes.
+               classes not known), more examples for the detectors as ``extra`` are (each weighs as a
+               stand-in, or as EXAMPLES_SHARE says). The gate's sharpness and the map are still set from
+               the prototypes.
     """
     probe = torch.tensor([-12.0, 12.0])
     out = site.act(probe).float()

@@ -134,7 +134,7 @@ def test_gate_acts_on_the_detected_domain_only():
     assert off(after[1]) < 0.3 * off(before[1]) and off(after[2]) < 0.3 * off(before[2])
 
 
-def test_real_examples_teach_the_detector_what_the_prototypes_miss():
+def test_real_examples_teach_the_detector_what_the_prototypes_miss(monkeypatch):
     """The prototypes of the forgotten domain carry two cues, a faint red stripe and a bright green one,
     and the kept ones neither, so a detector fitted on them alone reads green; real images of the kept
     domain with a green stripe are then flagged. Real examples of both domains (``examples``) teach it that green is
@@ -166,6 +166,10 @@ def test_real_examples_teach_the_detector_what_the_prototypes_miss():
     assert off(after_alone[0]) < 0.5 * off(before[0])                     # flagged without the examples
     assert F.cosine_similarity(before[0], after[0]).min() > 0.99          # left alone with them
     assert off(after[1]) < 0.3 * off(before[1])                           # the forgotten domain still gated
+    # given a share of the detectors' weight, the examples fit another detector (and another gate)
+    monkeypatch.setattr(gate, "EXAMPLES_SHARE", 0.9)
+    shared, _ = gate_entries(model, site, fit, domain_of == 1, T, examples=(real, real_domain), **args)
+    assert (shared[0].A - taught[0].A).abs().max() > 1e-3
     with pytest.raises(ValueError, match="need the prototypes' domains"):
         gate_entries(model, site, fit, domain_of == 1, T, rank=8, batch_size=64, autocast=OFF, neutralize=[1, 3],
                      examples=(real, real_domain))
