@@ -328,11 +328,14 @@ def test_domain_gate_on_hf_and_converted(vocab):
 
 def test_a_half_precision_hf_model_on_the_cpu(vocab):
     """A bf16 CLIPModel where no autocast runs (transformers casts the pixels to its patch embedding's
-    dtype itself): the domain gate's patch computes and applies, and the features stay finite."""
+    dtype itself): the domain gate's patch computes and applies, with real examples in either dtype too,
+    and the features stay finite."""
     hf, tok = to_hf(make_tiny_clip()).to(torch.bfloat16), hf_tokenizer()
+    examples = {"sketch": torch.randn(3, 3, 32, 32, dtype=torch.bfloat16), "photo": torch.randn(2, 3, 32, 32)}
     patch = forget(hf, tok, ForgetSpec(*vocab, forget_domains=["sketch"]),
-                   ForgetConfig(prototypes_per_cell=2, steps=8, edit="domain-gate", gate_translate_steps=4))
-    assert patch.info["edit"] == "domain-gate"
+                   ForgetConfig(prototypes_per_cell=2, steps=8, edit="domain-gate", gate_translate_steps=4),
+                   domain_examples=examples)
+    assert patch.info["edit"] == "domain-gate" and patch.info["gate"]["examples"] == {"photo": 2, "sketch": 3}
     with torch.no_grad(), patch.applied(hf):
         e = encode_image(hf, torch.randn(3, 3, 32, 32))
     assert e.dtype == torch.bfloat16 and bool(e.float().isfinite().all())
