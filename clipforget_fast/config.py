@@ -12,6 +12,9 @@ TARGET_PRESETS = ("proj", "proj+mlp", "proj+mlp+attn", "mlp")
 EDITS = ("auto", "project", "class-redirect", "domain-gate")
 # retain_energy when it is left at None, per edit (measured on the proving ground: README)
 RETAIN_ENERGY = {"project": 0.99, "class-redirect": 0.9999}
+# gate_keep_order when it is left at None, without and with real examples of the domains (forget's
+# domain_examples); measured on the proving ground: README, bench/RESULTS.md (22), (24)
+GATE_KEEP_ORDER = {False: 100.0, True: 10000.0}
 TOKEN_POLICIES = ("pooled", "all")
 SOLVERS = ("auto", "exact", "randomized")
 DTYPES = (None, "float32", "float16", "bfloat16")
@@ -62,9 +65,10 @@ class ForgetConfig:
                                         # config allows it), project otherwise
     redirect_gain: float = 3.0          # class-redirect: how far forgotten prompts move against their class
     retain_weight: float = 1.0          # class-redirect: weight of holding the kept prompts' outputs
-    gate_keep_order: float = 100.0      # domain-gate, some classes forgotten: how much the other classes'
+    gate_keep_order: float | None = None  # domain-gate, some classes forgotten: how much the other classes'
                                         # scores relative to one another are held against the size of the
-                                        # change (gate.neutral_shift)
+                                        # change (gate.neutral_shift); None: 100 for the data-free edit,
+                                        # 10,000 with real examples of the domains (GATE_KEEP_ORDER)
     gate_translate_steps: int = 20      # domain-gate: gradient-ascent steps that move the prototypes into
                                         # and out of each forgotten domain, as more examples for its
                                         # detectors (synthesis.translate); 0 = prototypes only; chosen on
@@ -113,7 +117,10 @@ class ForgetConfig:
         need(self.redirect_gain > 0, "redirect_gain", "must be > 0")
         need(self.retain_weight >= 0, "retain_weight", "must be ≥ 0")
         need(self.domain_keep_weight > 0, "domain_keep_weight", "must be > 0")
-        need(self.gate_keep_order >= 0, "gate_keep_order", "must be ≥ 0")
+        need(self.gate_keep_order is None or (isinstance(self.gate_keep_order, (int, float))
+                                              and not isinstance(self.gate_keep_order, bool)
+                                              and self.gate_keep_order >= 0),
+             "gate_keep_order", "must be None or ≥ 0")
         need(self.edit != "class-redirect" or (self.use_text and self.targets.startswith("proj")), "edit",
              "class-redirect edits the text projection: it needs use_text=True and a 'proj…' targets preset")
         need(self.edit != "domain-gate" or (self.use_prototypes and self.prototypes_per_cell > 0), "edit",
@@ -152,6 +159,11 @@ class ForgetConfig:
         if edit not in RETAIN_ENERGY:
             return None
         return RETAIN_ENERGY[edit] if self.retain_energy is None else float(self.retain_energy)
+
+    def gate_keep_order_for(self, examples: bool) -> float:
+        """``gate_keep_order``, or, when it is None, the measured default for an edit without or with real
+        examples of the domains (``examples``)."""
+        return GATE_KEEP_ORDER[bool(examples)] if self.gate_keep_order is None else float(self.gate_keep_order)
 
     def replace(self, **changes) -> "ForgetConfig":
         """A copy with some fields changed (validated again)."""

@@ -57,7 +57,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import ForgetConfig
+from .config import GATE_KEEP_ORDER
 from .layers import GateSite, encode_image
 from .patch import PatchEntry, tensor_hash
 
@@ -95,7 +95,7 @@ MAP_CLASS_WEIGHT = 1.0  # the weight, in the map detectors' log loss, of the exa
 EXAMPLES_SHARE = None  # with real examples (``examples``): None weighs each like a stand-in; s in (0, 1) gives
                        # them the share s of the detectors' total weight; 0.5 met no more requests on the
                        # proving ground (bench/RESULTS.md (24))
-KEEP_ORDER = ForgetConfig.gate_keep_order   # chosen on the proving ground from 0, 1, 10, 100, 1000 and
+KEEP_ORDER = GATE_KEEP_ORDER[False]         # chosen on the proving ground from 0, 1, 10, 100, 1000 and
                                             # 10000 on its nine domain requests (bench/RESULTS.md; (22):
                                             # 100, 1000 and 10000 each meet 4 of 9 at 100 renders a cell)
 
@@ -415,7 +415,7 @@ def _neutral_map(ell, y, groups, site, class_emb, neutralize, r, keep_order, mor
             "prototypes_caught": round(float(fired[forgotten].float().mean()), 4),
             "prototypes_flagged": round(float(fired[~forgotten].float().mean()), 4),
             "detector_examples": len(ell) + (0 if more is None else len(more[0])),
-            "action_fit_r2": round(r2, 4), "map_ridge": MAP_RIDGE}
+            "action_fit_r2": round(r2, 4), "map_ridge": MAP_RIDGE, "keep_order": keep_order}
     return torch.cat(rows), torch.cat(bias), cols.repeat(1, len(groups)), info
 
 

@@ -378,7 +378,7 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
             entries, gate = gate_entries(model, site, images, forgotten, class_emb, config.max_rank,
                                          config.batch_size, autocast, rewired_units(applied_patches(model), site),
                                          neutralize=[classes.index(c) for c in gated[0]],
-                                         keep_order=config.gate_keep_order, domain_of=domain_of, extra=extra,
+                                         keep_order=config.gate_keep_order_for(examples is not None), domain_of=domain_of, extra=extra,
                                          class_of=class_of, examples=examples)
         entries, info["gate"] = world.broadcast((entries, gate))
         if "examples" in info["gate"]:                 # the real examples per domain, by name

@@ -380,6 +380,16 @@ def test_forget_takes_real_domain_examples_and_refuses_bad_ones(tokenizer, vocab
     for value, error, message in bad:
         with pytest.raises(error, match=message):
             forget(model, tokenizer, spec, cfg, domain_examples=value)
+    # some classes forgotten: the map holds the other classes' order at 100 without examples and at
+    # 10,000 with them, unless the config sets it
+    one = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
+    assert forget(model, tokenizer, one, cfg).info["gate"]["keep_order"] == 100.0
+    assert forget(model, tokenizer, one, cfg, domain_examples=examples).info["gate"]["keep_order"] == 10000.0
+    assert forget(model, tokenizer, one, cfg.replace(gate_keep_order=5),
+                  domain_examples=examples).info["gate"]["keep_order"] == 5.0
+    for bad in (-1.0, True, "100"):
+        with pytest.raises(ValueError, match="gate_keep_order"):
+            ForgetConfig(gate_keep_order=bad)
     # only the domain gate reads them: another edit refuses them rather than ignore them
     with pytest.raises(ValueError, match="domain_examples are for the domain gate's detectors.*'class-redirect'"):
         forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"]), ForgetConfig(prototypes_per_cell=2, steps=8),
