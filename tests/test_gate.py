@@ -137,8 +137,9 @@ def test_gate_acts_on_the_detected_domain_only():
 def test_real_examples_teach_the_detector_what_the_prototypes_miss(monkeypatch):
     """The prototypes of the forgotten domain carry two cues, a faint red stripe and a bright green one,
     and the kept ones neither, so a detector fitted on them alone reads green; real images of the kept
-    domain with a green stripe are then flagged. Real examples of both domains (``examples``) teach it that green is
-    not the domain: those images are left alone, and the forgotten domain's are still gated."""
+    domain with a green stripe are then flagged. Real examples of both domains (``examples``) teach it
+    that green is not the domain: those images are left alone, and the forgotten domain's are still
+    gated."""
     model = make_tiny_clip()
     twin = copy.deepcopy(model)                 # the second patch goes on weights never patched
     site = gate_site(model)
@@ -387,10 +388,10 @@ def test_forget_takes_real_domain_examples_and_refuses_bad_ones(tokenizer, vocab
     assert forget(model, tokenizer, one, cfg, domain_examples=examples).info["gate"]["keep_order"] == 10000.0
     assert forget(model, tokenizer, one, cfg.replace(gate_keep_order=5),
                   domain_examples=examples).info["gate"]["keep_order"] == 5.0
-    for bad in (-1.0, True, "100"):
+    for order in (-1.0, True, "100"):
         with pytest.raises(ValueError, match="gate_keep_order"):
-            ForgetConfig(gate_keep_order=bad)
+            ForgetConfig(gate_keep_order=order)
     # only the domain gate reads them: another edit refuses them rather than ignore them
     with pytest.raises(ValueError, match="domain_examples are for the domain gate's detectors.*'class-redirect'"):
-        forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"]), ForgetConfig(prototypes_per_cell=2, steps=8),
-               domain_examples=examples)
+        forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"]),
+               ForgetConfig(prototypes_per_cell=2, steps=8), domain_examples=examples)
