@@ -300,6 +300,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
         if domain_of is None:
             raise ValueError("the domain gate's examples need the prototypes' domains (domain_of)")
         ell_e = layer_norm(capture(model, site, examples[0].to(images.device), batch_size, autocast)[0], site.norm)
+        n_e = len(ell_e)
         de = examples[1].to(images.device)
         info["examples"] = {int(j): int((de == j).sum()) for j in sorted(set(de.tolist()))}
         ell_x = ell_e if ell_x is None else torch.cat([ell_x, ell_e])
@@ -315,7 +316,6 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
         hit = torch.isin(classes, torch.tensor(sorted(set(neutralize)), device=classes.device))
         weight = torch.where(hit, MAP_CLASS_WEIGHT, 1.0).to(ell.dtype)
     if "examples" in info and EXAMPLES_SHARE is not None:    # the real examples carry this share of the weight
-        n_e = sum(info["examples"].values())
         if weight is None:
             weight = torch.ones(len(ell) + len(more[0]), dtype=ell.dtype, device=ell.device)
         stand = weight[:-n_e].sum()

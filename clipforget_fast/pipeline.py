@@ -299,9 +299,9 @@ def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_te
         torch.tensor([classes.index(cells[j][0]) for j in tgt.tolist()])
 
 
-def _domain_examples(examples, spec: ForgetSpec, model: nn.Module):
+def _domain_examples(examples, spec: ForgetSpec, model: nn.Module, device):
     """``forget``'s ``domain_examples`` checked against the request and the model: (images [n, 3, H, W]
-    fp32, domain index [n] into ``spec.domains``), or None."""
+    fp32 on ``device``, domain index [n] into ``spec.domains``), or None."""
     if examples is None:
         return None
     if not isinstance(examples, Mapping):
@@ -325,11 +325,11 @@ def _domain_examples(examples, spec: ForgetSpec, model: nn.Module):
             raise ValueError(f"domain_examples[{d!r}]: no images")
         if not torch.isfinite(x).all():
             raise ValueError(f"domain_examples[{d!r}]: images with NaN or infinite pixels")
-        images.append(x.detach().float())
-        domain.append(torch.full((len(x),), spec.domains.index(d), dtype=torch.long))
+        images.append(x.detach().to(device, torch.float32))
+        domain.append(torch.full((len(x),), spec.domains.index(d), dtype=torch.long, device=device))
     if not images:
         raise ValueError("domain_examples: no domain given (pass None for none)")
-    return torch.cat([x.cpu() for x in images]), torch.cat(domain)
+    return torch.cat(images), torch.cat(domain)
 
 
 def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World,
@@ -443,7 +443,8 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
               or (l.tower == "visual" and config.use_prototypes and config.prototypes_per_cell > 0)]
     site, site_error = _find_gate_site(model)
     edit = config.edit_for(spec, gate_site=site is not None)
-    examples = _domain_examples(domain_examples, spec, model)
+    examples = _domain_examples(domain_examples, spec, model,
+                                torch.device(config.device) if config.device else next(model.parameters()).device)
     if examples is not None and edit != "domain-gate":
         raise ValueError(f"domain_examples are for the domain gate's detectors, and this request (mode "
                          f"{spec.mode!r}) gets edit {edit!r}; pass them only where the domain gate edits "
