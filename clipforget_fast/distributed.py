@@ -11,6 +11,7 @@ When ``torch.distributed`` is initialized with more than one process, ``forget``
 - capture: each rank folds its share of prompts and prototypes into its Grams, which are summed
   (``all_reduce``);
 - the domain gate's translated prototypes: the batches go round-robin to the ranks and are summed in;
+  its real examples (``domain_examples``): each rank reads a contiguous share of whole batches, gathered;
 - rank 0 fits the class shifts (or the domain gate) and computes the nullspace and the patch, and
   broadcasts the patch: every rank returns the same ``Patch``;
 - ``evaluate``: each rank scores a contiguous share of the images; the predictions are gathered.

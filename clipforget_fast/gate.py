@@ -101,10 +101,14 @@ KEEP_ORDER = GATE_KEEP_ORDER[False]         # chosen on the proving ground from 
 
 
 @torch.no_grad()
-def capture(model, site: GateSite, images: torch.Tensor, batch_size: int, autocast: dict):
-    """(x [n, width], h [n, hidden]) fp32 for ``images``: the class token's residual entering the last
-    block's MLP norm, and the MLP's hidden activations of that token."""
+def capture(model, site: GateSite, images, batch_size: int, autocast: dict, device=None, lo: int = 0,
+            hi: int | None = None):
+    """(x [n, width], h [n, hidden]) fp32 for ``images[lo:hi]``: the class token's residual entering the
+    last block's MLP norm, and the MLP's hidden activations of that token. ``images``: [N, 3, H, W], or
+    anything that slices into such tensors (``ImageRows``); each batch of ``batch_size`` (counted from
+    ``lo``) goes to ``device`` (default: where it is) on its own."""
     xs, hs = [], []
+    hi = len(images) if hi is None else hi
 
     def first(t):
         return (t[:, 0] if site.batch_first else t[0]).float()
@@ -113,12 +117,56 @@ def capture(model, site: GateSite, images: torch.Tensor, batch_size: int, autoca
              site.fc_out.register_forward_pre_hook(lambda m, a: hs.append(first(a[0])))]
     try:
         with torch.autocast(**autocast):
-            for i in range(0, len(images), batch_size):
-                encode_image(model, images[i:i + batch_size])
+            for i in range(lo, hi, batch_size):
+                batch = images[i:min(i + batch_size, hi)]
+                encode_image(model, batch if device is None else batch.to(device))
     finally:
         for h in hooks:
             h.remove()
     return torch.cat(xs), torch.cat(hs)
+
+
+class ImageRows:
+    """Image tensors [n_i, 3, H, W] read as one [Σ n_i, 3, H, W] without copying them into one: a slice
+    gives the rows it spans, concatenated, in fp32 (on the parts' device; parts on different devices
+    are gathered on the first part's)."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.parts = list(parts)
+        self.ends = torch.tensor([len(p) for p in self.parts]).cumsum(0).tolist()
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        lo, hi, step = rows.indices(len(self))
+        if step != 1:
+            raise ValueError("ImageRows slices with step 1 only")
+        out, start = [], 0
+        for part, end in zip(self.parts, self.ends):
+            if lo < end and hi > start:
+                out.append(part[max(lo - start, 0):min(hi, end) - start].float())
+            start = end
+        if not out:
+            return self.parts[0][:0].float()
+        return torch.cat([o.to(out[0].device) for o in out]) if len(out) > 1 else out[0]
+
+
+def site_read(model, site: GateSite, images, batch_size: int, autocast: dict, device, world=None) -> torch.Tensor:
+    """ℓ [n, width] fp32 on ``device``: the gate's input (the class token at the last block's MLP, after
+    its norm) for ``images`` (a tensor or ``ImageRows``, wherever they are held: each batch goes to
+    ``device`` on its own). With a ``World`` each rank reads a contiguous share of whole batches and every
+    rank gets every row; the batches are those one process makes."""
+    n = len(images)
+
+    def rows(lo: int, hi: int) -> torch.Tensor:
+        lo, hi = lo * batch_size, min(hi * batch_size, n)
+        return layer_norm(capture(model, site, images, batch_size, autocast, device, lo, hi)[0], site.norm)
+
+    batches = -(-n // batch_size)
+    if world is None:
+        return rows(0, batches)
+    return world.shared(batches, rows, device)
 
 
 def layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
@@ -243,10 +291,11 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
                for the detectors (prototypes translated between domains), labelled by domain (and class).
     class_of:  [n] int, the class (row of class_emb) of each prototype: with ``neutralize``, the map's
                detectors weigh those classes' examples by MAP_CLASS_WEIGHT (the class of ``extra`` too).
-    examples:  (images [e, 3, H, W], domain [e] int): with ``domain_of``, real images of some domains (of
-               classes not known), more examples for the detectors as ``extra`` are (each weighs as a
-               stand-in, or as EXAMPLES_SHARE says). The gate's sharpness and the map are still set from
-               the prototypes.
+    examples:  (images [e, 3, H, W] or their ``site_read`` ℓ [e, width], domain [e] int): with
+               ``domain_of``, real images of some domains (of classes not known), more examples for the
+               detectors as ``extra`` are (each weighs as a stand-in, or as EXAMPLES_SHARE says). The
+               gate's sharpness and the map are still set from the prototypes. Images may be held
+               anywhere (each batch goes to the prototypes' device on its own) and may be ``ImageRows``.
     """
     probe = torch.tensor([-12.0, 12.0])
     out = site.act(probe).float()
@@ -299,7 +348,10 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     if examples is not None and len(examples[0]):
         if domain_of is None:
             raise ValueError("the domain gate's examples need the prototypes' domains (domain_of)")
-        ell_e = layer_norm(capture(model, site, examples[0].to(images.device), batch_size, autocast)[0], site.norm)
+        ell_e = examples[0]
+        if ell_e.dim() != 2:
+            ell_e = site_read(model, site, ell_e, batch_size, autocast, images.device)
+        ell_e = ell_e.to(images.device, torch.float32)
         n_e = len(ell_e)
         de = examples[1].to(images.device)
         info["examples"] = {int(j): int((de == j).sum()) for j in sorted(set(de.tolist()))}

@@ -21,7 +21,7 @@ from .capture import GramCapture
 from .config import ForgetConfig, gated_request
 from .distributed import World
 from .evaluate import AccuracyMatrix
-from .gate import gate_entries, rewired_units
+from .gate import ImageRows, gate_entries, rewired_units, site_read
 from .layers import (Layer, context_length, encode_image, find_layers, gate_site, image_geometry,
                      image_tower_fingerprint)
 from .nullspace import forget_basis
@@ -300,8 +300,9 @@ def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_te
 
 
 def _domain_examples(examples, spec: ForgetSpec, model: nn.Module, device):
-    """``forget``'s ``domain_examples`` checked against the request and the model: (images [n, 3, H, W]
-    fp32 on ``device``, domain index [n] into ``spec.domains``), or None."""
+    """``forget``'s ``domain_examples`` checked against the request and the model: (the images as
+    ``ImageRows`` [n, 3, H, W], left where the caller holds them and not copied: the gate reads them a
+    batch at a time; domain index [n] into ``spec.domains``, on ``device``), or None."""
     if examples is None:
         return None
     if not isinstance(examples, Mapping):
@@ -325,11 +326,11 @@ def _domain_examples(examples, spec: ForgetSpec, model: nn.Module, device):
             raise ValueError(f"domain_examples[{d!r}]: no images")
         if not torch.isfinite(x).all():
             raise ValueError(f"domain_examples[{d!r}]: images with NaN or infinite pixels")
-        images.append(x.detach().to(device, torch.float32))
+        images.append(x.detach())
         domain.append(torch.full((len(x),), spec.domains.index(d), dtype=torch.long, device=device))
     if not images:
         raise ValueError("domain_examples: no domain given (pass None for none)")
-    return torch.cat(images), torch.cat(domain)
+    return ImageRows(images), torch.cat(domain)
 
 
 def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World,
@@ -373,6 +374,12 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
             extra = _translated(model, images, cells, P, cell_text, gated[1], list(spec.domains), config,
                                 classes, world)
             timings["translate"] = time.perf_counter() - t
+            t = time.perf_counter()
+        if examples is not None:                  # every rank reads its share of the real examples
+            t = time.perf_counter()
+            examples = (site_read(model, site, examples[0], config.batch_size, autocast, device, world),
+                        examples[1])
+            timings["examples"] = time.perf_counter() - t
             t = time.perf_counter()
         if world.leader:
             entries, gate = gate_entries(model, site, images, forgotten, class_emb, config.max_rank,

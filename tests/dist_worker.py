@@ -31,7 +31,13 @@ SCENARIOS = {
     "redirect_global": (dict(forget_classes=["cat"]), CONFIG),
     "project_complete": (dict(forget_domains=["pixel_art"]), CONFIG.replace(edit="project", targets="proj+mlp+attn")),
     "gate_complete": (dict(forget_domains=["pixel_art"]), CONFIG.replace(edit="domain-gate")),
+    "gate_examples": (dict(forget_classes=["dog", "car"], forget_domains=["sketch"]), CONFIG.replace(edit="domain-gate")),
 }
+# real examples of two domains for "gate_examples": 10 + 13 images in batches of 7 (4 batches, 2 per rank;
+# one batch spans both domains), one of them held in half precision
+_gen = torch.Generator().manual_seed(11)
+EXAMPLES = {"gate_examples": {"photo": torch.randn(10, 3, 32, 32, generator=_gen).half(),
+                              "sketch": torch.randn(13, 3, 32, 32, generator=_gen)}}
 
 
 def main(out: Path) -> None:
@@ -45,12 +51,22 @@ def main(out: Path) -> None:
     for name, (kw, cfg) in SCENARIOS.items():
         spec = ForgetSpec(CLASSES, DOMAINS, **kw)
         prompts.clear()
-        sharded = forget(model, tok, spec, cfg)
+        more = dict(domain_examples=EXAMPLES[name]) if name in EXAMPLES else {}
+        sharded = forget(model, tok, spec, cfg, **more)
         report[f"{name}.text_rows.rank{rank}"] = sum(prompts)
+        if name in EXAMPLES:                    # the image rows the examples cost this rank
+            seen = []
+            look = model.visual.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+            forget(model, tok, spec, cfg)
+            without = sum(seen)
+            seen.clear()
+            forget(model, tok, spec, cfg, **more)
+            look.remove()
+            report[f"{name}.example_rows.rank{rank}"] = sum(seen) - without
         sharded.save(out / f"{name}.rank{rank}.safetensors")
         if rank == 0:
             prompts.clear()
-            forget(model, tok, spec, cfg, distributed=False).save(out / f"{name}.local.safetensors")
+            forget(model, tok, spec, cfg, distributed=False, **more).save(out / f"{name}.local.safetensors")
             report[f"{name}.text_rows.local"] = sum(prompts)
     hook.remove()
     (out / f"text_rows.rank{rank}.json").write_text(json.dumps(report))

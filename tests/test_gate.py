@@ -11,6 +11,7 @@ from clipforget_fast import ForgetConfig, ForgetSpec, Patch, forget
 from clipforget_fast import gate
 from clipforget_fast.gate import gate_entries, neutral_shift, rewired_units
 from clipforget_fast.layers import encode_image, gate_site
+from clipforget_fast.pipeline import _domain_examples
 
 from conftest import make_tiny_clip
 
@@ -395,3 +396,29 @@ def test_forget_takes_real_domain_examples_and_refuses_bad_ones(tokenizer, vocab
     with pytest.raises(ValueError, match="domain_examples are for the domain gate's detectors.*'class-redirect'"):
         forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"]),
                ForgetConfig(prototypes_per_cell=2, steps=8), domain_examples=examples)
+
+
+def test_examples_are_read_a_batch_at_a_time_without_a_copy(tokenizer, vocab):
+    """The gate reads the caller's example tensors where they are, in batches that may span two of them,
+    and the ℓ it gets is the one a single concatenated tensor gives."""
+    model = make_tiny_clip()
+    site = gate_site(model)
+    gen = torch.Generator().manual_seed(4)
+    parts = [torch.randn(5, 3, 32, 32, generator=gen), torch.randn(1, 3, 32, 32, generator=gen).half(),
+             torch.randn(6, 3, 32, 32, generator=gen).bfloat16()]
+    rows = gate.ImageRows(parts)
+    whole = torch.cat([p.float() for p in parts])
+    assert len(rows) == 12
+    for lo, hi in ((0, 12), (3, 9), (5, 6), (4, 12), (7, 7)):
+        assert torch.equal(rows[lo:hi], whole[lo:hi])
+    with pytest.raises(ValueError, match="step 1"):
+        rows[::2]
+    auto = dict(device_type="cpu", enabled=False)
+    read = gate.site_read(model, site, rows, 5, auto, torch.device("cpu"))
+    assert read.shape == (12, site.norm.weight.shape[0]) and read.dtype == torch.float32
+    assert torch.equal(read, gate.site_read(model, site, whole, 5, auto, torch.device("cpu")))
+    # forget keeps the caller's tensors as they are: the rows it reads are theirs, not a copy
+    spec = ForgetSpec(*vocab, forget_domains=["sketch"])
+    got, domain = _domain_examples({"sketch": parts[0], "photo": parts[2]}, spec, model, torch.device("cpu"))
+    assert [p.data_ptr() for p in got.parts] == [parts[2].data_ptr(), parts[0].data_ptr()]
+    assert domain.tolist() == [0] * 6 + [1] * 5
