@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ForgetConfig
+from .config import GATE_KEEP_ORDER, RETAIN_ENERGY, ForgetConfig
 from .patch import Patch, atomic_safetensors, plain_permissions, safetensors_path
 from .spec import ForgetSpec
 from .synthesis import PrototypeBank
@@ -316,11 +316,21 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def config_changed(p: Patch) -> dict:
+    """The fields of ``p``'s config that differ from today's defaults. A field whose default (None)
+    resolves per edit counts as unchanged where the patch records the value it resolved to (as patches
+    written before that default was None do)."""
+    default = ForgetConfig().to_dict()
+    resolved = {"gate_keep_order": GATE_KEEP_ORDER[bool((p.info.get("gate") or {}).get("examples"))],
+                "retain_energy": RETAIN_ENERGY.get(p.info.get("edit"))}
+    return {k: v for k, v in p.config.items()
+            if default.get(k) != v and not (default.get(k) is None and v is not None and v == resolved.get(k))}
+
+
 def cmd_info(args) -> int:
     p = Patch.load(args.patch)
     spec, info = p.spec, p.info
-    default = ForgetConfig().to_dict()
-    changed = {k: v for k, v in p.config.items() if default.get(k) != v}
+    changed = config_changed(p)
     d = {"file": args.patch, "library_version": p.version, "mode": spec.get("mode"), "edit": info.get("edit"),
          "classes": len(spec.get("classes", [])), "domains": len(spec.get("domains", [])),
          "forget_cells": spec.get("forget_cells"), "config_changed": changed,

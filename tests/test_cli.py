@@ -3,6 +3,7 @@ of its loaders, a second request on the merged weights, evaluate on a folder of 
 the library's evaluate, a Hugging Face folder, and bad input (exit status 2, a message naming it, no
 file written).
 """
+import copy
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import torch
 
 from clipforget_fast import Patch
 from clipforget_fast import proving_ground as pg
-from clipforget_fast.cli import main
+from clipforget_fast.cli import config_changed, main
 from clipforget_fast.proving_ground.model import CONFIG_PATH, WEIGHTS_PATH
 
 VOCAB = ["--classes", "fish,house,star,crescent_moon", "--domains", "photo,sketch"]
@@ -46,6 +47,10 @@ def test_forget_info_apply_and_reload(capsys, tmp_path, base):
     assert sorted(map(tuple, patch.spec["forget_cells"])) == [("fish", "photo"), ("fish", "sketch")]
     info = json.loads(run(capsys, "info", p, "--json"))
     assert info["mode"] == "global" and info["config_changed"] == {"prototypes_per_cell": 0}
+    for energy, shown in ((0.9999, False), (0.99, True)):     # the class redirect's resolved default
+        older = Patch(patch.entries, patch.spec, {**patch.config, "retain_energy": energy}, patch.info)
+        assert config_changed(older) == ({"prototypes_per_cell": 0, "retain_energy": energy} if shown
+                                         else {"prototypes_per_cell": 0})
     assert [(e["name"], e["rank"]) for e in info["entries"]] == [(e.name, e.rank) for e in patch.entries]
     assert "text_projection" in run(capsys, "info", p)
 
@@ -176,7 +181,19 @@ def test_forget_with_domain_examples_from_a_folder(capsys, tmp_path):
     request = ["--model", "proving-ground", *VOCAB, "--forget-classes", "house", "--forget-domains", "sketch",
                "--set", "prototypes_per_cell=2", "--set", "steps=10", "--set", "gate_translate_steps=0"]
     run(capsys, "forget", *request, "--domain-examples", root, "--out", p)
-    assert Patch.load(p).info["gate"]["examples"] == {"photo": 8, "sketch": 9}
+    patch = Patch.load(p)
+    assert patch.info["gate"]["examples"] == {"photo": 8, "sketch": 9}
+    changed = {"prototypes_per_cell": 2, "steps": 10, "gate_translate_steps": 0}
+    assert json.loads(run(capsys, "info", p, "--json"))["config_changed"] == changed
+    # a patch that records the order its None resolved to (as older patches do) kept the default; another
+    # order is a change, and without examples 10,000 is one too
+    for order, examples, shown in ((10000.0, True, False), (5.0, True, True), (10000.0, False, True),
+                                   (100.0, False, False)):
+        info = copy.deepcopy(patch.info)
+        if not examples:
+            del info["gate"]["examples"]
+        older = Patch(patch.entries, patch.spec, {**patch.config, "gate_keep_order": order}, info)
+        assert config_changed(older) == ({**changed, "gate_keep_order": order} if shown else changed)
     p.unlink()
     (root / "oil").mkdir()
     assert "folder 'oil' is not one of the request's domains" in fails(capsys, "forget", *request, "--domain-examples",
