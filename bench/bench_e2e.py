@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results  # noqa: E402
+from common import append_results, hf_model  # noqa: E402
 
 import open_clip  # noqa: E402
 
@@ -32,24 +32,6 @@ DOMAINS = ["photo", "sketch", "cartoon", "painting", "pixel_art", "clipart", "in
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20    # ru_maxrss is KiB on Linux
-
-
-def hf_model(name: str):
-    """A transformers CLIPModel (random weights) of the open_clip architecture ``name``: same widths,
-    depths, heads, MLP ratio, patch and image size, exact GELU as open_clip's default."""
-    import transformers
-
-    cfg = open_clip.get_model_config(name)
-    v, t = cfg["vision_cfg"], cfg["text_cfg"]
-    vw, tw = v["width"], t["width"]
-    return transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=dict(vocab_size=t["vocab_size"], hidden_size=tw, intermediate_size=int(tw * t.get("mlp_ratio", 4.0)),
-                         num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
-                         max_position_embeddings=t["context_length"], hidden_act="gelu"),
-        vision_config=dict(hidden_size=vw, intermediate_size=int(vw * v.get("mlp_ratio", 4.0)),
-                           num_hidden_layers=v["layers"], num_attention_heads=vw // v.get("head_width", 64),
-                           image_size=v["image_size"], patch_size=v["patch_size"], hidden_act="gelu"),
-        projection_dim=cfg["embed_dim"]))
 
 
 def main(argv=None) -> int:
@@ -68,7 +50,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.ERROR)
 
     t = time.perf_counter()
-    model = (hf_model(args.model) if args.family == "hf" else open_clip.create_model(args.model, pretrained=None))
+    model = (hf_model(open_clip.get_model_config(args.model)) if args.family == "hf" else open_clip.create_model(args.model, pretrained=None))
     model = model.to(args.device).eval()
     tokenizer = open_clip.get_tokenizer(args.model)
     build_s = time.perf_counter() - t

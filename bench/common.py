@@ -115,3 +115,21 @@ def peak_memory(fn, *, device=None, interval: float = 5e-4) -> int:
         done.set()
         thread.join()
     return max(peak, _rss_bytes()) - base
+
+
+def hf_model(cfg: dict):
+    """A transformers CLIPModel (random weights) of an open_clip model config (``open_clip.get_model_config``,
+    or the same keys): same widths, depths, heads, MLP ratio, patch and image size, context length and
+    exact GELU as open_clip's default; open_clip's tokenizer gives it the same token ids."""
+    import transformers
+
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    vw, tw = v["width"], t["width"]
+    return transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=t["vocab_size"], hidden_size=tw, intermediate_size=int(tw * t.get("mlp_ratio", 4.0)),
+                         num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                         max_position_embeddings=t["context_length"], hidden_act="gelu"),
+        vision_config=dict(hidden_size=vw, intermediate_size=int(vw * v.get("mlp_ratio", 4.0)),
+                           num_hidden_layers=v["layers"], num_attention_heads=vw // v.get("head_width", 64),
+                           image_size=v["image_size"], patch_size=v["patch_size"], hidden_act="gelu"),
+        projection_dim=cfg["embed_dim"]))

@@ -11,10 +11,12 @@ Sections, each timed against a baseline measured in the same run:
              the torch reference.
 4. nullspace randomized vs exact eigensolver at d_in 1280 and 5120 on a known spectrum: time ratio
              and largest principal angle on the kept rank.
-5. edit      the whole ``forget`` on ViT-L-14 and ViT-H-14 (random weights, 10 classes × 5 domains):
-             seconds per stage (``patch.timings``), synthesis TFLOP/s (3 × forward FLOPs × images ×
-             steps, forward FLOPs from torch.utils.flop_counter) against a bf16 matmul rate measured
-             here, and apply GB/s against copy bandwidth over the patched weights.
+5. edit      the whole ``forget`` on ViT-L-14, ViT-H-14 and ViT-B-32 as a transformers CLIPModel
+             (random weights, 10 classes × 5 domains): seconds per stage (``patch.timings``), synthesis
+             TFLOP/s (3 × forward FLOPs × images × steps, forward FLOPs from torch.utils.flop_counter)
+             against a bf16 matmul rate measured here, and apply GB/s against copy bandwidth over the
+             patched weights.
+6. gate      the domain gate (every class @ sketch) on the transformers ViT-B-32: the same figures.
 
 Writes ``device_check.json`` to ``$OUT`` (or ``--out``) and prints a table. ``--quick`` runs the same
 logic at toy sizes on CPU (Triton under its interpreter, a tiny CLIP, few steps) to test the script.
@@ -24,6 +26,7 @@ logic at toy sizes on CPU (Triton under its interpreter, a tiny CLIP, few steps)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -211,48 +214,71 @@ def forward_flops(model, image_size, dev) -> float:
     """FLOPs of one image-tower forward for a single image (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from clipforget_fast.layers import encode_image
+
     x = torch.zeros(1, 3, *image_size, device=dev)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.encode_image(x)
+        encode_image(model, x)
     return float(counter.get_total_flops())
 
 
-def tiny_model():
-    """A toy open_clip CLIP (as in tests/conftest.py) and a tokenizer of its context length."""
+# a toy open_clip CLIP config (as in tests/conftest.py)
+TINY = dict(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
+            text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2))
+
+
+def build_model(name: str, dev):
+    """(model, tokenizer) with random weights on ``dev``: an open_clip architecture by name, "toy" (TINY),
+    or "hf:NAME" (hf:toy), the same architecture as a transformers CLIPModel with open_clip's tokenizer
+    (the same token ids)."""
     open_clip = open_clip_or_exit()
-    model = open_clip.model.CLIP(
-        embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
-        text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2))
-    return model.eval(), open_clip.tokenizer.SimpleTokenizer(context_length=32)
+    hf, arch = name.startswith("hf:"), name.removeprefix("hf:")
+    cfg = TINY if arch == "toy" else open_clip.get_model_config(arch)
+    if hf:
+        if importlib.util.find_spec("transformers") is None:
+            raise Skipped(f"{name} needs transformers (pip install transformers)")
+        from common import hf_model
+        model = hf_model(cfg)
+    else:
+        model = (open_clip.model.CLIP(**cfg) if arch == "toy"
+                 else open_clip.create_model(arch, pretrained=None, device=dev))
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
+    return model.to(dev).eval(), tokenizer
 
 
-def check_edit(dev, quick: bool, name: str, steps: int | None, peak_tflops: float) -> dict:
+def check_edit(dev, quick: bool, name: str, steps: int | None, peak_tflops: float, gate: bool = False) -> dict:
+    """``forget`` on ``name`` (build_model), timed: edit="project" over two of the classes (the whole
+    pipeline: synthesis, capture, nullspace on both towers), or with ``gate`` the domain gate on every
+    class of one domain (prototypes, their translations, the detectors)."""
     import clipforget_fast as cf
     from clipforget_fast.layers import image_geometry
 
-    open_clip = open_clip_or_exit()
     t0 = time.perf_counter()
+    model, tokenizer = build_model(name, dev)
     if quick:
-        model, tokenizer = tiny_model()
         classes, domains = ["dog", "cat", "car"], ["photo", "sketch"]
         config = cf.ForgetConfig(prototypes_per_cell=1, steps=steps or 2, batch_size=8, device=str(dev),
-                                 edit="project")
+                                 edit="project", gate_translate_steps=2)
     else:
-        model = open_clip.create_model(name, pretrained=None, device=dev).eval()
-        tokenizer = open_clip.get_tokenizer(name)
         classes = ["dog", "cat", "car", "tree", "house", "bird", "boat", "chair", "cup", "horse"]
         domains = ["photo", "sketch", "cartoon", "painting", "pixel_art"]
         config = cf.ForgetConfig(device=str(dev), edit="project", **({"steps": steps} if steps else {}))
     load_s = time.perf_counter() - t0
-    # edit="project": the whole pipeline (synthesis, capture, nullspace on both towers) is what is timed
-    spec = cf.ForgetSpec(classes, domains, forget_classes=classes[:2])
+    if gate:
+        spec = cf.ForgetSpec(classes, domains, forget_domains=["sketch"])
+        config = config.replace(edit="domain-gate")
+    else:
+        spec = cf.ForgetSpec(classes, domains, forget_classes=classes[:2])
     t0 = time.perf_counter()
     patch = cf.forget(model, tokenizer, spec, config)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     total_s = time.perf_counter() - t0
-    out = {"model": "toy" if quick else name, "load_s": load_s, "forget_s": total_s,
+    out = {"model": name, "edit": patch.info["edit"], "load_s": load_s, "forget_s": total_s,
            "timings": dict(patch.timings), "patch_layers": len(patch.entries), "config_steps": config.steps}
+    if gate:
+        out["gate_units"] = len(patch.info["gate"]["units"])
+        out["prototypes_caught"] = patch.info["gate"].get("prototypes_caught")
     syn = patch.info.get("synthesis")
     if syn:
         size, _, _ = image_geometry(model)
@@ -284,12 +310,18 @@ def check_edit(dev, quick: bool, name: str, steps: int | None, peak_tflops: floa
 
 
 # ----------------------------------------------------------------------------------------
+class Skipped(Exception):
+    """A section that cannot run here (a package it needs is missing): recorded as skipped, not failed."""
+
+
 def run_section(results: dict, key: str, fn) -> None:
     t0 = time.perf_counter()
     try:
         results[key] = fn()
     except SystemExit:
         raise
+    except Skipped as why:
+        results[key] = {"skipped": str(why)}
     except Exception as err:  # one broken section must not hide the others' numbers
         results[key] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
     print(f"[{key}] {time.perf_counter() - t0:.1f} s", flush=True)
@@ -321,7 +353,9 @@ def main(argv=None) -> dict:
                     help="toy sizes on CPU (Triton interpreter, tiny CLIP, few steps)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/device_check.json)")
     ap.add_argument("--steps", type=int, default=None, help="synthesis steps of the full edit")
-    ap.add_argument("--models", default="ViT-L-14,ViT-H-14", help="models of the full edit")
+    ap.add_argument("--models", default="ViT-L-14,ViT-H-14,hf:ViT-B-32",
+                    help="models of the full edit (hf:NAME: as a transformers CLIPModel)")
+    ap.add_argument("--gate-models", default="hf:ViT-B-32", help="models of the domain gate's edit")
     ap.add_argument("--skip", default="", help="sections to skip, comma-separated")
     args = ap.parse_args(argv)
     quick = args.quick
@@ -340,8 +374,10 @@ def main(argv=None) -> dict:
                 ("apply", lambda: check_apply(dev, quick, "ViT-H-14")),
                 ("synth", lambda: check_synth(dev, quick)),
                 ("nullspace", lambda: check_nullspace(dev, quick))]
-    for name in (["toy"] if quick else args.models.split(",")):
+    for name in (["toy", "hf:toy"] if quick else [m for m in args.models.split(",") if m]):
         sections.append((f"edit_{name}", lambda name=name: check_edit(dev, quick, name, args.steps, peak)))
+    for name in (["hf:toy"] if quick else [m for m in args.gate_models.split(",") if m]):
+        sections.append((f"gate_{name}", lambda name=name: check_edit(dev, quick, name, args.steps, peak, True)))
     for key, fn in sections:
         if key.split("_")[0] not in skip and key not in skip:
             run_section(res, key, fn)

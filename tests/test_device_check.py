@@ -2,6 +2,7 @@
 (it needs TRITON_INTERPRET=1 set before Triton is imported)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -32,3 +33,13 @@ def test_device_check_quick_runs_every_section(tmp_path):
     assert set(res["edit_toy"]["timings"]) >= {"synthesis", "capture", "nullspace"}
     assert res["edit_toy"]["apply"]["restored_max_err"] < 1e-5
     assert all(row["max_angle_rad"] < 1e-3 for row in res["nullspace"])
+    # the same network as a transformers CLIPModel: the projection edit and the domain gate
+    hf = [res.get(k) for k in ("edit_hf:toy", "gate_hf:toy")]
+    if importlib.util.find_spec("transformers") is None:
+        assert all("skipped" in r for r in hf), hf
+        return
+    for row in hf:
+        assert row is not None and "error" not in row and "skipped" not in row, row
+        assert row["apply"]["restored_max_err"] < 1e-5
+    assert hf[0]["edit"] == "project" and hf[1]["edit"] == "domain-gate"
+    assert hf[1]["gate_units"] > 0 and set(hf[1]["timings"]) >= {"synthesis", "translate", "gate"}
