@@ -1,7 +1,7 @@
 """ForgetConfig: every knob of an edit in one frozen, validated dataclass.
 
-Defaults are the choices measured best on the proving ground (see README, "Choosing the defaults",
-and bench/RESULTS.md). Field names are the public contract; benchmarks and saved patches record them.
+Defaults are the choices measured best on the proving ground (see README, "Quality status and the
+defaults", and bench/RESULTS.md). Field names are the public contract; benchmarks and saved patches record them.
 """
 from __future__ import annotations
 
