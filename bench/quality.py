@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
 
 from clipforget_fast import ForgetConfig, ForgetSpec, evaluate, forget, synthesize_prototypes  # noqa: E402
+from clipforget_fast import gate  # noqa: E402
 from clipforget_fast import proving_ground as pg  # noqa: E402
 from clipforget_fast.cli import PRECISIONS  # noqa: E402
 from clipforget_fast.layers import gate_site  # noqa: E402
@@ -504,6 +505,9 @@ def main(argv=None) -> int:
     ap.add_argument("--domain-examples", type=int, default=None, metavar="N",
                     help="hand forget() N real renders per cell as domain_examples wherever the domain gate edits "
                          "(not data-free: the defaults' targets are measured without)")
+    ap.add_argument("--examples-share", type=float, default=None, metavar="S",
+                    help="with --domain-examples: gate.EXAMPLES_SHARE, the share of the detectors' weight the real "
+                         "examples carry (default: the library's, each weighs as a stand-in)")
     ap.add_argument("--weights", default=None,
                     help="another proving-ground checkpoint (e.g. a class-token one from scripts/train_proving_ground.py "
                          "--pool tok); the tables name it")
@@ -527,6 +531,11 @@ def main(argv=None) -> int:
         if args.domain_examples < 1:
             ap.error(f"--domain-examples {args.domain_examples}: must be ≥ 1")
         h.use_examples(args.domain_examples)
+    if args.examples_share is not None:
+        if args.domain_examples is None or not 0 < args.examples_share < 1:
+            ap.error(f"--examples-share {args.examples_share}: needs --domain-examples and a share in (0, 1)")
+        gate.EXAMPLES_SHARE = args.examples_share
+        h.name += f", examples' share {args.examples_share:g}"
     record = not args.no_record
     rc = 0
     if args.prototypes:

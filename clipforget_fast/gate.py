@@ -349,7 +349,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
         if domain_of is None:
             raise ValueError("the domain gate's examples need the prototypes' domains (domain_of)")
         ell_e = examples[0]
-        if ell_e.dim() != 2:
+        if not (isinstance(ell_e, torch.Tensor) and ell_e.dim() == 2):     # images, not their ℓ
             ell_e = site_read(model, site, ell_e, batch_size, autocast, images.device)
         ell_e = ell_e.to(images.device, torch.float32)
         n_e = len(ell_e)

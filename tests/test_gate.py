@@ -417,6 +417,15 @@ def test_examples_are_read_a_batch_at_a_time_without_a_copy(tokenizer, vocab):
     read = gate.site_read(model, site, rows, 5, auto, torch.device("cpu"))
     assert read.shape == (12, site.norm.weight.shape[0]) and read.dtype == torch.float32
     assert torch.equal(read, gate.site_read(model, site, whole, 5, auto, torch.device("cpu")))
+    # gate_entries takes the examples as images, as ImageRows or as their ℓ, and fits the same detectors
+    fit = torch.randn(12, 3, 32, 32, generator=gen)
+    domain_of = torch.arange(12) % 2
+    T = F.normalize(torch.randn(4, model.text_projection.shape[1], generator=gen), dim=-1)
+    args = dict(rank=2, batch_size=5, autocast=auto, domain_of=domain_of)
+    got = [gate_entries(model, site, fit, domain_of == 1, T, examples=(x, torch.arange(12) % 2), **args)[0]
+           for x in (whole, rows, read)]
+    for other in got[1:]:
+        assert all(torch.equal(a.A, b.A) and torch.equal(a.B, b.B) for a, b in zip(got[0], other, strict=True))
     # forget keeps the caller's tensors as they are: the rows it reads are theirs, not a copy
     spec = ForgetSpec(*vocab, forget_domains=["sketch"])
     got, domain = _domain_examples({"sketch": parts[0], "photo": parts[2]}, spec, model, torch.device("cpu"))
