@@ -102,19 +102,21 @@ KEEP_ORDER = GATE_KEEP_ORDER[False]         # chosen on the proving ground from 
 
 @torch.no_grad()
 def capture(model, site: GateSite, images, batch_size: int, autocast: dict, device=None, lo: int = 0,
-            hi: int | None = None):
-    """(x [n, width], h [n, hidden]) fp32 for ``images[lo:hi]``: the class token's residual entering the
-    last block's MLP norm, and the MLP's hidden activations of that token. ``images``: [N, 3, H, W], or
-    anything that slices into such tensors (``ImageRows``); each batch of ``batch_size`` (counted from
-    ``lo``) goes to ``device`` (default: where it is) on its own."""
+            hi: int | None = None, hidden: bool = True):
+    """(x [n, width], h [n, hidden] or None without ``hidden``) fp32 for ``images[lo:hi]``: the class
+    token's residual entering the last block's MLP norm, and the MLP's hidden activations of that token.
+    ``images``: [N, 3, H, W], or anything that slices into such tensors (``ImageRows``); each batch of
+    ``batch_size`` (counted from ``lo``) goes to ``device`` (default: where it is) on its own. Only the
+    class token's rows are kept (copies, not views that would hold every token of a batch)."""
     xs, hs = [], []
     hi = len(images) if hi is None else hi
 
     def first(t):
-        return (t[:, 0] if site.batch_first else t[0]).float()
+        return (t[:, 0] if site.batch_first else t[0]).to(torch.float32, copy=True)
 
-    hooks = [site.norm.register_forward_pre_hook(lambda m, a: xs.append(first(a[0]))),
-             site.fc_out.register_forward_pre_hook(lambda m, a: hs.append(first(a[0])))]
+    hooks = [site.norm.register_forward_pre_hook(lambda m, a: xs.append(first(a[0])))]
+    if hidden:
+        hooks.append(site.fc_out.register_forward_pre_hook(lambda m, a: hs.append(first(a[0]))))
     try:
         with torch.autocast(**autocast):
             for i in range(lo, hi, batch_size):
@@ -123,7 +125,7 @@ def capture(model, site: GateSite, images, batch_size: int, autocast: dict, devi
     finally:
         for h in hooks:
             h.remove()
-    return torch.cat(xs), torch.cat(hs)
+    return torch.cat(xs), (torch.cat(hs) if hidden else None)
 
 
 class ImageRows:
@@ -161,7 +163,8 @@ def site_read(model, site: GateSite, images, batch_size: int, autocast: dict, de
 
     def rows(lo: int, hi: int) -> torch.Tensor:
         lo, hi = lo * batch_size, min(hi * batch_size, n)
-        return layer_norm(capture(model, site, images, batch_size, autocast, device, lo, hi)[0], site.norm)
+        return layer_norm(capture(model, site, images, batch_size, autocast, device, lo, hi, hidden=False)[0],
+                          site.norm)
 
     batches = -(-n // batch_size)
     if world is None:
@@ -342,7 +345,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     classes = class_of.to(images.device) if class_of is not None else None
     if extra is not None and domain_of is not None and len(extra[0]):
         ex, ed = extra[0].to(images.device), extra[1].to(images.device)
-        ell_x = layer_norm(capture(model, site, ex, batch_size, autocast)[0], site.norm)
+        ell_x = layer_norm(capture(model, site, ex, batch_size, autocast, hidden=False)[0], site.norm)
         if classes is not None:
             classes = torch.cat([classes, extra[2].to(images.device)]) if len(extra) > 2 else None
     if examples is not None and len(examples[0]):
