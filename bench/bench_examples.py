@@ -1,0 +1,103 @@
+"""What real domain examples cost the domain gate: the time of ``forget`` with and without them, and
+the memory of reading them.
+
+    python bench/bench_examples.py --model ViT-B-32 --examples 1000
+
+One request (every class @ sketch: the domain gate) on a real open_clip architecture with random
+weights, a small prototype bank (the mechanics, not the quality: that is bench/quality.py's), first
+without examples (the baseline, in the same run), then with ``--examples`` images held by the caller in
+fp32 on the CPU. Then the memory of reading the examples at the gate's site as ``forget`` does
+(``gate.site_read`` over ``ImageRows`` of the caller's tensors, a batch at a time) for a quarter, half and
+all of them, against reading them from one concatenated fp32 copy (what a single tensor on the model's
+device costs; CPU: the resident set's peak over its start, sampled; CUDA: the allocator's peak).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results, peak_memory  # noqa: E402
+
+import open_clip  # noqa: E402
+
+from clipforget_fast import ForgetConfig, ForgetSpec, forget, gate  # noqa: E402
+from clipforget_fast.layers import gate_site, image_geometry  # noqa: E402
+
+CLASSES = ["dog", "cat", "car", "tree"]
+DOMAINS = ["photo", "sketch", "cartoon"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--examples", type=int, default=1000, help="real examples in all, split over the domains")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.examples < len(DOMAINS):
+        ap.error(f"--examples {args.examples}: at least one per domain ({len(DOMAINS)})")
+    logging.basicConfig(level=logging.ERROR)
+    torch.manual_seed(0)
+    model = open_clip.create_model(args.model, pretrained=None).to(args.device).eval()
+    tokenizer = open_clip.get_tokenizer(args.model)
+    (H, W), _, _ = image_geometry(model)
+    spec = ForgetSpec(CLASSES, DOMAINS, forget_domains=["sketch"])
+    config = ForgetConfig(prototypes_per_cell=1, steps=2, accept_prob=1.0, gate_translate_steps=2,
+                          batch_size=args.batch_size, edit="domain-gate", device=args.device)
+    gen = torch.Generator().manual_seed(1)
+    share = [len(x) for x in torch.arange(args.examples).tensor_split(len(DOMAINS))]
+    examples = {d: torch.randn(n, 3, H, W, generator=gen) for d, n in zip(DOMAINS, share)}
+    size = sum(x.numel() * x.element_size() for x in examples.values())
+    forget(model, tokenizer, spec, config.replace(self_check=False))          # warm-up (allocator, kernels)
+    runs = {}
+    for name, kw in (("without examples", {}), (f"with {args.examples} examples", {"domain_examples": examples})):
+        t = time.perf_counter()
+        patch = forget(model, tokenizer, spec, config, **kw)
+        runs[name] = (time.perf_counter() - t, patch)
+    assert patch.info["gate"]["examples"] == dict(zip(DOMAINS, share))
+    site, dev = gate_site(model), torch.device(args.device)
+    auto = dict(device_type=dev.type, enabled=False)
+    parts = list(examples.values())
+
+    def read(rows):
+        return gate.site_read(model, site, rows, args.batch_size, auto, dev)
+
+    reads = []
+    for frac in (0.25, 0.5, 1.0):
+        k = max(1, int(frac * args.examples))
+        cut, left = [], k                          # the first k examples, as views of the caller's tensors
+        for p in parts:
+            if left:
+                cut.append(p[:left])
+                left -= len(cut[-1])
+        reads.append((k, "batch at a time (the library)", peak_memory(lambda: read(gate.ImageRows(cut)), device=dev)))
+    copy = peak_memory(lambda: read(torch.cat([p.to(dev, torch.float32) for p in parts])), device=dev)
+    reads.append((args.examples, "one fp32 copy on the device", copy))
+    rows = [f"{args.model} (random weights), every class @ sketch of {len(CLASSES)} classes × {len(DOMAINS)} "
+            f"domains (domain gate; 1 prototype per cell, 2 steps, 2 translation steps), batch_size "
+            f"{args.batch_size}, device {args.device}; the examples: {args.examples} images "
+            f"{H}×{W} in fp32 on the CPU, {size / 2 ** 30:.2f} GiB",
+            "",
+            "| forget | seconds | examples read (s) |",
+            "|---|---|---|"]
+    for name, (secs, patch) in runs.items():
+        rows.append(f"| {name} | {secs:.2f} | {patch.timings.get('examples', 0.0):.2f} |")
+    rows += ["", "| examples read at the site | how | peak memory over its start (GiB) | their own size (GiB) |",
+             "|---|---|---|---|"]
+    for k, how, peak in reads:
+        rows.append(f"| {k} | {how} | {peak / 2 ** 30:.3f} | {k * 3 * H * W * 4 / 2 ** 30:.3f} |")
+    print("\n".join(rows))
+    if not args.no_record:
+        append_results(f"bench_examples {args.model}", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
