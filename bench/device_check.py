@@ -16,7 +16,8 @@ Sections, each timed against a baseline measured in the same run:
              TFLOP/s (3 × forward FLOPs × images × steps, forward FLOPs from torch.utils.flop_counter)
              against a bf16 matmul rate measured here, and apply GB/s against copy bandwidth over the
              patched weights.
-6. gate      the domain gate (every class @ sketch) on the transformers ViT-B-32: the same figures.
+6. gate      the domain gate (every class @ sketch) on the transformers ViT-B-32, with 128 random images
+             of two domains as ``domain_examples`` held on the CPU: the same figures.
 
 Writes ``device_check.json`` to ``$OUT`` (or ``--out``) and prints a table. ``--quick`` runs the same
 logic at toy sizes on CPU (Triton under its interpreter, a tiny CLIP, few steps) to test the script.
@@ -264,13 +265,17 @@ def check_edit(dev, quick: bool, name: str, steps: int | None, peak_tflops: floa
         domains = ["photo", "sketch", "cartoon", "painting", "pixel_art"]
         config = cf.ForgetConfig(device=str(dev), edit="project", **({"steps": steps} if steps else {}))
     load_s = time.perf_counter() - t0
-    if gate:
+    more = {}
+    if gate:        # with real-like examples held on the CPU, read onto the device a batch at a time
         spec = cf.ForgetSpec(classes, domains, forget_domains=["sketch"])
         config = config.replace(edit="domain-gate")
+        size, _, _ = image_geometry(model)
+        gen = torch.Generator().manual_seed(0)
+        more["domain_examples"] = {d: torch.randn(5 if quick else 128, 3, *size, generator=gen) for d in domains[:2]}
     else:
         spec = cf.ForgetSpec(classes, domains, forget_classes=classes[:2])
     t0 = time.perf_counter()
-    patch = cf.forget(model, tokenizer, spec, config)
+    patch = cf.forget(model, tokenizer, spec, config, **more)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     total_s = time.perf_counter() - t0
@@ -278,6 +283,7 @@ def check_edit(dev, quick: bool, name: str, steps: int | None, peak_tflops: floa
            "timings": dict(patch.timings), "patch_layers": len(patch.entries), "config_steps": config.steps}
     if gate:
         out["gate_units"] = len(patch.info["gate"]["units"])
+        out["examples"] = patch.info["gate"]["examples"]
         out["prototypes_caught"] = patch.info["gate"].get("prototypes_caught")
     syn = patch.info.get("synthesis")
     if syn:

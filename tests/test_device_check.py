@@ -42,4 +42,5 @@ def test_device_check_quick_runs_every_section(tmp_path):
         assert row is not None and "error" not in row and "skipped" not in row, row
         assert row["apply"]["restored_max_err"] < 1e-5
     assert hf[0]["edit"] == "project" and hf[1]["edit"] == "domain-gate"
-    assert hf[1]["gate_units"] > 0 and set(hf[1]["timings"]) >= {"synthesis", "translate", "gate"}
+    assert hf[1]["gate_units"] > 0 and set(hf[1]["timings"]) >= {"synthesis", "translate", "examples", "gate"}
+    assert hf[1]["examples"] == {"photo": 5, "sketch": 5}
