@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.ERROR)
 
     t = time.perf_counter()
-    model = (hf_model(open_clip.get_model_config(args.model)) if args.family == "hf" else open_clip.create_model(args.model, pretrained=None))
+    model = (hf_model(open_clip.get_model_config(args.model)) if args.family == "hf"
+             else open_clip.create_model(args.model, pretrained=None))
     model = model.to(args.device).eval()
     tokenizer = open_clip.get_tokenizer(args.model)
     build_s = time.perf_counter() - t

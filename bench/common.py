@@ -126,7 +126,8 @@ def hf_model(cfg: dict):
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
     vw, tw = v["width"], t["width"]
     return transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=dict(vocab_size=t["vocab_size"], hidden_size=tw, intermediate_size=int(tw * t.get("mlp_ratio", 4.0)),
+        text_config=dict(vocab_size=t["vocab_size"], hidden_size=tw,
+                         intermediate_size=int(tw * t.get("mlp_ratio", 4.0)),
                          num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
                          max_position_embeddings=t["context_length"], hidden_act="gelu"),
         vision_config=dict(hidden_size=vw, intermediate_size=int(vw * v.get("mlp_ratio", 4.0)),

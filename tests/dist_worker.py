@@ -31,7 +31,8 @@ SCENARIOS = {
     "redirect_global": (dict(forget_classes=["cat"]), CONFIG),
     "project_complete": (dict(forget_domains=["pixel_art"]), CONFIG.replace(edit="project", targets="proj+mlp+attn")),
     "gate_complete": (dict(forget_domains=["pixel_art"]), CONFIG.replace(edit="domain-gate")),
-    "gate_examples": (dict(forget_classes=["dog", "car"], forget_domains=["sketch"]), CONFIG.replace(edit="domain-gate")),
+    "gate_examples": (dict(forget_classes=["dog", "car"], forget_domains=["sketch"]),
+                      CONFIG.replace(edit="domain-gate")),
 }
 # real examples of two domains for "gate_examples": 10 + 13 images in batches of 7 (4 batches, 2 per rank;
 # one batch spans both domains), one of them held in half precision
