@@ -236,7 +236,7 @@ def cmd_forget(args) -> int:
     if folders is not None:
         if preprocess is None:
             raise UsageError(f"--hf: {args.hf!r} has no preprocessor_config.json (the image processor)")
-        examples = {d: torch.stack([_read_image(f, preprocess, "--domain-examples") for f in files])
+        examples = {d: read_images(files, preprocess, "--domain-examples", pixel_dtype(model))
                     for d, files in folders.items()}
     t = time.perf_counter()
     patch = forget(model, tokenizer, spec, config, prototypes=bank, domain_examples=examples)
@@ -400,6 +400,30 @@ def _read_image(path: Path, preprocess, flag: str) -> torch.Tensor:
         raise UsageError(f"{flag}: cannot read {str(path)!r} ({e})") from e
 
 
+def read_images(files, preprocess, flag: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[n, 3, H, W] ``dtype``: the images ``files``, preprocessed, written into one tensor as they are read
+    (no list of them held beside it). The image tower's dtype (``pixel_dtype``) holds them as the model
+    will read them, in half the memory for a half-precision model."""
+    out = None
+    for k, f in enumerate(files):
+        x = _read_image(f, preprocess, flag)
+        if out is None:
+            out = torch.empty(len(files), *x.shape, dtype=dtype)
+        elif x.shape != out.shape[1:]:
+            raise UsageError(f"{flag}: {str(f)!r} preprocesses to {tuple(x.shape)}, the images before it to "
+                             f"{tuple(out.shape[1:])}")
+        out[k] = x
+    return out
+
+
+def pixel_dtype(model) -> torch.dtype:
+    """The floating dtype the image tower reads its pixels in (its weights'), fp32 when it has none."""
+    from .layers import _pixel_dtype
+
+    dtype = _pixel_dtype(model)
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
@@ -418,13 +442,10 @@ def cmd_evaluate(args) -> int:
     model, tokenizer, preprocess = load_model(args)
     if preprocess is None:
         raise UsageError(f"--hf: {args.hf!r} has no preprocessor_config.json (the image processor)")
-    images, ci, di = [], [], []
-    for (c, d), files in cells.items():
-        for f in files:
-            images.append(_read_image(f, preprocess, "--images"))
-            ci.append(classes.index(c))
-            di.append(domains.index(d))
-    images, ci, di = torch.stack(images), torch.tensor(ci), torch.tensor(di)
+    files = [f for fs in cells.values() for f in fs]
+    images = read_images(files, preprocess, "--images", pixel_dtype(model))
+    ci = torch.tensor([classes.index(c) for (c, _), fs in cells.items() for _ in fs])
+    di = torch.tensor([domains.index(d) for (_, d), fs in cells.items() for _ in fs])
     words = dict(classes=classes, domains=domains, domain_phrases={k: v for k, v in vocab.get("domain_phrases", {}).items()
                                                                    if k in domains} or None,
                  class_phrases={k: v for k, v in vocab.get("class_phrases", {}).items() if k in classes} or None,

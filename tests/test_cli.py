@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -210,6 +211,32 @@ def test_forget_with_domain_examples_from_a_folder(capsys, tmp_path):
                 "--domain-examples", root, "--out", p)
     assert "domain_examples are for the domain gate's detectors" in err
     assert not p.exists()
+
+
+def test_read_images_fills_one_tensor_in_the_towers_dtype(tmp_path):
+    from PIL import Image
+
+    from clipforget_fast.cli import UsageError, pixel_dtype, read_images
+
+    raw, _, _, _ = pg.render_raw(["fish", "house"], ["photo"], 2, seed=5_000_007)
+    files = []
+    for k, img in enumerate(raw):
+        files.append(tmp_path / f"{k}.png")
+        Image.fromarray(img).save(files[-1])
+
+    def preprocess(im):
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255 - 0.5
+
+    each = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files])
+    assert torch.equal(read_images(files, preprocess, "--images"), each)
+    held = read_images(files, preprocess, "--images", torch.bfloat16)
+    assert held.dtype == torch.bfloat16 and torch.equal(held, each.bfloat16())
+    model, _, _ = pg.load()
+    assert pixel_dtype(model) == torch.float32 and pixel_dtype(model.to(torch.bfloat16)) == torch.bfloat16
+    Image.fromarray(raw[0][:20]).save(tmp_path / "short.png")
+    with pytest.raises(UsageError, match=r"--images: '.*short.png' preprocesses to \(3, 20, 48\), the images before it "
+                                          r"to \(3, 48, 48\)"):
+        read_images(files + [tmp_path / "short.png"], preprocess, "--images")
 
 
 def test_bad_input_is_named_and_writes_nothing(capsys, tmp_path):
