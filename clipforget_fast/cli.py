@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .config import GATE_KEEP_ORDER, RETAIN_ENERGY, ForgetConfig
+from .config import ForgetConfig
 from .patch import Patch, atomic_safetensors, plain_permissions, safetensors_path
 from .spec import ForgetSpec
 from .synthesis import PrototypeBank
@@ -320,9 +320,10 @@ def config_changed(p: Patch) -> dict:
     """The fields of ``p``'s config that differ from today's defaults. A field whose default (None)
     resolves per edit counts as unchanged where the patch records the value it resolved to (as patches
     written before that default was None do)."""
-    default = ForgetConfig().to_dict()
-    resolved = {"gate_keep_order": GATE_KEEP_ORDER[bool((p.info.get("gate") or {}).get("examples"))],
-                "retain_energy": RETAIN_ENERGY.get(p.info.get("edit"))}
+    config = ForgetConfig()
+    default = config.to_dict()
+    resolved = {"gate_keep_order": config.gate_keep_order_for(bool((p.info.get("gate") or {}).get("examples"))),
+                "retain_energy": config.retain_energy_for(p.info.get("edit"))}
     return {k: v for k, v in p.config.items()
             if default.get(k) != v and not (default.get(k) is None and v is not None and v == resolved.get(k))}
 

@@ -345,7 +345,7 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
     classes = class_of.to(images.device) if class_of is not None else None
     if extra is not None and domain_of is not None and len(extra[0]):
         ex, ed = extra[0].to(images.device), extra[1].to(images.device)
-        ell_x = layer_norm(capture(model, site, ex, batch_size, autocast, hidden=False)[0], site.norm)
+        ell_x = site_read(model, site, ex, batch_size, autocast, images.device)
         if classes is not None:
             classes = torch.cat([classes, extra[2].to(images.device)]) if len(extra) > 2 else None
     if examples is not None and len(examples[0]):

@@ -299,10 +299,10 @@ def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_te
         torch.tensor([classes.index(cells[j][0]) for j in tgt.tolist()])
 
 
-def _domain_examples(examples, spec: ForgetSpec, model: nn.Module, device):
+def _domain_examples(examples, spec: ForgetSpec, model: nn.Module):
     """``forget``'s ``domain_examples`` checked against the request and the model: (the images as
     ``ImageRows`` [n, 3, H, W], left where the caller holds them and not copied: the gate reads them a
-    batch at a time; domain index [n] into ``spec.domains``, on ``device``), or None."""
+    batch at a time; domain index [n] into ``spec.domains``), or None."""
     if examples is None:
         return None
     if not isinstance(examples, Mapping):
@@ -327,7 +327,7 @@ def _domain_examples(examples, spec: ForgetSpec, model: nn.Module, device):
         if not torch.isfinite(x).all():
             raise ValueError(f"domain_examples[{d!r}]: images with NaN or infinite pixels")
         images.append(x.detach())
-        domain.append(torch.full((len(x),), spec.domains.index(d), dtype=torch.long, device=device))
+        domain.append(torch.full((len(x),), spec.domains.index(d), dtype=torch.long))
     if not images:
         raise ValueError("domain_examples: no domain given (pass None for none)")
     return ImageRows(images), torch.cat(domain)
@@ -376,7 +376,6 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
             timings["translate"] = time.perf_counter() - t
             t = time.perf_counter()
         if examples is not None:                  # every rank reads its share of the real examples
-            t = time.perf_counter()
             examples = (site_read(model, site, examples[0], config.batch_size, autocast, device, world),
                         examples[1])
             timings["examples"] = time.perf_counter() - t
@@ -385,8 +384,8 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
             entries, gate = gate_entries(model, site, images, forgotten, class_emb, config.max_rank,
                                          config.batch_size, autocast, rewired_units(applied_patches(model), site),
                                          neutralize=[classes.index(c) for c in gated[0]],
-                                         keep_order=config.gate_keep_order_for(examples is not None), domain_of=domain_of, extra=extra,
-                                         class_of=class_of, examples=examples)
+                                         keep_order=config.gate_keep_order_for(examples is not None),
+                                         domain_of=domain_of, extra=extra, class_of=class_of, examples=examples)
         entries, info["gate"] = world.broadcast((entries, gate))
         if "examples" in info["gate"]:                 # the real examples per domain, by name
             info["gate"]["examples"] = {spec.domains[j]: n for j, n in info["gate"]["examples"].items()}
@@ -450,8 +449,7 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
               or (l.tower == "visual" and config.use_prototypes and config.prototypes_per_cell > 0)]
     site, site_error = _find_gate_site(model)
     edit = config.edit_for(spec, gate_site=site is not None)
-    examples = _domain_examples(domain_examples, spec, model,
-                                torch.device(config.device) if config.device else next(model.parameters()).device)
+    examples = _domain_examples(domain_examples, spec, model)
     if examples is not None and edit != "domain-gate":
         raise ValueError(f"domain_examples are for the domain gate's detectors, and this request (mode "
                          f"{spec.mode!r}) gets edit {edit!r}; pass them only where the domain gate edits "

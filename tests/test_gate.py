@@ -428,6 +428,6 @@ def test_examples_are_read_a_batch_at_a_time_without_a_copy(tokenizer, vocab):
         assert all(torch.equal(a.A, b.A) and torch.equal(a.B, b.B) for a, b in zip(got[0], other, strict=True))
     # forget keeps the caller's tensors as they are: the rows it reads are theirs, not a copy
     spec = ForgetSpec(*vocab, forget_domains=["sketch"])
-    got, domain = _domain_examples({"sketch": parts[0], "photo": parts[2]}, spec, model, torch.device("cpu"))
+    got, domain = _domain_examples({"sketch": parts[0], "photo": parts[2]}, spec, model)
     assert [p.data_ptr() for p in got.parts] == [parts[2].data_ptr(), parts[0].data_ptr()]
     assert domain.tolist() == [0] * 6 + [1] * 5
