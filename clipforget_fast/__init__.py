@@ -7,9 +7,10 @@
 from ._version import __version__
 from .config import ForgetConfig
 from .evaluate import AccuracyMatrix, evaluate
+from .images import ImageFiles, read_images
 from .pipeline import forget, synthesize_prototypes
 from .patch import Patch, PatchEntry
 from .spec import ForgetSpec
 
 __all__ = ["ForgetConfig", "ForgetSpec", "Patch", "PatchEntry", "AccuracyMatrix", "forget",
-           "evaluate", "synthesize_prototypes", "__version__"]
+           "evaluate", "synthesize_prototypes", "ImageFiles", "read_images", "__version__"]

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from .config import ForgetConfig
+from .images import IMAGE_SUFFIXES, ImageFiles, read_images
 from .patch import Patch, atomic_safetensors, plain_permissions, safetensors_path
 from .spec import ForgetSpec
 from .synthesis import PrototypeBank
@@ -231,13 +232,15 @@ def cmd_forget(args) -> int:
     spec = build_spec(args)                        # the request is checked before any model is loaded
     bank = PrototypeBank.load(_existing(args.prototypes, "--prototypes")) if args.prototypes else None
     folders = domain_folder(Path(args.domain_examples), spec.domains) if args.domain_examples else None
+    for files in (folders or {}).values():
+        image_headers(files, "--domain-examples")
     model, tokenizer, preprocess = load_model(args)
     examples = None
     if folders is not None:
         if preprocess is None:
             raise UsageError(f"--hf: {args.hf!r} has no preprocessor_config.json (the image processor)")
-        examples = {d: read_images(files, preprocess, "--domain-examples", pixel_dtype(model))
-                    for d, files in folders.items()}
+        examples = {d: ImageFiles(files, preprocess, pixel_dtype(model), "--domain-examples")
+                    for d, files in folders.items()}     # decoded a batch at a time as the gate reads them
     t = time.perf_counter()
     patch = forget(model, tokenizer, spec, config, prototypes=bank, domain_examples=examples)
     secs = time.perf_counter() - t
@@ -354,9 +357,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-
-
 def image_folder(root: Path, per_cell: int | None = None) -> dict:
     """{(class, domain): [image files]} of a folder laid out as root/<domain>/<class>/<image>, sorted by
     name (the first ``per_cell`` of each cell when given)."""
@@ -391,30 +391,17 @@ def domain_folder(root: Path, domains) -> dict:
     return found
 
 
-def _read_image(path: Path, preprocess, flag: str) -> torch.Tensor:
+def image_headers(files, flag: str) -> None:
+    """Every file opens as an image (its header only, nothing decoded): a folder with a file that is no
+    image fails at once rather than when the edit reaches it."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            return preprocess(im.convert("RGB"))
-    except OSError as e:
-        raise UsageError(f"{flag}: cannot read {str(path)!r} ({e})") from e
-
-
-def read_images(files, preprocess, flag: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[n, 3, H, W] ``dtype``: the images ``files``, preprocessed, written into one tensor as they are read
-    (no list of them held beside it). The image tower's dtype (``pixel_dtype``) holds them as the model
-    will read them, in half the memory for a half-precision model."""
-    out = None
-    for k, f in enumerate(files):
-        x = _read_image(f, preprocess, flag)
-        if out is None:
-            out = torch.empty(len(files), *x.shape, dtype=dtype)
-        elif x.shape != out.shape[1:]:
-            raise UsageError(f"{flag}: {str(f)!r} preprocesses to {tuple(x.shape)}, the images before it to "
-                             f"{tuple(out.shape[1:])}")
-        out[k] = x
-    return out
+    for f in files:
+        try:
+            with Image.open(f):
+                pass
+        except OSError as e:
+            raise UsageError(f"{flag}: cannot read {str(f)!r} ({e})") from e
 
 
 def pixel_dtype(model) -> torch.dtype:

@@ -131,7 +131,8 @@ def capture(model, site: GateSite, images, batch_size: int, autocast: dict, devi
 class ImageRows:
     """Image tensors [n_i, 3, H, W] read as one [Σ n_i, 3, H, W] without copying them into one: a slice
     gives the rows it spans, concatenated, in fp32 (on the parts' device; parts on different devices
-    are gathered on the first part's)."""
+    are gathered on the first part's). A part may be anything with ``len`` whose slices are such
+    tensors (``ImageFiles``): only the rows asked for are read."""
 
     def __init__(self, parts: list[torch.Tensor]):
         self.parts = list(parts)

@@ -302,7 +302,9 @@ def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_te
 def _domain_examples(examples, spec: ForgetSpec, model: nn.Module):
     """``forget``'s ``domain_examples`` checked against the request and the model: (the images as
     ``ImageRows`` [n, 3, H, W], left where the caller holds them and not copied: the gate reads them a
-    batch at a time; domain index [n] into ``spec.domains``), or None."""
+    batch at a time; domain index [n] into ``spec.domains``), or None. A value that is not a tensor but
+    slices into image tensors (``ImageFiles``) is checked on its first image now and on every batch as
+    the gate reads it (``_CheckedRows``)."""
     if examples is None:
         return None
     if not isinstance(examples, Mapping):
@@ -317,20 +319,58 @@ def _domain_examples(examples, spec: ForgetSpec, model: nn.Module):
         if d not in examples:
             continue
         x = examples[d]
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4 or x.shape[1:] != (3, H, W):
-            what = (f"a {type(x).__name__}" if not isinstance(x, torch.Tensor)
-                    else f"{x.dtype} of shape {tuple(x.shape)}")
+        if isinstance(x, torch.Tensor):
+            _check_example_images(x, f"domain_examples[{d!r}]", H, W)
+            if not torch.isfinite(x).all():
+                raise ValueError(f"domain_examples[{d!r}]: images with NaN or infinite pixels")
+            images.append(x.detach())
+        elif isinstance(x, (list, tuple, str, bytes, Mapping)) or not (hasattr(x, "__len__")
+                                                                       and hasattr(x, "__getitem__")):
             raise ValueError(f"domain_examples[{d!r}]: expected floating images [n, 3, {H}, {W}] preprocessed as "
-                             f"the model's inputs, got {what}")
-        if len(x) == 0:
-            raise ValueError(f"domain_examples[{d!r}]: no images")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"domain_examples[{d!r}]: images with NaN or infinite pixels")
-        images.append(x.detach())
+                             f"the model's inputs (a tensor, or a source that slices into them such as "
+                             f"ImageFiles), got a {type(x).__name__}")
+        else:
+            if len(x) == 0:
+                raise ValueError(f"domain_examples[{d!r}]: no images")
+            x = _CheckedRows(x, f"domain_examples[{d!r}]", H, W)
+            x[0:1]                                  # the first image, now: before any work is done
+            images.append(x)
         domain.append(torch.full((len(x),), spec.domains.index(d), dtype=torch.long))
     if not images:
         raise ValueError("domain_examples: no domain given (pass None for none)")
     return ImageRows(images), torch.cat(domain)
+
+
+def _check_example_images(x, what: str, H: int, W: int) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4 or x.shape[1:] != (3, H, W):
+        got = f"a {type(x).__name__}" if not isinstance(x, torch.Tensor) else f"{x.dtype} of shape {tuple(x.shape)}"
+        raise ValueError(f"{what}: expected floating images [n, 3, {H}, {W}] preprocessed as the model's inputs, "
+                         f"got {got}")
+    if len(x) == 0:
+        raise ValueError(f"{what}: no images")
+
+
+class _CheckedRows:
+    """A caller's image source (``len``, and slices that are image tensors) whose every slice is checked
+    as it is read: floating images [k, 3, H, W] with finite pixels, the rows named where one is not."""
+
+    def __init__(self, source, what: str, H: int, W: int):
+        self.source, self.what, self.H, self.W = source, what, H, W
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        x = self.source[rows]
+        lo, hi, _ = rows.indices(len(self))
+        what = f"{self.what} rows {lo}:{hi}"
+        if hi > lo:
+            _check_example_images(x, what, self.H, self.W)
+            if len(x) != hi - lo:
+                raise ValueError(f"{what}: the source gave {len(x)} images for {hi - lo} rows")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{what}: images with NaN or infinite pixels")
+        return x
 
 
 def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World,
@@ -419,7 +459,7 @@ def synthesize_prototypes(model: nn.Module, tokenizer, spec: ForgetSpec,
 
 
 def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig = ForgetConfig(),
-           prototypes: PrototypeBank | None = None, *, domain_examples: Mapping[str, torch.Tensor] | None = None,
+           prototypes: PrototypeBank | None = None, *, domain_examples: Mapping | None = None,
            distributed: bool | None = None, group=None) -> Patch:
     """Compute the patch that makes ``model`` forget ``spec.forget_cells`` and keep ``retain_cells``.
 
@@ -431,7 +471,9 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     domain_examples: optional real images of some of the request's domains, {domain: [n, 3, H, W]}
                 preprocessed as the model's inputs, of any classes (only their domain is used): the domain
                 gate's detectors are fitted on them as well as on the prototypes. Only for requests the
-                domain gate edits; without them the edit is data-free.
+                domain gate edits; without them the edit is data-free. The tensors are read where they
+                are, a batch at a time, and not copied; a value may also be a source that slices into
+                such tensors (``ImageFiles``: files decoded a batch at a time, checked as they are read).
     distributed: None (default) shares the work with the other ranks when ``torch.distributed`` is
                 initialized with more than one process (launched with ``torchrun``; every rank must then
                 call ``forget`` with the same arguments, and every rank gets the same patch); True

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from clipforget_fast import Patch
+from clipforget_fast import ForgetConfig, ForgetSpec, Patch, forget, read_images
 from clipforget_fast import proving_ground as pg
-from clipforget_fast.cli import config_changed, main
+from clipforget_fast.cli import config_changed, domain_folder, main
 from clipforget_fast.proving_ground.model import CONFIG_PATH, WEIGHTS_PATH
 
 VOCAB = ["--classes", "fish,house,star,crescent_moon", "--domains", "photo,sketch"]
@@ -184,6 +184,13 @@ def test_forget_with_domain_examples_from_a_folder(capsys, tmp_path):
     run(capsys, "forget", *request, "--domain-examples", root, "--out", p)
     patch = Patch.load(p)
     assert patch.info["gate"]["examples"] == {"photo": 8, "sketch": 9}
+    # the command decodes the files a batch at a time (ImageFiles): the patch is the library's on the
+    # same images held as tensors
+    model, tokenizer, preprocess = pg.load()
+    held = {d: read_images(fs, preprocess) for d, fs in domain_folder(root, domains).items()}
+    same = forget(model, tokenizer, ForgetSpec.from_dict(patch.spec), ForgetConfig.from_dict(patch.config),
+                  domain_examples=held)
+    assert all(torch.equal(a.A, b.A) and torch.equal(a.B, b.B) for a, b in zip(patch.entries, same.entries, strict=True))
     changed = {"prototypes_per_cell": 2, "steps": 10, "gate_translate_steps": 0}
     assert json.loads(run(capsys, "info", p, "--json"))["config_changed"] == changed
     # a patch that records the order its None resolved to (as older patches do) kept the default; another
@@ -216,7 +223,8 @@ def test_forget_with_domain_examples_from_a_folder(capsys, tmp_path):
 def test_read_images_fills_one_tensor_in_the_towers_dtype(tmp_path):
     from PIL import Image
 
-    from clipforget_fast.cli import UsageError, pixel_dtype, read_images
+    from clipforget_fast import ImageFiles, read_images
+    from clipforget_fast.cli import pixel_dtype
 
     raw, _, _, _ = pg.render_raw(["fish", "house"], ["photo"], 2, seed=5_000_007)
     files = []
@@ -233,10 +241,23 @@ def test_read_images_fills_one_tensor_in_the_towers_dtype(tmp_path):
     assert held.dtype == torch.bfloat16 and torch.equal(held, each.bfloat16())
     model, _, _ = pg.load()
     assert pixel_dtype(model) == torch.float32 and pixel_dtype(model.to(torch.bfloat16)) == torch.bfloat16
+    # ImageFiles decodes only the slice asked for, as read_images would
+    source = ImageFiles(files, preprocess, torch.float16)
+    assert len(source) == 4 and torch.equal(source[1:3], each[1:3].half())
+    assert source[4:9].shape == (0, 3, 48, 48) and source[4:9].dtype == torch.float16
+    with pytest.raises(TypeError, match="read by slices"):
+        source[0]
     Image.fromarray(raw[0][:20]).save(tmp_path / "short.png")
-    with pytest.raises(UsageError, match=r"--images: '.*short.png' preprocesses to \(3, 20, 48\), the images before it "
-                                          r"to \(3, 48, 48\)"):
+    with pytest.raises(ValueError, match=r"--images: '.*short.png' preprocesses to \(3, 20, 48\), the images before it "
+                                         r"to \(3, 48, 48\)"):
         read_images(files + [tmp_path / "short.png"], preprocess, "--images")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"examples: cannot read '.*bad.png'"):
+        ImageFiles(files + [tmp_path / "bad.png"], preprocess, what="examples")[3:5]
+    for args, error, message in ((([], preprocess), ValueError, "no files"), ((files, None), TypeError, "callable"),
+                                 ((files, preprocess, torch.long), ValueError, "floating")):
+        with pytest.raises(error, match=message):
+            ImageFiles(*args)
 
 
 def test_bad_input_is_named_and_writes_nothing(capsys, tmp_path):

@@ -2,6 +2,7 @@
 random open_clip model, its patch (bias entries included) and the requests and towers it refuses."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -396,6 +397,54 @@ def test_forget_takes_real_domain_examples_and_refuses_bad_ones(tokenizer, vocab
     with pytest.raises(ValueError, match="domain_examples are for the domain gate's detectors.*'class-redirect'"):
         forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=["dog"]),
                ForgetConfig(prototypes_per_cell=2, steps=8), domain_examples=examples)
+
+
+def test_examples_from_a_source_that_decodes_a_batch_at_a_time(tokenizer, vocab, tmp_path):
+    """A domain_examples value may be a source that slices into image tensors (ImageFiles over files):
+    the patch is the one the same images held as tensors give, and a source's bad rows are named."""
+    from PIL import Image
+
+    from clipforget_fast import ImageFiles, read_images
+
+    model = make_tiny_clip()
+    spec = ForgetSpec(*vocab, forget_domains=["sketch"])
+    cfg = ForgetConfig(prototypes_per_cell=2, steps=8, edit="domain-gate", gate_translate_steps=0, batch_size=3)
+    gen = torch.Generator().manual_seed(6)
+    files = {d: [] for d in ("sketch", "photo")}
+    for d, n in (("sketch", 4), ("photo", 3)):
+        for k in range(n):
+            files[d].append(tmp_path / f"{d}{k}.png")
+            Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8).numpy()).save(files[d][-1])
+
+    def preprocess(im):
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+    held = forget(model, tokenizer, spec, cfg, domain_examples={d: read_images(f, preprocess) for d, f in files.items()})
+    lazy = forget(model, tokenizer, spec, cfg, domain_examples={d: ImageFiles(f, preprocess) for d, f in files.items()})
+    assert lazy.info["gate"]["examples"] == {"photo": 3, "sketch": 4}
+    assert all(torch.equal(a.A, b.A) and torch.equal(a.B, b.B) for a, b in zip(held.entries, lazy.entries, strict=True))
+
+    class Rows:                                    # a caller's own source, with a bad image at row 4
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, rows):
+            return self.x[rows]
+
+    x = torch.randn(6, 3, 32, 32, generator=gen)
+    x[4, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"domain_examples\['sketch'\] rows 3:6: images with NaN or infinite"):
+        forget(model, tokenizer, spec, cfg, domain_examples={"sketch": Rows(x)})
+    with pytest.raises(ValueError, match=r"domain_examples\['sketch'\] rows 0:1: expected floating images "
+                                         r"\[n, 3, 32, 32\].*of shape \(1, 3, 16, 16\)"):
+        forget(model, tokenizer, spec, cfg, domain_examples={"sketch": Rows(torch.randn(2, 3, 16, 16))})
+    with pytest.raises(ValueError, match="no images"):
+        forget(model, tokenizer, spec, cfg, domain_examples={"sketch": Rows(x[:0])})
+    with pytest.raises(ValueError, match="got a int"):
+        forget(model, tokenizer, spec, cfg, domain_examples={"sketch": 3})
 
 
 def test_examples_are_read_a_batch_at_a_time_without_a_copy(tokenizer, vocab):

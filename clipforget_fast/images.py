@@ -1,0 +1,85 @@
+"""Image files read as the model reads them.
+
+    images = read_images(files, preprocess)                 # [n, 3, H, W], decoded now
+    source = ImageFiles(files, preprocess, torch.float16)   # decoded a slice at a time
+    patch = forget(model, tokenizer, spec, domain_examples={"sketch": source})
+
+``preprocess`` is the model's own (open_clip's ``create_model_and_transforms``, or a Hugging Face image
+processor wrapped to return one [3, H, W] tensor). ``ImageFiles`` holds the file names only: ``forget``
+decodes its examples one batch at a time as the gate reads them, so a folder of any size costs the
+memory of one batch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def read_image(path, preprocess, what: str = "images") -> torch.Tensor:
+    """One file, converted to RGB and preprocessed; a file PIL cannot read is named in a ValueError."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return preprocess(im.convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read {str(path)!r} ({e})") from e
+
+
+def read_images(files, preprocess, what: str = "images", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[n, 3, H, W] ``dtype``: the images ``files``, preprocessed, written into one tensor as they are read
+    (no list of them held beside it). The image tower's dtype holds them as the model will read them, in
+    half the memory for a half-precision model. A file that preprocesses to another shape than the ones
+    before it is named in a ValueError (``what`` starts every message)."""
+    files = list(files)
+    if not files:
+        raise ValueError(f"{what}: no files")
+    out = None
+    for k, f in enumerate(files):
+        x = read_image(f, preprocess, what)
+        if out is None:
+            out = torch.empty(len(files), *x.shape, dtype=dtype)
+        elif x.shape != out.shape[1:]:
+            raise ValueError(f"{what}: {str(f)!r} preprocesses to {tuple(x.shape)}, the images before it to "
+                             f"{tuple(out.shape[1:])}")
+        out[k] = x
+    return out
+
+
+class ImageFiles:
+    """Image files as a sequence of preprocessed images that decodes only the slice asked for:
+    ``source[lo:hi]`` is ``read_images(files[lo:hi], preprocess, what, dtype)``. ``forget`` takes one as a
+    ``domain_examples`` value and reads it a batch at a time."""
+
+    def __init__(self, files, preprocess, dtype: torch.dtype = torch.float32, what: str = "images"):
+        self.files = [Path(f) for f in files]
+        if not self.files:
+            raise ValueError(f"{what}: no files")
+        if not callable(preprocess):
+            raise TypeError(f"{what}: preprocess must be callable (an image → a [3, H, W] tensor), got "
+                            f"{type(preprocess).__name__}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"{what}: dtype must be a floating torch.dtype, got {dtype!r}")
+        self.preprocess, self.dtype, self.what = preprocess, dtype, what
+        self._shape = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice):
+            raise TypeError(f"ImageFiles is read by slices (source[lo:hi]), not by {type(rows).__name__}")
+        files = self.files[rows]
+        if not files:
+            if self._shape is None:
+                self._shape = tuple(read_image(self.files[0], self.preprocess, self.what).shape)
+            return torch.empty(0, *self._shape, dtype=self.dtype)
+        out = read_images(files, self.preprocess, self.what, self.dtype)
+        self._shape = tuple(out.shape[1:])
+        return out
+
+    def __repr__(self) -> str:
+        return f"ImageFiles({len(self.files)} files, {self.dtype})"
