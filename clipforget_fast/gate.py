@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from .config import GATE_KEEP_ORDER
 from .layers import GateSite, encode_image
-from .patch import PatchEntry, tensor_hash
+from .patch import PatchEntry
 
 GATE_LEVEL = 8.0      # s is chosen so that the detected prototypes' median pre-activation s·g is this
 DETECTOR_RIDGE = 10.0 # L2 penalty of the map's detectors (standardized features, against the summed log
@@ -485,11 +485,9 @@ def _rewire(site: GateSite, units, rows, bias, cols, W1, b1, W2) -> list[PatchEn
     db = torch.zeros(hidden, 1, dtype=rows.dtype, device=rows.device)
     db[units, 0] = bias - b1[units]
     return [
-        PatchEntry(site.name("in"), "linear", (E @ R.t()).cpu(), Q.contiguous().cpu(),
-                   tensor_hash(site.fc_in.weight)),
-        PatchEntry(site.name("in", "bias"), "bias", db.cpu(), torch.ones(1, 1), tensor_hash(site.fc_in.bias)),
-        PatchEntry(site.name("out"), "linear", (cols - W2[:, units]).cpu(), E.cpu(),
-                   tensor_hash(site.fc_out.weight)),
+        PatchEntry.on(site.name("in"), "linear", (E @ R.t()).cpu(), Q.contiguous().cpu(), site.fc_in.weight),
+        PatchEntry.on(site.name("in", "bias"), "bias", db.cpu(), torch.ones(1, 1), site.fc_in.bias),
+        PatchEntry.on(site.name("out"), "linear", (cols - W2[:, units]).cpu(), E.cpu(), site.fc_out.weight),
     ]
 
 

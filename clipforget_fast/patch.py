@@ -39,6 +39,21 @@ def tensor_hash(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def cast_hashes(t: torch.Tensor) -> dict[str, str]:
+    """{dtype name: ``tensor_hash`` of ``t`` cast to it} for the half dtypes, where ``t`` is fp32 (else
+    empty): a patch computed on fp32 weights then recognizes the same weights held in half precision."""
+    if t.dtype != torch.float32:
+        return {}
+    return {_dtype_name(d): tensor_hash(t.detach().to(d)) for d in HALF_DTYPES}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(eq=False)
 class PatchEntry:
     name: str            # parameter name in model.named_parameters()
@@ -46,6 +61,18 @@ class PatchEntry:
     A: torch.Tensor      # [d_out, k] fp32
     B: torch.Tensor      # [d_in, k] fp32, orthonormal columns (the directions of the inputs it changes)
     base_hash: str       # tensor_hash of the weight the patch was computed on
+    cast_hashes: dict = field(default_factory=dict)   # cast_hashes of that weight: {dtype name: hash}
+
+    @classmethod
+    def on(cls, name: str, layout: str, A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor) -> "PatchEntry":
+        """An entry computed on ``weight``, recording its hash and its half-precision casts' hashes."""
+        return cls(name, layout, A, B, tensor_hash(weight), cast_hashes(weight))
+
+    def matches(self, weight: torch.Tensor, also: tuple = ()) -> bool:
+        """Whether ``weight`` is the one this entry was computed on, or that weight cast to half
+        precision (or has one of the hashes ``also``)."""
+        h = tensor_hash(weight)
+        return h == self.base_hash or h == self.cast_hashes.get(_dtype_name(weight.dtype)) or h in also
 
     @property
     def rank(self) -> int:
@@ -115,7 +142,7 @@ class Patch:
             layout = "bias" if e.layout == "bias" else "linear"
             for j, (n, w) in enumerate(zip(names, ws)):
                 A = e.A[j * rows:(j + 1) * rows] if len(ws) > 1 else e.A
-                out.append(PatchEntry(n, layout, A.clone(), e.B.clone(), tensor_hash(w)))
+                out.append(PatchEntry.on(n, layout, A.clone(), e.B.clone(), w))
         return out
 
     def _to_open_clip(self, params: dict, force: bool) -> list[PatchEntry]:
@@ -129,7 +156,7 @@ class Patch:
             if None in parts:                         # one weight: the same factors, open_clip's layout
                 e = parts[None]
                 _check_base(e, p.t() if layouts[name] == "in_out" else p, force)
-                out.append(PatchEntry(name, layouts[name], e.A.clone(), e.B.clone(), tensor_hash(p)))
+                out.append(PatchEntry.on(name, layouts[name], e.A.clone(), e.B.clone(), p))
                 continue
             if sorted(parts) != [0, 1, 2]:
                 raise ValueError(f"{name!r}: the patch holds only some of q, k, v; open_clip fuses all three")
@@ -138,7 +165,7 @@ class Patch:
                 raise ValueError(f"{name!r}: q, k and v have different forget directions; they cannot be fused")
             for j, e in enumerate((q, k, v)):
                 _check_base(e, p.chunk(3)[j], force)
-            out.append(PatchEntry(name, "linear", torch.cat([q.A, k.A, v.A]), q.B.clone(), tensor_hash(p)))
+            out.append(PatchEntry.on(name, "linear", torch.cat([q.A, k.A, v.A]), q.B.clone(), p))
         return out
 
     # ---- apply / revert ---------------------------------------------------------------------
@@ -168,15 +195,16 @@ class Patch:
         """Add the patch to ``model``'s weights in place; returns the model.
 
         Raises ValueError if a targeted tensor is missing, has another shape, or (unless ``force``)
-        differs from the one the patch was computed on (or from the one its own last revert left, which
-        equals it up to the weight dtype's rounding).
+        differs from the one the patch was computed on, from that one cast to fp16 or bf16 (for a patch
+        computed on fp32 weights), and from the one its own last revert left (which equals it up to the
+        weight dtype's rounding).
         """
         params = self._params(model)
         if not force:
             for e, p in zip(self.entries, params):
-                if tensor_hash(p) not in (e.base_hash, self._restored.get(e.name)):
+                if not e.matches(p, tuple(h for h in [self._restored.get(e.name)] if h)):
                     raise ValueError(f"model tensor {e.name!r} is not the one this patch was computed "
-                                     "on (hash mismatch); pass force=True to apply anyway")
+                                     f"on{_casts_note(e, p)} (hash mismatch); pass force=True to apply anyway")
         self._update(params, 1.0)
         stack = getattr(model, _STACK_ATTR, None)
         if stack is None:
@@ -237,7 +265,8 @@ class Patch:
         for e in self.entries:
             tensors[f"A::{e.name}"] = e.A.detach().float().contiguous().cpu()
             tensors[f"B::{e.name}"] = e.B.detach().float().contiguous().cpu()
-            meta.append({"name": e.name, "layout": e.layout, "base_hash": e.base_hash})
+            meta.append({"name": e.name, "layout": e.layout, "base_hash": e.base_hash,
+                         **({"cast_hashes": e.cast_hashes} if e.cast_hashes else {})})
         header = {"format": _FORMAT, "version": self.version, "entries": meta, "spec": self.spec,
                   "config": self.config, "info": self.info}
         return atomic_safetensors(tensors, path, {"clipforget": json.dumps(header)})
@@ -249,9 +278,17 @@ class Patch:
         entries = []
         for m in header["entries"]:
             entries.append(PatchEntry(m["name"], m["layout"], tensors[f"A::{m['name']}"],
-                                      tensors[f"B::{m['name']}"], m["base_hash"]))
+                                      tensors[f"B::{m['name']}"], m["base_hash"], dict(m.get("cast_hashes", {}))))
         return cls(entries, header.get("spec", {}), header.get("config", {}), header.get("info", {}),
                    header.get("version", "?"))
+
+
+def _casts_note(e: PatchEntry, weight: torch.Tensor) -> str:
+    """Where a tensor's dtype is not the patch's: which dtypes the patch recognizes its weights in."""
+    if not e.cast_hashes or weight.dtype == torch.float32 or _dtype_name(weight.dtype) in e.cast_hashes:
+        return ""
+    return (f" (its {_dtype_name(weight.dtype)} weights are not recognized: the patch knows its weights in "
+            f"float32 and as {', '.join(sorted(e.cast_hashes))})")
 
 
 def _param(params: dict, name: str) -> torch.Tensor:
@@ -262,7 +299,7 @@ def _param(params: dict, name: str) -> torch.Tensor:
 
 def _check_base(e: PatchEntry, weight: torch.Tensor, force: bool) -> None:
     """``weight`` (seen in the layout the entry was computed on) must be the entry's base weight."""
-    if not force and tensor_hash(weight) != e.base_hash:
+    if not force and not e.matches(weight):
         raise ValueError(f"the model's counterpart of {e.name!r} is not the weight this patch was computed on "
                          "(hash mismatch); pass force=True to convert anyway")
 

@@ -25,7 +25,7 @@ from .gate import ImageRows, gate_entries, rewired_units, site_read
 from .layers import (Layer, context_length, encode_image, find_layers, gate_site, image_geometry,
                      image_tower_fingerprint)
 from .nullspace import forget_basis
-from .patch import Patch, PatchEntry, applied_patches, tensor_hash
+from .patch import Patch, PatchEntry, applied_patches
 from .redirect import class_shifts, class_targets, pseudo_images, redirect_entry
 from .spec import ForgetSpec
 from .synthesis import SYNTHESIS_FIELDS, PrototypeBank, autocast_dtype, frozen, synthesize, translate
@@ -43,7 +43,7 @@ def _patch_entry(layer: Layer, U: torch.Tensor, alpha: float) -> PatchEntry:
     W = layer.weight_out_in().detach().float()            # [d_out, d_in]
     U = U.to(W.device, torch.float32)
     A = -alpha * (W @ U)                                   # [d_out, k]
-    return PatchEntry(layer.name, layer.layout, A.cpu(), U.cpu(), tensor_hash(layer.param))
+    return PatchEntry.on(layer.name, layer.layout, A.cpu(), U.cpu(), layer.param)
 
 
 def _prototypes(model, cells, cell_text, config, device, bank, info, timings, world) -> PrototypeBank:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .layers import Layer
-from .patch import PatchEntry, tensor_hash
+from .patch import PatchEntry
 
 
 def class_targets(out: torch.Tensor, classes: list[str], gain: float) -> torch.Tensor:
@@ -141,5 +141,4 @@ def redirect_entry(layer: Layer, U: torch.Tensor, keys: torch.Tensor, targets: t
     k = U.shape[1]
     M = MM + retain_weight * MH + ridge * float(torch.trace(MM)) / k * torch.eye(k, device=U.device)
     At = torch.linalg.solve(M, Z.t() @ targets.to(W.device, torch.float32))   # [k, d_out]
-    return PatchEntry(layer.name, layer.layout, At.t().contiguous().cpu(), U.contiguous().cpu(),
-                      tensor_hash(layer.param))
+    return PatchEntry.on(layer.name, layer.layout, At.t().contiguous().cpu(), U.contiguous().cpu(), layer.param)

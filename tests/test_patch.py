@@ -72,7 +72,8 @@ def test_save_load_round_trip(tmp_path, tiny_clip):
     assert [e.name for e in again.entries] == [e.name for e in patch.entries]
     for a, b in zip(again.entries, patch.entries):
         assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
-        assert a.layout == b.layout and a.base_hash == b.base_hash
+        assert a.layout == b.layout and a.base_hash == b.base_hash and a.cast_hashes == b.cast_hashes
+        assert sorted(a.cast_hashes) == ["bfloat16", "float16"]
     assert again.spec == patch.spec and again.config == patch.config and again.timings == {"capture": 0.1}
     again.apply(tiny_clip)                        # hashes match the model it was computed on
 
@@ -89,6 +90,37 @@ def test_refuses_other_weights_unless_forced(tiny_clip):
     assert torch.equal(p, before)                 # nothing half-applied
     patch.apply(other, force=True)
     assert not torch.equal(p, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_patch_computed_on_fp32_weights_applies_to_them_in_half_precision(tmp_path, dtype):
+    """The patch records its fp32 weights' half-precision casts' hashes: the same weights held in fp16 or
+    bf16 take it unforced (also from disk), and get the fp32 result rounded once; other weights in that
+    dtype are still refused, and a patch computed on half weights knows no casts."""
+    model = make_tiny_clip()
+    patch = Patch.load(_random_patch(model).save(tmp_path / "p.safetensors"))
+    half = make_tiny_clip().to(dtype)
+    base = {e.name: dict(model.named_parameters())[e.name].detach().clone() for e in patch.entries}
+    with patch.applied(model):
+        want = {e.name: dict(model.named_parameters())[e.name].detach().clone() for e in patch.entries}
+    patch.apply(half)
+    ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+    for name, w in want.items():
+        got = dict(half.named_parameters())[name].detach().float()
+        # the base rounded to the dtype, then the sum rounded once: ≤ 1 ulp of each
+        bound = ulp * (base[name].abs() + w.abs()) * (1 + 2 * ulp) + 1e-7
+        assert ((got - w).abs() <= bound).all(), name
+    patch.revert(half)
+    other = make_tiny_clip(seed=1).to(dtype)
+    with pytest.raises(ValueError, match="hash mismatch"):
+        patch.apply(other)
+    on_half = _random_patch(make_tiny_clip().to(dtype))
+    assert all(e.cast_hashes == {} for e in on_half.entries)
+    with pytest.raises(ValueError, match="hash mismatch"):
+        on_half.apply(make_tiny_clip())
+    with pytest.raises(ValueError, match="its float64 weights are not recognized: the patch knows its weights in "
+                                         "float32 and as bfloat16, float16"):
+        patch.apply(make_tiny_clip().double())
 
 
 def test_refuses_wrong_shapes_and_missing_layers(tiny_clip):
