@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from .config import ForgetConfig
-from .images import IMAGE_SUFFIXES, ImageFiles, read_images
+from .images import IMAGE_SUFFIXES, ImageFiles
 from .patch import Patch, atomic_safetensors, plain_permissions, safetensors_path
 from .spec import ForgetSpec
 from .synthesis import PrototypeBank
@@ -431,7 +431,8 @@ def cmd_evaluate(args) -> int:
     if preprocess is None:
         raise UsageError(f"--hf: {args.hf!r} has no preprocessor_config.json (the image processor)")
     files = [f for fs in cells.values() for f in fs]
-    images = read_images(files, preprocess, "--images", pixel_dtype(model))
+    image_headers(files, "--images")
+    images = ImageFiles(files, preprocess, pixel_dtype(model), "--images")   # decoded a batch at a time
     ci = torch.tensor([classes.index(c) for (c, _), fs in cells.items() for _ in fs])
     di = torch.tensor([domains.index(d) for (_, d), fs in cells.items() for _ in fs])
     words = dict(classes=classes, domains=domains, domain_phrases={k: v for k, v in vocab.get("domain_phrases", {}).items()

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .distributed import World
-from .layers import encode_image
+from .images import CheckedRows
+from .layers import encode_image, image_geometry
 from .spec import DEFAULT_TEMPLATES, DOMAIN_PHRASES, ForgetSpec, phrases_for
 from .text import class_embeddings
 
@@ -106,7 +107,8 @@ def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch
              batch_size: int = 256, *, distributed: bool | None = None, group=None) -> AccuracyMatrix:
     """Zero-shot accuracy of ``model`` per cell.
 
-    images:     [N, 3, H, W] normalized for the model.
+    images:     [N, 3, H, W] normalized for the model, or a source that slices into such tensors
+                (``ImageFiles``: files decoded a batch at a time; each batch is checked as it is read).
     class_idx:  [N] long, index into ``classes`` of each image's true class.
     domain_idx: [N] long, index into ``domains`` of each image's domain.
     templates:  prompt templates with {cls} and optionally {domain} (default: the spec's bank).
@@ -117,10 +119,18 @@ def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch
     classes, domains = tuple(classes), tuple(domains)
     if prompts not in ("agnostic", "domain_aware"):
         raise ValueError(f"prompts={prompts!r} must be 'agnostic' or 'domain_aware'")
-    n = images.shape[0]
-    if images.dim() != 4 or class_idx.shape != (n,) or domain_idx.shape != (n,):
+    if not isinstance(images, torch.Tensor):
+        if isinstance(images, (list, tuple, str, bytes)) or not (hasattr(images, "__len__")
+                                                                 and hasattr(images, "__getitem__")):
+            raise ValueError(f"images must be a tensor [N, 3, H, W] or a source that slices into them "
+                             f"(ImageFiles), got a {type(images).__name__}")
+        (H, W), _, _ = image_geometry(model)
+        images = CheckedRows(images, "images", H, W)
+    n = len(images)
+    shape = tuple(images.shape) if isinstance(images, torch.Tensor) else f"{n} images"
+    if (isinstance(images, torch.Tensor) and images.dim() != 4) or class_idx.shape != (n,) or domain_idx.shape != (n,):
         raise ValueError(f"images must be [N, 3, H, W] with class_idx and domain_idx [N]; got "
-                         f"{tuple(images.shape)}, {tuple(class_idx.shape)}, {tuple(domain_idx.shape)}")
+                         f"{shape}, {tuple(class_idx.shape)}, {tuple(domain_idx.shape)}")
     if n and (int(class_idx.max()) >= len(classes) or int(domain_idx.max()) >= len(domains)
               or int(class_idx.min()) < 0 or int(domain_idx.min()) < 0):
         raise ValueError("class_idx / domain_idx hold an index outside classes / domains")

@@ -83,3 +83,37 @@ class ImageFiles:
 
     def __repr__(self) -> str:
         return f"ImageFiles({len(self.files)} files, {self.dtype})"
+
+
+def check_images(x, what: str, H: int, W: int) -> None:
+    """A ValueError naming ``what`` unless ``x`` is floating images [n ≥ 1, 3, H, W]."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4 or x.shape[1:] != (3, H, W):
+        got = f"a {type(x).__name__}" if not isinstance(x, torch.Tensor) else f"{x.dtype} of shape {tuple(x.shape)}"
+        raise ValueError(f"{what}: expected floating images [n, 3, {H}, {W}] preprocessed as the model's inputs, "
+                         f"got {got}")
+    if len(x) == 0:
+        raise ValueError(f"{what}: no images")
+
+
+class CheckedRows:
+    """A caller's image source (``len``, and slices that are image tensors, such as ``ImageFiles``) whose
+    every slice is checked as it is read: floating images [k, 3, H, W] with finite pixels, the rows named
+    (after ``what``) where one is not."""
+
+    def __init__(self, source, what: str, H: int, W: int):
+        self.source, self.what, self.H, self.W = source, what, H, W
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        x = self.source[rows]
+        lo, hi, _ = rows.indices(len(self))
+        what = f"{self.what} rows {lo}:{hi}"
+        if hi > lo:
+            check_images(x, what, self.H, self.W)
+            if len(x) != hi - lo:
+                raise ValueError(f"{what}: the source gave {len(x)} images for {hi - lo} rows")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{what}: images with NaN or infinite pixels")
+        return x

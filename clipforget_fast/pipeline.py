@@ -22,6 +22,7 @@ from .config import ForgetConfig, gated_request
 from .distributed import World
 from .evaluate import AccuracyMatrix
 from .gate import ImageRows, gate_entries, rewired_units, site_read
+from .images import CheckedRows, check_images
 from .layers import (Layer, context_length, encode_image, find_layers, gate_site, image_geometry,
                      image_tower_fingerprint)
 from .nullspace import forget_basis
@@ -304,7 +305,7 @@ def _domain_examples(examples, spec: ForgetSpec, model: nn.Module):
     ``ImageRows`` [n, 3, H, W], left where the caller holds them and not copied: the gate reads them a
     batch at a time; domain index [n] into ``spec.domains``), or None. A value that is not a tensor but
     slices into image tensors (``ImageFiles``) is checked on its first image now and on every batch as
-    the gate reads it (``_CheckedRows``)."""
+    the gate reads it (``images.CheckedRows``)."""
     if examples is None:
         return None
     if not isinstance(examples, Mapping):
@@ -320,7 +321,7 @@ def _domain_examples(examples, spec: ForgetSpec, model: nn.Module):
             continue
         x = examples[d]
         if isinstance(x, torch.Tensor):
-            _check_example_images(x, f"domain_examples[{d!r}]", H, W)
+            check_images(x, f"domain_examples[{d!r}]", H, W)
             if not torch.isfinite(x).all():
                 raise ValueError(f"domain_examples[{d!r}]: images with NaN or infinite pixels")
             images.append(x.detach())
@@ -332,45 +333,13 @@ def _domain_examples(examples, spec: ForgetSpec, model: nn.Module):
         else:
             if len(x) == 0:
                 raise ValueError(f"domain_examples[{d!r}]: no images")
-            x = _CheckedRows(x, f"domain_examples[{d!r}]", H, W)
+            x = CheckedRows(x, f"domain_examples[{d!r}]", H, W)
             x[0:1]                                  # the first image, now: before any work is done
             images.append(x)
         domain.append(torch.full((len(x),), spec.domains.index(d), dtype=torch.long))
     if not images:
         raise ValueError("domain_examples: no domain given (pass None for none)")
     return ImageRows(images), torch.cat(domain)
-
-
-def _check_example_images(x, what: str, H: int, W: int) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4 or x.shape[1:] != (3, H, W):
-        got = f"a {type(x).__name__}" if not isinstance(x, torch.Tensor) else f"{x.dtype} of shape {tuple(x.shape)}"
-        raise ValueError(f"{what}: expected floating images [n, 3, {H}, {W}] preprocessed as the model's inputs, "
-                         f"got {got}")
-    if len(x) == 0:
-        raise ValueError(f"{what}: no images")
-
-
-class _CheckedRows:
-    """A caller's image source (``len``, and slices that are image tensors) whose every slice is checked
-    as it is read: floating images [k, 3, H, W] with finite pixels, the rows named where one is not."""
-
-    def __init__(self, source, what: str, H: int, W: int):
-        self.source, self.what, self.H, self.W = source, what, H, W
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        x = self.source[rows]
-        lo, hi, _ = rows.indices(len(self))
-        what = f"{self.what} rows {lo}:{hi}"
-        if hi > lo:
-            _check_example_images(x, what, self.H, self.W)
-            if len(x) != hi - lo:
-                raise ValueError(f"{what}: the source gave {len(x)} images for {hi - lo} rows")
-            if not torch.isfinite(x).all():
-                raise ValueError(f"{what}: images with NaN or infinite pixels")
-        return x
 
 
 def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig, bank, world: World,

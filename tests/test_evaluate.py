@@ -65,3 +65,35 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="prompts"):
         evaluate(OneHotModel(), tokenizer, imgs, torch.tensor([0, 1]), torch.tensor([0, 0]), CLASSES, DOMAINS,
                  prompts="mixed")
+
+
+def test_a_source_of_images_is_read_a_batch_at_a_time(tokenizer):
+    """evaluate takes a source that slices into image tensors (ImageFiles) as it takes the tensor, and
+    names the rows of a batch that is not images."""
+    from conftest import make_tiny_clip
+
+    class Rows:
+        def __init__(self, x):
+            self.x, self.reads = x, []
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, rows):
+            self.reads.append((rows.start, rows.stop))
+            return self.x[rows]
+
+    model = make_tiny_clip()
+    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ci, di = torch.tensor([0, 1, 2, 0, 1, 2, 0]), torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    source = Rows(x)
+    whole = evaluate(model, tokenizer, x, ci, di, CLASSES, DOMAINS, batch_size=3)
+    got = evaluate(model, tokenizer, source, ci, di, CLASSES, DOMAINS, batch_size=3)
+    assert torch.equal(got.accuracy, whole.accuracy)
+    assert source.reads == [(0, 3), (3, 6), (6, 7)]
+    bad = x.clone()
+    bad[4] = float("nan")
+    with pytest.raises(ValueError, match=r"images rows 3:6: images with NaN"):
+        evaluate(model, tokenizer, Rows(bad), ci, di, CLASSES, DOMAINS, batch_size=3)
+    with pytest.raises(ValueError, match="got a list"):
+        evaluate(model, tokenizer, list(x), ci, di, CLASSES, DOMAINS)
