@@ -19,14 +19,21 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 
 def read_image(path, preprocess, what: str = "images") -> torch.Tensor:
-    """One file, converted to RGB and preprocessed; a file PIL cannot read is named in a ValueError."""
+    """One file, converted to RGB and preprocessed into [3, H, W]; a file PIL cannot read, or a preprocess
+    that gives anything else, is named in a ValueError."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return preprocess(im.convert("RGB"))
+            x = preprocess(im.convert("RGB"))
     except OSError as e:
         raise ValueError(f"{what}: cannot read {str(path)!r} ({e})") from e
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        got = f"a {type(x).__name__}" if not isinstance(x, torch.Tensor) else f"a tensor of shape {tuple(x.shape)}"
+        raise ValueError(f"{what}: preprocess gave {got} for {str(path)!r}, not one image [3, H, W] (a Hugging Face "
+                         f"image processor returns a batch: wrap it, lambda im: proc(im, return_tensors='pt')"
+                         f"['pixel_values'][0])")
+    return x
 
 
 def read_images(files, preprocess, what: str = "images", dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -254,6 +254,8 @@ def test_read_images_fills_one_tensor_in_the_towers_dtype(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"examples: cannot read '.*bad.png'"):
         ImageFiles(files + [tmp_path / "bad.png"], preprocess, what="examples")[3:5]
+    with pytest.raises(ValueError, match=r"preprocess gave a dict for '.*0.png', not one image \[3, H, W\] \(a Hugging"):
+        read_images(files, lambda im: {"pixel_values": preprocess(im)[None]})
     for args, error, message in ((([], preprocess), ValueError, "no files"), ((files, None), TypeError, "callable"),
                                  ((files, preprocess, torch.long), ValueError, "floating")):
         with pytest.raises(error, match=message):
