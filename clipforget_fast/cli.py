@@ -426,12 +426,12 @@ def cmd_evaluate(args) -> int:
     if unknown:
         raise UsageError(f"--images: folders outside the vocabulary ({len(classes)} classes × {len(domains)} "
                          f"domains): {', '.join(f'{d}/{c}' for c, d in unknown[:5])}")
+    files = [f for fs in cells.values() for f in fs]
+    image_headers(files, "--images")
     family(args)
     model, tokenizer, preprocess = load_model(args)
     if preprocess is None:
         raise UsageError(f"--hf: {args.hf!r} has no preprocessor_config.json (the image processor)")
-    files = [f for fs in cells.values() for f in fs]
-    image_headers(files, "--images")
     images = ImageFiles(files, preprocess, pixel_dtype(model), "--images")   # decoded a batch at a time
     ci = torch.tensor([classes.index(c) for (c, _), fs in cells.items() for _ in fs])
     di = torch.tensor([domains.index(d) for (_, d), fs in cells.items() for _ in fs])

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .distributed import World
-from .images import CheckedRows
+from .images import image_source
 from .layers import encode_image, image_geometry
 from .spec import DEFAULT_TEMPLATES, DOMAIN_PHRASES, ForgetSpec, phrases_for
 from .text import class_embeddings
@@ -120,15 +120,11 @@ def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch
     if prompts not in ("agnostic", "domain_aware"):
         raise ValueError(f"prompts={prompts!r} must be 'agnostic' or 'domain_aware'")
     if not isinstance(images, torch.Tensor):
-        if isinstance(images, (list, tuple, str, bytes)) or not (hasattr(images, "__len__")
-                                                                 and hasattr(images, "__getitem__")):
-            raise ValueError(f"images must be a tensor [N, 3, H, W] or a source that slices into them "
-                             f"(ImageFiles), got a {type(images).__name__}")
         (H, W), _, _ = image_geometry(model)
-        images = CheckedRows(images, "images", H, W)
+        images = image_source(images, "images", H, W)
     n = len(images)
-    shape = tuple(images.shape) if isinstance(images, torch.Tensor) else f"{n} images"
     if (isinstance(images, torch.Tensor) and images.dim() != 4) or class_idx.shape != (n,) or domain_idx.shape != (n,):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else f"{n} images"
         raise ValueError(f"images must be [N, 3, H, W] with class_idx and domain_idx [N]; got "
                          f"{shape}, {tuple(class_idx.shape)}, {tuple(domain_idx.shape)}")
     if n and (int(class_idx.max()) >= len(classes) or int(domain_idx.max()) >= len(domains)

@@ -68,11 +68,11 @@ class PatchEntry:
         """An entry computed on ``weight``, recording its hash and its half-precision casts' hashes."""
         return cls(name, layout, A, B, tensor_hash(weight), cast_hashes(weight))
 
-    def matches(self, weight: torch.Tensor, also: tuple = ()) -> bool:
+    def matches(self, weight: torch.Tensor, also: str | None = None) -> bool:
         """Whether ``weight`` is the one this entry was computed on, or that weight cast to half
-        precision (or has one of the hashes ``also``)."""
+        precision (or has the hash ``also``)."""
         h = tensor_hash(weight)
-        return h == self.base_hash or h == self.cast_hashes.get(_dtype_name(weight.dtype)) or h in also
+        return h in (self.base_hash, self.cast_hashes.get(_dtype_name(weight.dtype)), also)
 
     @property
     def rank(self) -> int:
@@ -202,7 +202,7 @@ class Patch:
         params = self._params(model)
         if not force:
             for e, p in zip(self.entries, params):
-                if not e.matches(p, tuple(h for h in [self._restored.get(e.name)] if h)):
+                if not e.matches(p, self._restored.get(e.name)):
                     raise ValueError(f"model tensor {e.name!r} is not the one this patch was computed "
                                      f"on{_casts_note(e, p)} (hash mismatch); pass force=True to apply anyway")
         self._update(params, 1.0)

@@ -22,7 +22,7 @@ from .config import ForgetConfig, gated_request
 from .distributed import World
 from .evaluate import AccuracyMatrix
 from .gate import ImageRows, gate_entries, rewired_units, site_read
-from .images import CheckedRows, check_images
+from .images import check_images, image_source
 from .layers import (Layer, context_length, encode_image, find_layers, gate_site, image_geometry,
                      image_tower_fingerprint)
 from .nullspace import forget_basis
@@ -325,15 +325,8 @@ def _domain_examples(examples, spec: ForgetSpec, model: nn.Module):
             if not torch.isfinite(x).all():
                 raise ValueError(f"domain_examples[{d!r}]: images with NaN or infinite pixels")
             images.append(x.detach())
-        elif isinstance(x, (list, tuple, str, bytes, Mapping)) or not (hasattr(x, "__len__")
-                                                                       and hasattr(x, "__getitem__")):
-            raise ValueError(f"domain_examples[{d!r}]: expected floating images [n, 3, {H}, {W}] preprocessed as "
-                             f"the model's inputs (a tensor, or a source that slices into them such as "
-                             f"ImageFiles), got a {type(x).__name__}")
         else:
-            if len(x) == 0:
-                raise ValueError(f"domain_examples[{d!r}]: no images")
-            x = CheckedRows(x, f"domain_examples[{d!r}]", H, W)
+            x = image_source(x, f"domain_examples[{d!r}]", H, W)
             x[0:1]                                  # the first image, now: before any work is done
             images.append(x)
         domain.append(torch.full((len(x),), spec.domains.index(d), dtype=torch.long))
