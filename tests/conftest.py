@@ -52,3 +52,18 @@ def tiny_clip():
 @pytest.fixture
 def vocab():
     return ["dog", "cat", "car", "tree"], ["photo", "sketch", "pixel_art"]
+
+
+class Rows:
+    """A caller's own source of images: ``len``, and slices that are the rows of ``x``; records the slices
+    read."""
+
+    def __init__(self, x):
+        self.x, self.reads = x, []
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, rows):
+        self.reads.append((rows.start, rows.stop))
+        return self.x[rows]

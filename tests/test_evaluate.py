@@ -70,18 +70,7 @@ def test_bad_arguments():
 def test_a_source_of_images_is_read_a_batch_at_a_time(tokenizer):
     """evaluate takes a source that slices into image tensors (ImageFiles) as it takes the tensor, and
     names the rows of a batch that is not images."""
-    from conftest import make_tiny_clip
-
-    class Rows:
-        def __init__(self, x):
-            self.x, self.reads = x, []
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, rows):
-            self.reads.append((rows.start, rows.stop))
-            return self.x[rows]
+    from conftest import Rows, make_tiny_clip
 
     model = make_tiny_clip()
     x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -14,7 +14,7 @@ from clipforget_fast.gate import gate_entries, neutral_shift, rewired_units
 from clipforget_fast.layers import encode_image, gate_site
 from clipforget_fast.pipeline import _domain_examples
 
-from conftest import make_tiny_clip
+from conftest import Rows, make_tiny_clip
 
 OFF = dict(device_type="cpu", enabled=False)
 
@@ -424,18 +424,8 @@ def test_examples_from_a_source_that_decodes_a_batch_at_a_time(tokenizer, vocab,
     assert lazy.info["gate"]["examples"] == {"photo": 3, "sketch": 4}
     assert all(torch.equal(a.A, b.A) and torch.equal(a.B, b.B) for a, b in zip(held.entries, lazy.entries, strict=True))
 
-    class Rows:                                    # a caller's own source, with a bad image at row 4
-        def __init__(self, x):
-            self.x = x
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, rows):
-            return self.x[rows]
-
     x = torch.randn(6, 3, 32, 32, generator=gen)
-    x[4, 0, 0, 0] = float("inf")
+    x[4, 0, 0, 0] = float("inf")                   # a caller's own source, with a bad image at row 4
     with pytest.raises(ValueError, match=r"domain_examples\['sketch'\] rows 3:6: images with NaN or infinite"):
         forget(model, tokenizer, spec, cfg, domain_examples={"sketch": Rows(x)})
     with pytest.raises(ValueError, match=r"domain_examples\['sketch'\] rows 0:1: expected floating images "
