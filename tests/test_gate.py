@@ -146,6 +146,8 @@ def test_real_examples_teach_the_detector_what_the_prototypes_miss(monkeypatch):
     twin = copy.deepcopy(model)                 # the second patch goes on weights never patched
     site = gate_site(model)
     T = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+    # both gates switch on at the same logit, so that only the examples differ
+    monkeypatch.setattr(gate, "MAP_THRESHOLD", gate.MAP_THRESHOLD_EXAMPLES)
 
     def green(x):
         x[:, 1, :, 8:24] += 2.5
@@ -386,8 +388,10 @@ def test_forget_takes_real_domain_examples_and_refuses_bad_ones(tokenizer, vocab
     # some classes forgotten: the map holds the other classes' order at 100 without examples and at
     # 10,000 with them, unless the config sets it
     one = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
-    assert forget(model, tokenizer, one, cfg).info["gate"]["keep_order"] == 100.0
-    assert forget(model, tokenizer, one, cfg, domain_examples=examples).info["gate"]["keep_order"] == 10000.0
+    alone, taught = forget(model, tokenizer, one, cfg), forget(model, tokenizer, one, cfg, domain_examples=examples)
+    assert alone.info["gate"]["keep_order"] == 100.0 and taught.info["gate"]["keep_order"] == 10000.0
+    # and its units switch on at MAP_THRESHOLD without examples, at MAP_THRESHOLD_EXAMPLES with them
+    assert (alone.info["gate"]["map_threshold"], taught.info["gate"]["map_threshold"]) == (1.0, 0.0)
     assert forget(model, tokenizer, one, cfg.replace(gate_keep_order=5),
                   domain_examples=examples).info["gate"]["keep_order"] == 5.0
     for order in (-1.0, True, "100"):
