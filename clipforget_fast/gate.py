@@ -100,7 +100,8 @@ EXAMPLES_SHARE = None  # with real examples (``examples``): None weighs each lik
                        # proving ground (bench/RESULTS.md (24))
 KEEP_ORDER = GATE_KEEP_ORDER[False]         # chosen on the proving ground from 0, 1, 10, 100, 1000 and
                                             # 10000 on its nine domain requests (bench/RESULTS.md; (22):
-                                            # 100, 1000 and 10000 each meet 4 of 9 at 100 renders a cell)
+                                            # 100, 1000 and 10000 each meet 4 of 9 at 100 renders a cell,
+                                            # the map then switching on at logit 0)
 
 
 @torch.no_grad()
