@@ -387,7 +387,6 @@ def gate_entries(model, site: GateSite, images: torch.Tensor, forgotten: torch.T
         threshold = MAP_THRESHOLD_EXAMPLES if "examples" in info else MAP_THRESHOLD
         rows, bias, cols, info_action = _neutral_map(ell, y, groups, site, class_emb, neutralize, r, keep_order,
                                                      more, weight, threshold)
-        info_action["map_threshold"] = threshold
     info.update(info_action)
     info["units_share_of_mlp_output"] = round(float(usage[units].sum() / usage.sum()), 6)
     return _rewire(site, units, rows, bias, cols, W1, b1, W2), info
@@ -478,7 +477,8 @@ def _neutral_map(ell, y, groups, site, class_emb, neutralize, r, keep_order, mor
             "prototypes_caught": round(float(fired[forgotten].float().mean()), 4),
             "prototypes_flagged": round(float(fired[~forgotten].float().mean()), 4),
             "detector_examples": len(ell) + (0 if more is None else len(more[0])),
-            "action_fit_r2": round(r2, 4), "map_ridge": MAP_RIDGE, "keep_order": keep_order}
+            "action_fit_r2": round(r2, 4), "map_ridge": MAP_RIDGE, "keep_order": keep_order,
+            "map_threshold": threshold}
     return torch.cat(rows), torch.cat(bias), cols.repeat(1, len(groups)), info
 
 

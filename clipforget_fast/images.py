@@ -11,6 +11,7 @@ memory of one batch.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -130,8 +131,6 @@ def image_source(x, what: str, H: int, W: int) -> CheckedRows:
     """``x``, a caller's source of images that is not a tensor (``len``, and slices that are image tensors:
     ``ImageFiles``), as ``CheckedRows``; a ValueError naming ``what`` for anything else (a list of tensors
     included: its slices are lists) or for an empty source."""
-    from collections.abc import Mapping
-
     if isinstance(x, (list, tuple, str, bytes, Mapping)) or not (hasattr(x, "__len__") and hasattr(x, "__getitem__")):
         raise ValueError(f"{what}: expected floating images [n, 3, {H}, {W}] preprocessed as the model's inputs (a "
                          f"tensor, or a source that slices into them such as ImageFiles), got a {type(x).__name__}")
