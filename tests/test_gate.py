@@ -391,7 +391,7 @@ def test_forget_takes_real_domain_examples_and_refuses_bad_ones(tokenizer, vocab
     alone, taught = forget(model, tokenizer, one, cfg), forget(model, tokenizer, one, cfg, domain_examples=examples)
     assert alone.info["gate"]["keep_order"] == 100.0 and taught.info["gate"]["keep_order"] == 10000.0
     # and its units switch on at MAP_THRESHOLD without examples, at MAP_THRESHOLD_EXAMPLES with them
-    assert (alone.info["gate"]["map_threshold"], taught.info["gate"]["map_threshold"]) == (1.0, 0.0)
+    assert (alone.info["gate"]["map_threshold"], taught.info["gate"]["map_threshold"]) == (1.0, -0.5)
     assert forget(model, tokenizer, one, cfg.replace(gate_keep_order=5),
                   domain_examples=examples).info["gate"]["keep_order"] == 5.0
     for order in (-1.0, True, "100"):
