@@ -92,11 +92,11 @@ MAP_THRESHOLD = 1.0    # the detector logit at which the map's units switch on, 
                        # 0 meets 4 (fish @ sketch, cartoon costs its fish elsewhere less); lower forgets more
                        # and costs the forgotten classes in the kept domains more
 MAP_THRESHOLD_EXAMPLES = -0.5  # the same with real examples (``examples``), whose detectors flag fewer kept
-                               # images: with 20 per cell -0.5 meets 20, 19 and 18 of the 20 requests on
-                               # three prototype banks, 0 meets 19, 18 and 17 (boat @ cartoon leaves
-                               # 10-11 %), -1 18 on the first (the pixel-art requests cost their classes
-                               # elsewhere more; bench/RESULTS.md (24), (25), (28)); with COLLAPSE 45 the
-                               # third bank's photo requests meet too: 20, 19 and 20 (RESULTS (29))
+                               # images: with 20 per cell -0.5 meets 20, 19 and 20 of the 20 requests on
+                               # three prototype banks; with COLLAPSE at 30, -0.5 met 20, 19 and 18, 0 met
+                               # 19, 18 and 17 (boat @ cartoon left 10-11 %) and -1 18 on the first (the
+                               # pixel-art requests cost their classes elsewhere more; bench/RESULTS.md
+                               # (24), (25), (28), (29))
 MAP_CLASS_WEIGHT = 1.0  # the weight, in the map detectors' log loss, of the examples of the classes the map
                         # neutralizes (the others: 1), where a detector's errors cost most; chosen on the
                         # proving ground from 1, 3 and 10 (bench/RESULTS.md (17): more weight, fewer requests met)
