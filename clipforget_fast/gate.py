@@ -72,10 +72,12 @@ MAP_RIDGE = 0.3       # ridge of the map's least squares (relative to the mean e
                       # hard moves the kept classes less
 COLLAPSE = 45.0       # every class forgotten: the push at the median detected prototype, in multiples of
                       # the median class token's norm; chosen on the proving ground from 3, 10, 20 and 30
-                      # (bench/RESULTS.md (12), (19)) and then 45 (RESULTS (29)): at 100 held-out renders a
-                      # cell 45 meets 4 of the 8 requests on each of three prototype banks, 30 4, 4 and 2
-                      # (the photos it catches keep their class, pushed too weakly), at a higher cost to the
-                      # kept domains where the detectors err
+                      # (bench/RESULTS.md (12), (19)), then 40, 45 and 60 ((29), (30)): at 100 held-out
+                      # renders a cell each of 40, 45 and 60 meets 4 of the 8 requests on each of three
+                      # prototype banks, 30 4, 4 and 2 (the photos it catches keep their class, pushed too
+                      # weakly). A larger push costs the kept domains more where the detectors err (pixel
+                      # art 1.49-1.86 points at 40, 2.01-2.17 at 60), a smaller one leaves bank 2's photos
+                      # closer to their limit (9.1 and 10.0 % of 10 at 40, 8.6 and 9.1 at 45)
 CAP = 4.0             # ... and at most this many times that push at any image (GATE_LEVEL·CAP of gate input)
 COLLAPSE_RIDGE = 100.0  # ... the L2 penalty of its per-domain detectors (fitted on prototypes and translated
                         # ones); chosen on the proving ground from 10, 40, 100, 300 and 1000 (bench/RESULTS.md
