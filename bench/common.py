@@ -52,7 +52,21 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     return (f"CPU {platform.machine()} × {os.cpu_count()} cores ({torch.get_num_threads()} threads), "
-            f"torch {torch.__version__}")
+            f"{cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()} kernels, torch {torch.__version__}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name where the system says it (Linux), else the platform's processor string. The
+    proving ground's figures move with the CPU's instruction set (bench/RESULTS.md (30)), so its tables
+    say which one they were taken on."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def append_results(title: str, lines: list[str], path: Path = RESULTS) -> None:
