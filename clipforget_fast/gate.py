@@ -91,8 +91,9 @@ MAP_PER_DOMAIN = True  # some classes forgotten in several domains: a detector (
 MAP_THRESHOLD = 1.0    # the detector logit at which the map's units switch on, data-free; chosen on the
                        # proving ground from -2 to 2 (bench/RESULTS.md (16), (17), (22), (27)): at 100 held-out
                        # renders a cell 1 meets 5 of its 9 domain requests on each of three prototype banks,
-                       # 0 meets 4 (fish @ sketch, cartoon costs its fish elsewhere less); lower forgets more
-                       # and costs the forgotten classes in the kept domains more
+                       # 0 meets 4 (fish @ sketch, cartoon costs its fish elsewhere less; at 1 it sits on its
+                       # limit, and (30)'s machine gives 4); lower forgets more and costs the forgotten
+                       # classes in the kept domains more
 MAP_THRESHOLD_EXAMPLES = -0.5  # the same with real examples (``examples``), whose detectors flag fewer kept
                                # images: with 20 per cell -0.5 meets 20, 19 and 20 of the 20 requests on
                                # three prototype banks; with COLLAPSE at 30, -0.5 met 20, 19 and 18, 0 met
