@@ -198,7 +198,14 @@ def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = DETECTOR_
     log loss (its mean over the examples; default all 1). Fits with gradients whatever the caller's mode
     (no_grad, inference_mode)."""
     with torch.inference_mode(False), torch.enable_grad():
-        feats, y = feats.detach().clone(), labels.detach().clone().to(feats.dtype)
+        # fp64: in fp32 L-BFGS stops where the loss's last bits do, leaving the weights settled to about
+        # 1e-4, so that captures batched otherwise (another machine's kernels, sharded ranks) moved them
+        # that far; in fp64 the fit is the problem's, not the arithmetic's
+        out_dtype, out_device = feats.dtype, feats.device
+        fit_on = torch.device("cpu") if feats.device.type == "mps" else feats.device   # MPS has no fp64
+        feats, y = feats.detach().to(fit_on, torch.float64), labels.detach().to(fit_on, torch.float64)
+        if weight is not None:
+            weight = weight.to(fit_on)
         if weight is None:
             weight = torch.ones_like(y)
         weight = weight.detach().to(feats.dtype) * (len(y) / weight.sum())
@@ -216,7 +223,7 @@ def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = DETECTOR_
 
         opt.step(closure)
         w = w.detach() / sd
-        return w, b.detach() - mu @ w
+        return w.to(out_device, out_dtype), (b.detach() - mu @ w).to(out_device, out_dtype)
 
 
 def neutral_shift(y: torch.Tensor, post_norm, proj: torch.Tensor, class_emb: torch.Tensor,
