@@ -193,7 +193,7 @@ def layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
 def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = DETECTOR_RIDGE,
              weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A logistic-regression detector of ``labels`` [n] bool from ``feats`` [n, f] (features standardized,
-    L2 penalty ``ridge`` on the standardized weights, L-BFGS from zero: deterministic); returned on the
+    L2 penalty ``ridge`` on the standardized weights, L-BFGS from zero in fp64: deterministic); returned on the
     raw features as (w [f], b [] ): logit = feats @ w + b. ``weight`` [n]: each example's weight in the
     log loss (its mean over the examples; default all 1). Fits with gradients whatever the caller's mode
     (no_grad, inference_mode)."""
