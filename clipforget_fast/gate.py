@@ -193,22 +193,19 @@ def layer_norm(x: torch.Tensor, norm) -> torch.Tensor:
 def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = DETECTOR_RIDGE,
              weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A logistic-regression detector of ``labels`` [n] bool from ``feats`` [n, f] (features standardized,
-    L2 penalty ``ridge`` on the standardized weights, L-BFGS from zero in fp64: deterministic); returned on the
-    raw features as (w [f], b [] ): logit = feats @ w + b. ``weight`` [n]: each example's weight in the
+    L2 penalty ``ridge`` on the standardized weights, L-BFGS from zero in fp64: deterministic); returned on
+    the raw features as (w [f], b [] ) in their dtype: logit = feats @ w + b. ``weight`` [n]: each example's weight in the
     log loss (its mean over the examples; default all 1). Fits with gradients whatever the caller's mode
     (no_grad, inference_mode)."""
     with torch.inference_mode(False), torch.enable_grad():
         # fp64: in fp32 L-BFGS stops where the loss's last bits do, leaving the weights settled to about
-        # 1e-4, so that captures batched otherwise (another machine's kernels, sharded ranks) moved them
-        # that far; in fp64 the fit is the problem's, not the arithmetic's
+        # 1e-4, so that captures batched otherwise (sharded ranks) moved them that far (bench/RESULTS.md
+        # (31)); in fp64 the fit is the problem's, not the arithmetic's
         out_dtype, out_device = feats.dtype, feats.device
         fit_on = torch.device("cpu") if feats.device.type == "mps" else feats.device   # MPS has no fp64
         feats, y = feats.detach().to(fit_on, torch.float64), labels.detach().to(fit_on, torch.float64)
-        if weight is not None:
-            weight = weight.to(fit_on)
-        if weight is None:
-            weight = torch.ones_like(y)
-        weight = weight.detach().to(feats.dtype) * (len(y) / weight.sum())
+        weight = torch.ones_like(y) if weight is None else weight.detach().to(fit_on, torch.float64)
+        weight = weight * (len(y) / weight.sum())
         mu, sd = feats.mean(0), feats.std(0) + 1e-6
         z = (feats - mu) / sd
         w = torch.zeros(feats.shape[1], dtype=feats.dtype, device=feats.device, requires_grad=True)
