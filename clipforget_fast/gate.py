@@ -194,9 +194,9 @@ def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = DETECTOR_
              weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A logistic-regression detector of ``labels`` [n] bool from ``feats`` [n, f] (features standardized,
     L2 penalty ``ridge`` on the standardized weights, L-BFGS from zero in fp64: deterministic); returned on
-    the raw features as (w [f], b [] ) in their dtype: logit = feats @ w + b. ``weight`` [n]: each example's weight in the
-    log loss (its mean over the examples; default all 1). Fits with gradients whatever the caller's mode
-    (no_grad, inference_mode)."""
+    the raw features as (w [f], b [] ) in their dtype: logit = feats @ w + b. ``weight`` [n]: each
+    example's weight in the log loss (its mean over the examples; default all 1). Fits with gradients
+    whatever the caller's mode (no_grad, inference_mode)."""
     with torch.inference_mode(False), torch.enable_grad():
         # fp64: in fp32 L-BFGS stops where the loss's last bits do, leaving the weights settled to about
         # 1e-4, so that captures batched otherwise (sharded ranks) moved them that far (bench/RESULTS.md
