@@ -34,7 +34,8 @@ sketches recognized with a perfect detector). Instead two units per forgotten do
 domain's own detector, write a large constant: the direction of that domain's mean class token over its
 prototypes, COLLAPSE times a typical token's norm at the median detected prototype and never more than
 CAP times that (``_collapse``). A detected image's embedding becomes that of the domain's average image,
-whatever its class, so a classifier of it is at chance; an image the detector misses is untouched.
+whatever its class, so a classifier of it is about at chance (a few points above where that image sits
+near a second class: bench/RESULTS.md (32)); an image the detector misses is untouched.
 
 The patch edits three tensors of that MLP (input weight and bias: m rows; output weight: m columns),
 reversibly like any other patch. The tower's other tokens pass the rewired units too; a class-token
@@ -424,14 +425,15 @@ def _detectors(ell: torch.Tensor, groups: list[torch.Tensor], more, ridge: float
 def _collapse(ell: torch.Tensor, y: torch.Tensor, groups: list[torch.Tensor], more=None, weight=None):
     """Every class forgotten: two units per forgotten domain (``groups`` [n] bool each), with the
     pre-activations z = s_j·g_j(ℓ) and z - CAP·GATE_LEVEL (g_j a detector of that domain against every
-    other prototype) and the output columns K v_j and -K v_j (v_j the direction of that domain's mean
-    centred class token): the block's output gains K v_j (act(z) - act(z - CAP·GATE_LEVEL)), about
-    K v_j·z up to CAP·GATE_LEVEL and no more, so no input pushes the token past a known size (fp16
-    included). A detected image's token becomes mostly K v_j, the same for every class: its embedding
-    carries that domain's average image and too little of its own to tell its class, whatever templates
-    read it. K makes the push at the median detected prototype COLLAPSE times the median centred token's
-    norm. ``more``: (ℓ [e, width], one [e] bool per group) more examples for the detectors' fits;
-    ``weight``: the examples' weights (prototypes, then ``more``'s)."""
+    other prototype) and the output columns K v_j and -K v_j (v_j the direction of that domain's mean centred
+    class token): the block's output gains K v_j (act(z) - act(z - CAP·GATE_LEVEL)), about K v_j·z up to
+    CAP·GATE_LEVEL and no more, so no input pushes the token past a known size (fp16 included). A detected
+    image's token becomes mostly K v_j, the same for every class: its embedding carries that domain's
+    average image and mostly too little of its own to tell its class (where that image sits near a second
+    class, a few images' own class still decides, more under some templates than others: bench/RESULTS.md
+    (32)). K makes the push at the median detected prototype COLLAPSE times the median centred token's norm.
+    ``more``: (ℓ [e, width], one [e] bool per group) more examples for the detectors' fits; ``weight``: the
+    examples' weights (prototypes, then ``more``'s)."""
     yc = y - y.mean(1, keepdim=True)
     K = COLLAPSE * float(yc.norm(dim=1).median()) / GATE_LEVEL
     top = CAP * GATE_LEVEL
