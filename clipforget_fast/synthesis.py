@@ -111,9 +111,10 @@ class PrototypeBank:
 
 @contextlib.contextmanager
 def frozen(model: nn.Module):
-    """Eval mode and no parameter gradients for the duration; restores both afterwards."""
+    """Eval mode and no parameter gradients for the duration; restores both afterwards, module by
+    module (a model partly in training mode comes back so)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     for p, _ in flags:
         p.requires_grad_(False)
@@ -122,7 +123,8 @@ def frozen(model: nn.Module):
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-        model.train(was_training)
+        for m, t in modes:
+            m.training = t
 
 
 def autocast_dtype(config: ForgetConfig, device: torch.device) -> torch.dtype:

@@ -29,12 +29,15 @@ def test_images_stay_in_pixel_range_and_params_stay_frozen(tiny_clip, tokenizer,
     text, target = _setup(tiny_clip, tokenizer, vocab)
     flags = [p.requires_grad for p in tiny_clip.parameters()]
     tiny_clip.train()
+    tiny_clip.visual.eval()                                 # a model partly in training mode comes back so
+    modes = [m.training for m in tiny_clip.modules()]
     res = synthesize(tiny_clip, text, target, ForgetConfig(steps=5, batch_size=7, step_size=1.0))
     (H, W), mean, std = image_geometry(tiny_clip)
     lo, hi = (0 - mean) / std, (1 - mean) / std
     assert res.images.shape == (len(target), 3, H, W)
     assert (res.images >= lo.view(1, 3, 1, 1) - 1e-6).all() and (res.images <= hi.view(1, 3, 1, 1) + 1e-6).all()
     assert [p.requires_grad for p in tiny_clip.parameters()] == flags and tiny_clip.training
+    assert [m.training for m in tiny_clip.modules()] == modes
     assert all(p.grad is None for p in tiny_clip.parameters())
 
 
