@@ -117,17 +117,19 @@ def lowrank_update_(weights: list[torch.Tensor], lefts: list[torch.Tensor],
 
     weights[l]: [m_l, n_l] fp32/fp16/bf16; lefts[l]: [m_l, k_l]; rights[l]: [n_l, k_l].
     Layers are grouped by device; each group runs on the backend chosen for that device (on Triton,
-    one launch per weight dtype covering every layer of that dtype).
+    one launch per weight dtype covering every layer of that dtype). The kernels read rows as
+    contiguous: a weight whose columns are strided (a transposed view) takes the torch reference.
     """
     if not len(weights) == len(lefts) == len(rights):
         raise ValueError(f"weights, lefts, rights have lengths {len(weights)}, {len(lefts)}, "
                          f"{len(rights)}; they must match")
-    by_device: dict[torch.device, list[int]] = {}
+    by_device: dict[object, list[int]] = {}
     for i, w in enumerate(weights):
-        by_device.setdefault(w.device, []).append(i)
-    for idx in by_device.values():
+        strided = w.dim() == 2 and w.shape[1] > 1 and w.stride(1) != 1
+        by_device.setdefault("strided" if strided else w.device, []).append(i)
+    for key, idx in by_device.items():
         ws, ls, rs = ([seq[i] for i in idx] for seq in (weights, lefts, rights))
-        backend = backend_for(ws[0], "lowrank_update_")
+        backend = "torch" if key == "strided" else backend_for(ws[0], "lowrank_update_")
         if backend == "triton":
             _load_kernels()[0].lowrank_update_triton(ws, ls, rs, scale)
         elif backend == "cpp":

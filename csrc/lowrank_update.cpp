@@ -166,7 +166,7 @@ void lowrank_update_(std::vector<at::Tensor> weights, std::vector<at::Tensor> le
     TORCH_CHECK(w.device().is_cpu(), "weights[", l, "] must be a CPU tensor");
     TORCH_CHECK(w.dim() == 2 && lefts[l].dim() == 2 && rights[l].dim() == 2,
                 "layer ", l, ": weights, lefts and rights must be 2-D");
-    TORCH_CHECK(w.size(0) <= 1 || w.size(1) <= 1 || w.stride(1) == 1,
+    TORCH_CHECK(w.size(1) <= 1 || w.stride(1) == 1,   // a single row [1, n] too: read as contiguous
                 "weights[", l, "] must have contiguous rows");
     TORCH_CHECK(lefts[l].size(0) == w.size(0) && rights[l].size(0) == w.size(1) &&
                     lefts[l].size(1) == rights[l].size(1),

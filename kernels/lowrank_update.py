@@ -126,7 +126,7 @@ def _check(weights, lefts, rights) -> None:
         if w.device != weights[0].device:
             raise ValueError(f"weights[{i}] is on {w.device}, weights[0] on {weights[0].device}; "
                              "all weights of one launch must share a device")
-        if m > 1 and n > 1 and w.stride(1) != 1:
+        if n > 1 and w.stride(1) != 1:                   # a single row [1, n] too: it is read as contiguous
             raise ValueError(f"weights[{i}] has column stride {w.stride(1)}; rows must be contiguous "
                              "(pass the transposed layer's factors swapped instead)")
 

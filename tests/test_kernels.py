@@ -134,6 +134,8 @@ def test_lowrank_update_rejects_bad_input(interp):
     w = torch.randn(8, 6)
     with pytest.raises(ValueError, match="rows must be contiguous"):
         interp.lowrank([torch.randn(6, 8).t()], [torch.randn(8, 2)], [torch.randn(6, 2)])
+    with pytest.raises(ValueError, match="rows must be contiguous"):       # one row of such a view too
+        interp.lowrank([torch.randn(6, 8).t()[2:3]], [torch.randn(1, 2)], [torch.randn(6, 2)])
     with pytest.raises(ValueError, match="do not fit"):
         interp.lowrank([w], [torch.randn(8, 2)], [torch.randn(5, 2)])
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
