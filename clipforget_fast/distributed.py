@@ -88,7 +88,7 @@ class World:
         """The ranks' ``t`` [n_r, ...] concatenated in rank order, on ``device`` (default: ``t``'s). The
         row counts may differ, the trailing shape and dtype may not; a rank with no rows may pass None."""
         if not self.on:
-            return t
+            return t if t is None or device is None else t.to(device)
         meta = [None] * self.size
         dist.all_gather_object(meta, None if t is None else (tuple(t.shape), t.dtype, str(t.device)), group=self.group)
         full = [m for m in meta if m is not None]
@@ -109,7 +109,9 @@ class World:
     def shared(self, n: int, rows, device=None) -> torch.Tensor | None:
         """``rows(lo, hi)`` [hi - lo, ...] computed on this rank's contiguous share of ``n`` items
         (``share``; not called on an empty share) and the ranks' results concatenated in rank order
-        (``cat``, on ``device``): every rank gets all ``n`` rows (None when ``n`` is 0 on one process)."""
+        (``cat``, on ``device``): every rank gets all ``n`` rows (None when ``n`` is 0, on every rank)."""
+        if n == 0:                                      # the same n on every rank: no collective to make
+            return None
         lo, hi = self.share(n)
         return self.cat(rows(lo, hi) if hi > lo else None, device)
 

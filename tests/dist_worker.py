@@ -29,6 +29,7 @@ SCENARIOS = {
     "redirect_domain": (dict(forget_classes=["dog", "car"], forget_domains=["sketch"]),
                         CONFIG.replace(edit="class-redirect")),
     "redirect_global": (dict(forget_classes=["cat"]), CONFIG),
+    "redirect_every_class": (dict(forget_classes=CLASSES), CONFIG),      # no cell kept: no keep prompts
     "project_complete": (dict(forget_domains=["pixel_art"]), CONFIG.replace(edit="project", targets="proj+mlp+attn")),
     "gate_complete": (dict(forget_domains=["pixel_art"]), CONFIG.replace(edit="domain-gate")),
     "gate_examples": (dict(forget_classes=["dog", "car"], forget_domains=["sketch"]),

@@ -13,8 +13,8 @@ from clipforget_fast import Patch
 from clipforget_fast.distributed import World
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
-SCENARIOS = ("project_domain", "redirect_domain", "redirect_global", "project_complete", "gate_complete",
-             "gate_examples")
+SCENARIOS = ("project_domain", "redirect_domain", "redirect_global", "redirect_every_class", "project_complete",
+             "gate_complete", "gate_examples")
 
 
 @pytest.fixture(scope="module")
