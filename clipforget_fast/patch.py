@@ -9,6 +9,14 @@ gate rewires a few hidden units of an MLP, ``gate.py``) is held as A = the chang
 ``apply`` adds every entry in one dispatch call (one kernel launch on GPU), ``revert`` subtracts it. A
 patch records a SHA-256 of each base tensor and refuses a model whose tensors differ, unless forced; it
 is saved as safetensors with its spec, config and library version in the metadata.
+
+Patches stack: one computed on a model that carries others records, per weight, the patches under it
+(their ``key``s, oldest first) and the hash of the weight beneath them all (its ``root``). Applying a
+patch leaves a mark on each weight it checked, "this tensor is that root with these patches on it", and
+reverting one takes its key off; a later patch takes a weight whose mark names its own root and
+patches, whatever bits another backend, a half-precision copy or a revert's rounding left (a mark lasts
+while the tensor is not written otherwise: its storage and version counter unchanged; writes through
+``.data`` escape it). A forced apply leaves no mark.
 """
 from __future__ import annotations
 
@@ -17,8 +25,10 @@ import hashlib
 import json
 import os
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -29,13 +39,15 @@ from .layers import IMAGE_PREFIXES, hf_names, is_hf_clip, open_clip_name
 
 _STACK_ATTR = "_clipforget_stack"    # on the model: applied patches, oldest first
 _FORMAT = "clipforget_fast.patch/1"
+LAYOUTS = ("linear", "in_out", "bias")
 
 
 def tensor_hash(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes."""
     t = t.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    # flat first: a size-1 dimension may keep any stride in a "contiguous" tensor, which view() refuses
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -54,6 +66,36 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class Mark(NamedTuple):
+    """What a weight holds, as the patches applied to it in this process know: the weight hashed
+    ``root`` with the patches ``chain`` (their keys, oldest first) added, up to rounding."""
+    root: str
+    chain: tuple
+    ptr: int          # the tensor's storage and version counter when the mark was made: any other write
+    version: int      # to it (load_state_dict, an in-place op, ``.to``) makes the mark stale
+
+
+_MARKS: dict[int, tuple] = {}       # id(weight) -> (weakref to it, Mark)
+
+
+def mark_of(weight: torch.Tensor) -> Mark | None:
+    """The mark the patches applied in this process left on ``weight``, None if none or stale."""
+    got = _MARKS.get(id(weight))
+    if got is None or got[0]() is not weight:
+        return None
+    m = got[1]
+    return m if (m.ptr, m.version) == (weight.data_ptr(), weight._version) else None
+
+
+def _set_mark(weight: torch.Tensor, root: str | None, chain: tuple) -> None:
+    key = id(weight)
+    if root is None:
+        _MARKS.pop(key, None)
+        return
+    _MARKS[key] = (weakref.ref(weight, lambda _, k=key: _MARKS.pop(k, None)),
+                   Mark(root, tuple(chain), weight.data_ptr(), weight._version))
+
+
 @dataclass(eq=False)
 class PatchEntry:
     name: str            # parameter name in model.named_parameters()
@@ -62,17 +104,28 @@ class PatchEntry:
     B: torch.Tensor      # [d_in, k] fp32, orthonormal columns (the directions of the inputs it changes)
     base_hash: str       # tensor_hash of the weight the patch was computed on
     cast_hashes: dict = field(default_factory=dict)   # cast_hashes of that weight: {dtype name: hash}
+    root: str | None = None   # the hash of that weight beneath the patches applied to it (None: base_hash)
+    under: tuple = ()         # the keys of those patches, oldest first (none: computed on the bare weight)
+
+    def __post_init__(self):
+        self.root = self.base_hash if self.root is None else self.root
+        self.under = tuple(self.under)
 
     @classmethod
     def on(cls, name: str, layout: str, A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor) -> "PatchEntry":
-        """An entry computed on ``weight``, recording its hash and its half-precision casts' hashes."""
-        return cls(name, layout, A, B, tensor_hash(weight), cast_hashes(weight))
+        """An entry computed on ``weight``, recording its hash and its half-precision casts' hashes, and
+        (from the weight's mark) the patches applied to it and the weight beneath them."""
+        m = mark_of(weight)
+        base = tensor_hash(weight)
+        return cls(name, layout, A, B, base, cast_hashes(weight), m.root if m else base, m.chain if m else ())
 
-    def matches(self, weight: torch.Tensor, also: str | None = None) -> bool:
-        """Whether ``weight`` is the one this entry was computed on, or that weight cast to half
-        precision (or has the hash ``also``)."""
-        h = tensor_hash(weight)
-        return h in (self.base_hash, self.cast_hashes.get(_dtype_name(weight.dtype)), also)
+    def matches(self, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` is the one this entry was computed on: its mark names this entry's root and
+        patches, or it is that weight bit for bit, or that weight cast to half precision."""
+        m = mark_of(weight)
+        if m is not None and (m.root, m.chain) == (self.root, self.under):
+            return True
+        return tensor_hash(weight) in (self.base_hash, self.cast_hashes.get(_dtype_name(weight.dtype)))
 
     @property
     def rank(self) -> int:
@@ -97,8 +150,17 @@ class Patch:
     config: dict = field(default_factory=dict)     # ForgetConfig.to_dict()
     info: dict = field(default_factory=dict)       # per-layer ranks, synthesis stats, timings
     version: str = __version__
-    # hashes of the weights this patch's last revert left (the base up to rounding): it applies to those too
-    _restored: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    key: str | None = None   # the patch's identity in the stacks it joins (default: a hash of its entries);
+                             # ``only`` and ``converted`` copies keep it
+
+    def __post_init__(self):
+        if self.key is None:
+            h = hashlib.sha256()
+            for e in self.entries:
+                h.update(f"{e.name}|{e.layout}|{e.base_hash}|".encode())
+                for t in (e.A, e.B):
+                    h.update(tensor_hash(t).encode())
+            self.key = h.hexdigest()[:32]
 
     @property
     def timings(self) -> dict:
@@ -116,7 +178,7 @@ class Patch:
         if tower not in ("image", "text"):
             raise ValueError(f"tower={tower!r} must be 'image' or 'text'")
         keep = [e for e in self.entries if (tower == "image") == e.name.startswith(IMAGE_PREFIXES)]
-        return Patch(keep, self.spec, self.config, {**self.info, "tower": tower}, self.version)
+        return Patch(keep, self.spec, self.config, {**self.info, "tower": tower}, self.version, self.key)
 
     def converted(self, model: nn.Module, force: bool = False) -> "Patch":
         """This patch for the same network held in the other model family: computed on an open_clip CLIP,
@@ -127,17 +189,17 @@ class Patch:
         ``model``'s weights comes back as a copy."""
         params = dict(model.named_parameters())
         if all(e.name in params for e in self.entries):
-            return Patch(list(self.entries), self.spec, self.config, dict(self.info), self.version)
+            return Patch(list(self.entries), self.spec, self.config, dict(self.info), self.version, self.key)
         entries = (self._to_hf(params, force) if is_hf_clip(model) else self._to_open_clip(params, force))
-        return Patch(entries, self.spec, self.config, {**self.info, "converted": True}, self.version)
+        return Patch(entries, self.spec, self.config, {**self.info, "converted": True}, self.version, self.key)
 
     def _to_hf(self, params: dict, force: bool) -> list[PatchEntry]:
         out = []
         for e in self.entries:
             names = hf_names(e.name)
             ws = [_param(params, n) for n in names]
-            src = torch.cat(ws) if len(ws) > 1 else ws[0].t() if e.layout == "in_out" else ws[0]
-            _check_base(e, src, force)
+            src = torch.cat(ws).detach() if len(ws) > 1 else ws[0].t() if e.layout == "in_out" else ws[0]
+            _check_base(e, src, force, ws)
             rows = ws[0].shape[0]
             layout = "bias" if e.layout == "bias" else "linear"
             for j, (n, w) in enumerate(zip(names, ws)):
@@ -161,11 +223,10 @@ class Patch:
             if sorted(parts) != [0, 1, 2]:
                 raise ValueError(f"{name!r}: the patch holds only some of q, k, v; open_clip fuses all three")
             q, k, v = parts[0], parts[1], parts[2]
-            if not (torch.equal(q.B, k.B) and torch.equal(q.B, v.B)):
-                raise ValueError(f"{name!r}: q, k and v have different forget directions; they cannot be fused")
             for j, e in enumerate((q, k, v)):
-                _check_base(e, p.chunk(3)[j], force)
-            out.append(PatchEntry.on(name, "linear", torch.cat([q.A, k.A, v.A]), q.B.clone(), p))
+                _check_base(e, p.chunk(3)[j], force, [p])
+            out.append(PatchEntry.on(name, "linear", torch.cat([q.A] + [_in_basis(e, q.B, name) for e in (k, v)]),
+                                     q.B.clone(), p))
         return out
 
     # ---- apply / revert ---------------------------------------------------------------------
@@ -196,16 +257,18 @@ class Patch:
 
         Raises ValueError if a targeted tensor is missing, has another shape, or (unless ``force``)
         differs from the one the patch was computed on, from that one cast to fp16 or bf16 (for a patch
-        computed on fp32 weights), and from the one its own last revert left (which equals it up to the
-        weight dtype's rounding).
+        computed on fp32 weights), and from what the patches applied in this process say it holds (the
+        same weight with the same patches under it, or left by reverts: equal up to rounding).
         """
         params = self._params(model)
         if not force:
             for e, p in zip(self.entries, params):
-                if not e.matches(p, self._restored.get(e.name)):
+                if not e.matches(p):
                     raise ValueError(f"model tensor {e.name!r} is not the one this patch was computed "
                                      f"on{_casts_note(e, p)} (hash mismatch); pass force=True to apply anyway")
         self._update(params, 1.0)
+        for e, p in zip(self.entries, params):          # checked: the root with these patches; forced: unknown
+            _set_mark(p, None if force else e.root, e.under + (self.key,))
         stack = getattr(model, _STACK_ATTR, None)
         if stack is None:
             stack = []
@@ -224,8 +287,11 @@ class Patch:
                 raise ValueError("this patch is not the last one applied to the model: revert the "
                                  "later patches first (or pass force=True)")
         params = self._params(model)
+        marks = [mark_of(p) for p in params]
         self._update(params, -1.0)
-        self._restored = {e.name: tensor_hash(p) for e, p in zip(self.entries, params)}
+        for p, m in zip(params, marks):                 # this patch's key comes off the weight's mark
+            ok = m is not None and m.chain[-1:] == (self.key,)
+            _set_mark(p, m.root if ok else None, m.chain[:-1] if ok else ())
         self._unstack(model)
         return model
 
@@ -248,13 +314,15 @@ class Patch:
         """
         params = self._params(model)
         saved = [p.detach().clone() for p in params]
+        marks = [mark_of(p) for p in params]
         self.apply(model, force)
         try:
             yield model
         finally:
             with torch.no_grad():
-                for p, s in zip(params, saved):
+                for p, s, m in zip(params, saved, marks):
                     p.copy_(s)
+                    _set_mark(p, m.root if m else None, m.chain if m else ())
             self._unstack(model)
 
     # ---- save / load --------------------------------------------------------------------------
@@ -263,24 +331,47 @@ class Patch:
         path = safetensors_path(path, "patch")
         tensors, meta = {}, []
         for e in self.entries:
-            tensors[f"A::{e.name}"] = e.A.detach().float().contiguous().cpu()
-            tensors[f"B::{e.name}"] = e.B.detach().float().contiguous().cpu()
+            # copies: entries may share a factor (q, k and v one basis), which safetensors refuses
+            tensors[f"A::{e.name}"] = e.A.detach().float().cpu().clone(memory_format=torch.contiguous_format)
+            tensors[f"B::{e.name}"] = e.B.detach().float().cpu().clone(memory_format=torch.contiguous_format)
             meta.append({"name": e.name, "layout": e.layout, "base_hash": e.base_hash,
-                         **({"cast_hashes": e.cast_hashes} if e.cast_hashes else {})})
-        header = {"format": _FORMAT, "version": self.version, "entries": meta, "spec": self.spec,
-                  "config": self.config, "info": self.info}
+                         **({"cast_hashes": e.cast_hashes} if e.cast_hashes else {}),
+                         **({"root": e.root, "under": list(e.under)} if e.under else {})})
+        header = {"format": _FORMAT, "version": self.version, "key": self.key, "entries": meta,
+                  "spec": self.spec, "config": self.config, "info": self.info}
         return atomic_safetensors(tensors, path, {"clipforget": json.dumps(header)})
 
     @classmethod
     def load(cls, path) -> "Patch":
         """Read a patch written by ``save``; ValueError if the file is not one."""
         header, tensors = read_safetensors(path, "clipforget", _FORMAT, "patch file")
+
+        def bad(why: str):
+            return ValueError(f"{str(path)!r}: not a well-formed patch file ({why})")
+
+        metas = header.get("entries")
+        if not isinstance(metas, list):
+            raise bad("no list of entries")
         entries = []
-        for m in header["entries"]:
-            entries.append(PatchEntry(m["name"], m["layout"], tensors[f"A::{m['name']}"],
-                                      tensors[f"B::{m['name']}"], m["base_hash"], dict(m.get("cast_hashes", {}))))
-        return cls(entries, header.get("spec", {}), header.get("config", {}), header.get("info", {}),
-                   header.get("version", "?"))
+        for i, m in enumerate(metas):
+            if not (isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("base_hash"), str)):
+                raise bad(f"entry {i} lacks a name or base hash")
+            name, layout = m["name"], m.get("layout")
+            if layout not in LAYOUTS:
+                raise bad(f"{name!r} has layout {layout!r}, not one of {LAYOUTS}")
+            A, B = tensors.get(f"A::{name}"), tensors.get(f"B::{name}")
+            if A is None or B is None:
+                raise bad(f"{name!r} lacks its A or B tensor")
+            if A.dim() != 2 or B.dim() != 2 or A.shape[1] != B.shape[1]:
+                raise bad(f"{name!r}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [d_out, k] and [d_in, k]")
+            casts, under = m.get("cast_hashes", {}), m.get("under", [])
+            if not (isinstance(casts, dict) and isinstance(under, list)):
+                raise bad(f"{name!r}: cast_hashes or under of the wrong type")
+            entries.append(PatchEntry(name, layout, A, B, m["base_hash"], dict(casts), m.get("root"), tuple(under)))
+        parts = [header.get(k, {}) for k in ("spec", "config", "info")]
+        if not all(isinstance(x, dict) for x in parts):
+            raise bad("spec, config or info is not a mapping")
+        return cls(entries, *parts, header.get("version", "?"), header.get("key"))
 
 
 def _casts_note(e: PatchEntry, weight: torch.Tensor) -> str:
@@ -294,14 +385,32 @@ def _casts_note(e: PatchEntry, weight: torch.Tensor) -> str:
 def _param(params: dict, name: str) -> torch.Tensor:
     if name not in params:
         raise ValueError(f"the model has no {name!r}, which the converted patch needs")
-    return params[name].detach()
+    return params[name]                 # the parameter itself: its mark is keyed on it
 
 
-def _check_base(e: PatchEntry, weight: torch.Tensor, force: bool) -> None:
-    """``weight`` (seen in the layout the entry was computed on) must be the entry's base weight."""
-    if not force and not e.matches(weight):
+def _check_base(e: PatchEntry, weight: torch.Tensor, force: bool, held=()) -> None:
+    """``weight`` (seen in the layout the entry was computed on) must be the entry's base weight: those
+    bits, or the model's tensors ``held`` (that ``weight`` is read from) marked as carrying the patches
+    the entry was computed on top of (converted too: a converted patch keeps its key)."""
+    if force:
+        return
+    marks = [mark_of(t) for t in held]
+    if e.under and marks and all(m is not None and m.chain == e.under for m in marks):
+        return
+    if not e.matches(weight):
         raise ValueError(f"the model's counterpart of {e.name!r} is not the weight this patch was computed on "
                          "(hash mismatch); pass force=True to convert anyway")
+
+
+def _in_basis(e: PatchEntry, B: torch.Tensor, name: str) -> torch.Tensor:
+    """``e``'s A for the forget directions ``B`` [d_in, k] where ``e.B`` spans the same space (as q, k and v
+    solved apart from one Gram do, up to rounding): A (B_eᵀ B), so that A' Bᵀ = A B_eᵀ."""
+    if torch.equal(e.B, B):
+        return e.A
+    Pe, P = e.B.double() @ e.B.double().t(), B.double() @ B.double().t()
+    if e.B.shape != B.shape or float((Pe - P).abs().max()) > 1e-4:
+        raise ValueError(f"{name!r}: q, k and v have different forget directions; they cannot be fused")
+    return (e.A.double() @ (e.B.double().t() @ B.double())).to(e.A.dtype)
 
 
 def safetensors_path(path, what: str) -> Path:
@@ -327,12 +436,17 @@ def read_safetensors(path, key: str, fmt: str, what: str) -> tuple[dict, dict]:
             meta = f.metadata() or {}
             if key not in meta:
                 raise ValueError(f"{str(path)!r} is a safetensors file but not a clipforget {what}")
-            header = json.loads(meta[key])
+            try:
+                header = json.loads(meta[key])
+            except ValueError as e:
+                raise ValueError(f"{str(path)!r}: the {what}'s header is not JSON ({e})") from e
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except ValueError:
         raise
     except Exception as e:  # safetensors raises its own error types on corrupt files
         raise ValueError(f"cannot read {what} {str(path)!r}: {e}") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{str(path)!r}: the {what}'s header is a {type(header).__name__}, not a JSON object")
     if header.get("format") != fmt:
         raise ValueError(f"{str(path)!r}: unknown {what} format {header.get('format')!r}")
     return header, tensors

@@ -1,4 +1,6 @@
 """Patch mathematics, reversibility, persistence and refusal of the wrong model."""
+import json
+
 import pytest
 import torch
 
@@ -203,6 +205,27 @@ def test_bad_paths_and_files(tmp_path, tiny_clip):
         Patch.load(tmp_path / "plain.safetensors")
 
 
+@pytest.mark.parametrize("damage, why", [
+    (lambda h, t: "{not json", "not JSON"),
+    (lambda h, t: json.dumps([1]), "not a JSON object"),
+    (lambda h, t: json.dumps({k: v for k, v in h.items() if k != "entries"}), "no list of entries"),
+    (lambda h, t: json.dumps({**h, "entries": [{**h["entries"][0], "layout": "inout"}]}), "layout 'inout'"),
+    (lambda h, t: (t.pop(next(k for k in t if k.startswith("A::"))), json.dumps(h))[1], "lacks its A or B"),
+    (lambda h, t: json.dumps({**h, "info": [1]}), "not a mapping"),
+])
+def test_a_damaged_patch_file_is_named(tmp_path, tiny_clip, damage, why):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = _random_patch(tiny_clip, "proj").save(tmp_path / "p.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = json.loads(f.metadata()["clipforget"]), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={"clipforget": damage(header, tensors)})
+    with pytest.raises(ValueError, match=why) as err:
+        Patch.load(path)
+    assert "p.safetensors" in str(err.value)
+
+
 def test_hash_sees_dtype_shape_and_values():
     a = torch.arange(6.0).view(2, 3)
     assert tensor_hash(a) == tensor_hash(a.clone())
@@ -222,3 +245,86 @@ def test_process_umask_reads_the_current_umask():
         assert process_umask() == 0o002
     finally:
         os.umask(old)
+
+
+def _stack(model, tmp_path=None):
+    """p1 computed on ``model``, p2 computed on it with p1 applied (both reverted again)."""
+    p1 = _random_patch(model, seed=11)
+    p1.apply(model)
+    p2 = _random_patch(model, seed=12)
+    p1.revert(model)
+    return p1, p2
+
+
+def test_a_stacked_patch_records_what_lies_under_it(tiny_clip, tmp_path):
+    p1, p2 = _stack(tiny_clip)
+    for a, b in zip(p1.entries, p2.entries):
+        assert a.under == () and a.root == a.base_hash
+        assert b.under == (p1.key,) and b.root == a.root and b.base_hash != a.base_hash
+    again = Patch.load(p2.save(tmp_path / "p2.safetensors"))
+    assert again.key == p2.key and [(e.root, e.under) for e in again.entries] == [(e.root, e.under)
+                                                                                 for e in p2.entries]
+    assert p2.only("image").key == p2.key
+
+
+def test_a_stack_applies_again_after_reverting_it(tiny_clip):
+    """W + ΔW - ΔW is W up to rounding: the stack's marks, not the bits, let it apply again."""
+    p1, p2 = _stack(tiny_clip)
+    for _ in range(2):
+        p1.apply(tiny_clip)
+        p2.apply(tiny_clip)
+        p2.revert(tiny_clip)
+        p1.revert(tiny_clip)
+
+
+def test_a_stack_applies_over_other_rounding(tiny_clip, monkeypatch, tmp_path):
+    """p1 applied by a path that rounds otherwise (another backend): p2 still takes the weights, and a
+    loaded copy of a reverted patch takes the weights its revert left."""
+    p1, p2 = _stack(tiny_clip)
+    from clipforget_fast import dispatch
+
+    def rounded_otherwise(ws, ls, rs, scale=1.0):
+        for w, l, r in zip(ws, ls, rs):
+            w.copy_((w.double() + scale * (l.double() @ r.double().t())).to(w.dtype))
+
+    with monkeypatch.context() as m:
+        m.setattr(dispatch, "lowrank_update_", rounded_otherwise)
+        p1.apply(tiny_clip)
+    p2.apply(tiny_clip)
+    p2.revert(tiny_clip)
+    p1.revert(tiny_clip)
+    copy = Patch.load(p1.save(tmp_path / "p1.safetensors"))
+    copy.apply(tiny_clip)
+    p2.apply(tiny_clip)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_stack_computed_on_fp32_applies_to_the_half_precision_copy(dtype):
+    p1, p2 = _stack(make_tiny_clip())
+    half = make_tiny_clip().to(dtype)
+    p1.apply(half)
+    p2.apply(half)
+    p2.revert(half)
+    p1.revert(half)
+
+
+def test_a_stack_refuses_weights_written_otherwise(tiny_clip):
+    p1, p2 = _stack(tiny_clip)
+    with pytest.raises(ValueError, match="hash mismatch"):
+        p2.apply(tiny_clip)                       # p1 is not under it
+    p1.apply(tiny_clip)
+    tiny_clip.load_state_dict(tiny_clip.state_dict())     # the same values, written anew: the mark is stale
+    p2.apply(tiny_clip)                           # ... but the bits are p2's base
+    p2.revert(tiny_clip)
+    p1.revert(tiny_clip)
+    from clipforget_fast.patch import mark_of
+
+    params = dict(tiny_clip.named_parameters())
+    assert all(mark_of(params[e.name])[:2] == (e.root, ()) for e in p1.entries)     # reverted: the bare root
+    other = _random_patch(tiny_clip, seed=13)
+    other.apply(tiny_clip, force=True)            # forced: what the weights hold is not known
+    assert all(mark_of(params[e.name]) is None for e in other.entries)
+    with pytest.raises(ValueError, match="hash mismatch"):
+        p1.apply(tiny_clip)
+    other.revert(tiny_clip)
+    assert all(mark_of(params[e.name]) is None for e in other.entries)
