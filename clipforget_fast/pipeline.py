@@ -40,6 +40,14 @@ def _prior_directions(model: nn.Module, name: str) -> torch.Tensor | None:
     return torch.cat(mats, dim=1) if mats else None
 
 
+def _same_problem(last, G: dict, prior) -> bool:
+    """Whether a layer's Grams ``G`` and prior directions are the ones ``last`` = (Grams, prior, ...) held."""
+    g0, p0 = last[0], last[1]
+    if not all(torch.equal(g0[k], G[k]) for k in ("F", "R")):
+        return False
+    return (p0 is None and prior is None) or (p0 is not None and prior is not None and torch.equal(p0, prior))
+
+
 def _patch_entry(layer: Layer, U: torch.Tensor, alpha: float) -> PatchEntry:
     W = layer.weight_out_in().detach().float()            # [d_out, d_in]
     U = U.to(W.device, torch.float32)
@@ -558,13 +566,20 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
         entries = []
         if world.leader:
             gen = torch.Generator(device=device).manual_seed(config.seed)
+            last = None                                  # (Grams, prior, U, info) of the layer before
             for layer in layers:
                 G = cap.grams[layer.name]
-                U, linfo = forget_basis(G["F"], G["R"], retain_energy=retain_energy,
-                                        forget_energy=config.forget_energy, max_rank=config.max_rank,
-                                        prior=_prior_directions(model, layer.name), solver=config.solver,
-                                        oversample=config.oversample, power_iters=config.power_iters,
-                                        generator=gen)
+                prior = _prior_directions(model, layer.name)
+                if last is not None and _same_problem(last, G, prior):
+                    # one input read by several weights (Hugging Face's q, k and v): one basis for all, as
+                    # open_clip's fused in_proj gets (a randomized solve per weight would differ by rounding)
+                    U, linfo = last[2], dict(last[3])
+                else:
+                    U, linfo = forget_basis(G["F"], G["R"], retain_energy=retain_energy,
+                                            forget_energy=config.forget_energy, max_rank=config.max_rank,
+                                            prior=prior, solver=config.solver, oversample=config.oversample,
+                                            power_iters=config.power_iters, generator=gen)
+                    last = (G, prior, U, dict(linfo))
                 linfo.update(samples_F=cap.counts[layer.name]["F"], samples_R=cap.counts[layer.name]["R"])
                 info["layers"][layer.name] = linfo
                 if U.shape[1] and redirect:

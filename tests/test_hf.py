@@ -268,18 +268,22 @@ def test_towers_apart_take_their_part_of_the_patch(pair, vocab):
         patch.only("audio")
 
 
-@pytest.mark.parametrize("source", ["open_clip", "hf"])
-def test_patch_converted_to_the_other_family(oc_tokenizer, vocab, source):
+@pytest.mark.parametrize("source, solver", [("open_clip", "exact"), ("hf", "exact"), ("hf", "randomized")])
+def test_patch_converted_to_the_other_family(oc_tokenizer, vocab, source, solver):
     """A patch computed on one family, converted for the same network held in the other, gives the same
-    edited features there (projections, MLP outputs and the attention inputs: fused ↔ q, k, v). A fresh
-    pair: other tests' apply/revert leave the shared one's weights a rounding away from their base."""
+    edited features there (projections, MLP outputs and the attention inputs: fused ↔ q, k, v; one basis
+    for q, k and v, which read one input, with the randomized solver too). A fresh pair: other tests'
+    apply/revert leave the shared one's weights a rounding away from their base."""
     oc = make_tiny_clip()
     hf, tok = to_hf(oc), hf_tokenizer()
     spec = ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"])
-    cfg = ForgetConfig(prototypes_per_cell=2, steps=8, edit="project", targets="proj+mlp+attn", last_blocks=1)
+    cfg = ForgetConfig(prototypes_per_cell=2, steps=8, edit="project", targets="proj+mlp+attn", last_blocks=1,
+                       solver=solver)
     src, dst = (oc, hf) if source == "open_clip" else (hf, oc)
     patch = forget(src, oc_tokenizer if src is oc else tok, spec, cfg)
     assert any("attn.in_proj_weight" in e.name or "self_attn" in e.name for e in patch.entries)
+    qkv = [e.B for e in patch.entries if "self_attn" in e.name]
+    assert all(torch.equal(b, qkv[0]) for b in qkv[1:3]) and all(torch.equal(b, qkv[3]) for b in qkv[4:6])
     moved = patch.converted(dst)
     names = {n for n, _ in dst.named_parameters()}
     assert all(e.name in names for e in moved.entries)
@@ -339,3 +343,34 @@ def test_a_half_precision_hf_model_on_the_cpu(vocab):
     with torch.no_grad(), patch.applied(hf):
         e = encode_image(hf, torch.randn(3, 3, 32, 32))
     assert e.dtype == torch.bfloat16 and bool(e.float().isfinite().all())
+
+
+def test_a_stack_converts_and_q_k_v_bases_fuse_up_to_rounding(vocab):
+    """A stack computed on Hugging Face converts to open_clip on top of its converted first patch; q, k and
+    v entries whose bases span one space, written in other bases (as patches solved apart were), fuse."""
+    oc = make_tiny_clip()
+    hf, tok = to_hf(oc), hf_tokenizer()
+    cfg = ForgetConfig(prototypes_per_cell=2, steps=4, edit="project", targets="proj+mlp+attn", last_blocks=1)
+    p1 = forget(hf, tok, ForgetSpec(*vocab, forget_classes=["dog"], forget_domains=["sketch"]), cfg)
+    p1.apply(hf)
+    p2 = forget(hf, tok, ForgetSpec(*vocab, forget_classes=["cat"], forget_domains=["photo"]), cfg)
+    p1.revert(hf)
+    g = torch.Generator().manual_seed(0)
+    for e in p1.entries:
+        if "k_proj" in e.name:                     # the same delta in a rotated basis
+            R, _ = torch.linalg.qr(torch.randn(e.rank, e.rank, generator=g))
+            e.A, e.B = e.A @ R, e.B @ R
+    c1 = p1.converted(oc)
+    c1.apply(oc)
+    c2 = p2.converted(oc)                          # checked against the marks p1's conversion left
+    c2.apply(oc)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        got = encode_image(oc, x)
+        c2.revert(oc)
+        c1.revert(oc)
+        p1.apply(hf)
+        p2.apply(hf)
+        torch.testing.assert_close(encode_image(hf, x), got, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="not the weight this patch was computed on"):
+        p2.converted(make_tiny_clip())             # p1 not under it
