@@ -296,10 +296,13 @@ def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_te
     into every other domain (``synthesis.translate``, ``config.gate_translate_steps`` steps), each labelled
     by the domain it was moved into and its class (indices into ``domains`` and ``classes``). The batches
     are shared by the ranks of ``world``."""
-    index = {c: i for i, c in enumerate(cells)}
-    pairs = sorted({(index[(c, d)], index[(c, f)]) for c, d in cells for f in forgotten_domains if d != f}
+    index = {c: i for i, c in enumerate(cells)}         # a request given cell by cell may lack some targets
+    pairs = sorted({(index[(c, d)], index[(c, f)]) for c, d in cells for f in forgotten_domains
+                    if d != f and (c, f) in index}
                    | {(index[(c, d)], index[(c, e)]) for c, d in cells if d in forgotten_domains
-                      for e in domains if e != d})
+                      for e in domains if e != d and (c, e) in index})
+    if not pairs:
+        return images[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     src = torch.cat([torch.arange(i * per_cell, (i + 1) * per_cell) for i, _ in pairs])
     tgt = torch.tensor([j for _, j in pairs]).repeat_interleave(per_cell)
     moved = translate(model, images[src.to(images.device)], cell_text, tgt, config.gate_translate_steps, config,
@@ -419,6 +422,7 @@ def synthesize_prototypes(model: nn.Module, tokenizer, spec: ForgetSpec,
     same model and vocabulary: synthesis is most of an edit's time, and the cells are the same.
     ``distributed``, ``group``: as for ``forget`` (the batches are shared by the ranks, and every rank
     gets every prototype)."""
+    _check_call(model, spec, config, classifier=False)
     world = World(distributed, group)
     device = torch.device(config.device) if config.device else next(model.parameters()).device
     amp = autocast_dtype(config, device)
@@ -426,6 +430,31 @@ def synthesize_prototypes(model: nn.Module, tokenizer, spec: ForgetSpec,
         cell_text = class_embeddings(model, tokenizer, [spec.prompts(c) for c in spec.cells], device,
                                      config.batch_size)
     return _prototypes(model, spec.cells, cell_text, config, device, None, {}, {}, world)
+
+
+def _check_call(model, spec, config, prototypes=None, classifier: bool = True) -> None:
+    """TypeError / ValueError naming what is wrong with ``forget``'s (or, without ``classifier``,
+    ``synthesize_prototypes``') arguments, before any work."""
+    if not isinstance(spec, ForgetSpec):
+        raise TypeError(f"spec must be a ForgetSpec, got {type(spec).__name__}")
+    if not isinstance(config, ForgetConfig):
+        raise TypeError(f"config must be a ForgetConfig, got {type(config).__name__}")
+    if prototypes is not None and not isinstance(prototypes, PrototypeBank):
+        raise TypeError(f"prototypes must be a PrototypeBank (PrototypeBank.load(path) reads a saved one), got "
+                        f"{type(prototypes).__name__}")
+    # the zero-shot classifier is every class's mean prompt over its cells: a class with none has no row
+    have = {c for c, _ in spec.cells}
+    missing = [c for c in spec.classes if c not in have] if classifier else []
+    if missing:
+        raise ValueError(f"classes {missing} are in the request's vocabulary but in none of its cells (forgotten "
+                         "or kept): keep some of their cells, or leave them out of classes")
+    if config.device is not None and isinstance(model, nn.Module):
+        want = torch.device(config.device)
+        elsewhere = sorted({str(p.device) for p in model.parameters()
+                            if p.device.type != want.type or (want.index is not None and p.device != want)})
+        if elsewhere:
+            raise ValueError(f"config.device is {config.device!r} and the model's parameters are on {elsewhere}: "
+                             "move the model there (model.to(device)), or leave device at None (the model's)")
 
 
 def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig = ForgetConfig(),
@@ -452,10 +481,7 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     Returns a Patch whose ``info`` holds per-layer ranks, synthesis statistics and per-stage
     ``timings`` (seconds).
     """
-    if not isinstance(spec, ForgetSpec):
-        raise TypeError(f"spec must be a ForgetSpec, got {type(spec).__name__}")
-    if not isinstance(config, ForgetConfig):
-        raise TypeError(f"config must be a ForgetConfig, got {type(config).__name__}")
+    _check_call(model, spec, config, prototypes)
     layers = find_layers(model, config.targets, config.last_blocks)
     layers = [l for l in layers if (l.tower == "text" and config.use_text)
               or (l.tower == "visual" and config.use_prototypes and config.prototypes_per_cell > 0)]

@@ -229,6 +229,26 @@ def test_bad_inputs(tiny_clip, tokenizer, vocab):
         forget(tiny_clip, "not a tokenizer", spec)
     with pytest.raises(ValueError, match="selects no layer"):
         forget(tiny_clip, tokenizer, spec, FAST.replace(use_text=False, prototypes_per_cell=0))
+    with pytest.raises(TypeError, match="PrototypeBank"):
+        forget(tiny_clip, tokenizer, spec, FAST, prototypes="bank.safetensors")
+    with pytest.raises(ValueError, match="config.device is 'meta'"):
+        forget(tiny_clip, tokenizer, spec, FAST.replace(device="meta"))
+    classes, domains = vocab                       # a class in no cell: the classifier would have no row
+    partial = ForgetSpec.from_cells(classes, domains, [("dog", "sketch")],
+                                    [(c, d) for c in classes[:-1] for d in domains if (c, d) != ("dog", "sketch")])
+    with pytest.raises(ValueError, match=rf"\['{classes[-1]}'\] are in the request's vocabulary but in none"):
+        forget(tiny_clip, tokenizer, partial, FAST)
+
+
+def test_a_request_kept_cell_by_cell_takes_the_gate(tiny_clip, tokenizer, vocab):
+    """A request given cell by cell whose keep set leaves out some cells (here dog in pixel art): the
+    gate translates prototypes only into cells the request has."""
+    classes, domains = vocab
+    spec = ForgetSpec.from_cells(classes, domains, [("dog", "sketch")],
+                                 [(c, d) for c in classes for d in domains if (c, d) not in {("dog", "sketch"),
+                                                                                              ("dog", "pixel_art")}])
+    patch = forget(tiny_clip, tokenizer, spec, FAST.replace(edit="domain-gate", gate_translate_steps=2))
+    assert patch.info["edit"] == "domain-gate" and patch.entries
 
 
 def test_resnet_image_tower_is_refused(tokenizer):
