@@ -20,6 +20,9 @@ import torch
 EXACT_BELOW = 1024
 # Relative eigenvalue floor: directions whose energy is below this fraction of the largest are noise.
 REL_FLOOR = 1e-6
+# The forget Gram's share left outside the kept directions below which it is rounding, not signal:
+# fp32 Grams projected with an orthonormal K keep about 1e-7 of their trace as noise
+LEFT_FLOOR = 1e-6
 
 
 def _rank_for_energy(evals: torch.Tensor, total: float, energy: float) -> int:
@@ -136,11 +139,15 @@ def forget_basis(G_F: torch.Tensor, G_R: torch.Tensor, *, retain_energy: float, 
         G_t = (G_t + G_t.t()) * 0.5
     else:
         G_t = G_F
+    tF = float(torch.trace(G_F))
+    if keep.shape[1] and float(torch.trace(G_t)) <= LEFT_FLOOR * tF:
+        G_t = torch.zeros_like(G_t)                               # what is left outside K is rounding
     U_F, ev = energy_basis(G_t, forget_energy, max_rank=max_rank, **kw)
     if keep.shape[1] and U_F.shape[1]:
-        # eigenvectors of small eigenvalues carry rounding-level components along K: remove them
-        U_F, _ = torch.linalg.qr(U_F - K @ (K.t() @ U_F))
-    tF = float(torch.trace(G_F))
+        # eigenvectors of small eigenvalues carry rounding-level components along K: remove them, and
+        # drop a direction that was mostly along K (rounding's eigenvector, not the forget set's)
+        res = U_F - K @ (K.t() @ U_F)
+        U_F, _ = torch.linalg.qr(res[:, res.norm(dim=0) > 0.5])
     info = {"rank_R": U_R.shape[1], "rank_F": U_F.shape[1],
             "forget_energy_removed": float(torch.trace(U_F.t() @ G_F @ U_F)) / tF if tF > 0 else 0.0}
     return U_F, info

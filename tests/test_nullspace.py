@@ -93,3 +93,16 @@ def test_empty_and_zero_grams():
     U, info = forget_basis(G0, G0, retain_energy=0.99, forget_energy=0.9, max_rank=4)
     assert U.shape == (8, 0) and info["rank_F"] == 0
     assert math.isclose(float(principal_angles(torch.eye(4)[:, :2], torch.eye(4)[:, :2]).max()), 0.0, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["exact", "randomized"])
+@pytest.mark.parametrize("retain_energy", [0.9999, 1.0])
+def test_a_keep_set_that_spans_everything_leaves_nothing_to_forget(solver, retain_energy):
+    """Where the kept directions span the whole input, what is left of the forget Gram is rounding:
+    both solvers return no direction (the exact one used to normalize rounding into one)."""
+    for seed in range(1, 6):
+        g = torch.Generator().manual_seed(seed)
+        XR, XF = torch.randn(500, 64, generator=g), torch.randn(30, 64, generator=g)
+        U, info = forget_basis(XF.t() @ XF, XR.t() @ XR, retain_energy=retain_energy, forget_energy=0.95,
+                               max_rank=32, solver=solver, generator=torch.Generator().manual_seed(0))
+        assert info["rank_R"] == 64 and U.shape == (64, 0) and info["rank_F"] == 0, seed
