@@ -6,8 +6,9 @@ For each layer l and each group g ∈ {F, R} (cells to forget, cells to keep) we
 
 folded batch by batch inside forward hooks, so memory is O(d_in²) per layer whatever the number of
 prompts, prototypes or tokens (DESIGN §2.4). Which tokens of a block layer count is
-``token_policy``: "pooled" keeps the token the tower pools (CLS, or the text EOT token), "all" keeps
-every real token (text tokens after EOT are padding and never count). The raw projections
+``token_policy``: "pooled" keeps the token the tower pools (CLS or, for an average-pooling tower, the
+mean of the patch tokens; the text EOT token, or the first or last position), "all" keeps every token
+the pooled one reads (in a causal text tower, none after it: padding; in CLIPA's, every position). The raw projections
 (`visual.proj`, `text_projection`) have no module to hook: their input is the tower's output with
 the projection taken off for the duration of the pass.
 """
@@ -18,7 +19,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .layers import Layer, encode_image, encode_text, pools_first_token, text_pool_positions
+from .layers import Layer, encode_image, encode_text, pools_first_token, text_is_causal, text_pool_positions
 
 GROUPS = ("F", "R")
 
@@ -57,6 +58,7 @@ class GramCapture:
         self._eot = None            # [B] EOT positions of the current text batch
         self._handles = []
         self._vis_pool_tok = pools_first_token(model)
+        self._causal = text_is_causal(model)
 
     # ---- hooks --------------------------------------------------------------------------------
     def __enter__(self):
@@ -85,10 +87,12 @@ class GramCapture:
         if layer.tower == "text":
             if self.policy == "pooled":
                 return x[torch.arange(x.shape[0], device=x.device), self._eot]
+            if not self._causal:
+                return x.reshape(-1, x.shape[-1])
             keep = torch.arange(x.shape[1], device=x.device)[None, :] <= self._eot[:, None]
             return x[keep]
-        if self.policy == "pooled":
-            return x[:, 0] if self._vis_pool_tok else x.mean(dim=1)
+        if self.policy == "pooled":                     # open_clip's average pool leaves the class token out
+            return x[:, 0] if self._vis_pool_tok else x[:, 1:].mean(dim=1)
         return x.reshape(-1, x.shape[-1])
 
     def _fold(self, layer: Layer, rows: torch.Tensor) -> None:

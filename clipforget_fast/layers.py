@@ -163,6 +163,12 @@ def check_model(model: nn.Module) -> None:
         raise TypeError("model.visual.proj is missing (None): the image projection is required")
     if model.text_projection is None:
         raise TypeError("model.text_projection is missing (None): the text projection is required")
+    pool = getattr(vis, "pool_type", "tok")
+    if getattr(vis, "attn_pool", None) is None and pool not in IMAGE_POOLS:
+        raise TypeError(f"model.visual pools its tokens by {pool!r}; the capture knows {IMAGE_POOLS}")
+    pool = getattr(model, "text_pool_type", "argmax")
+    if pool not in TEXT_POOLS:
+        raise TypeError(f"the text tower pools by {pool!r}; the capture knows {TEXT_POOLS}")
 
 
 def _proj_layer(name: str, tower: str, p) -> Layer:
@@ -299,19 +305,35 @@ def pools_first_token(model: nn.Module) -> bool:
     return getattr(model.visual, "pool_type", "tok") == "tok"
 
 
+TEXT_POOLS = ("argmax", "eos", "first", "last")   # open_clip text_pool_type values the capture knows
+IMAGE_POOLS = ("tok", "avg")                      # open_clip VisionTransformer pool_type values it knows
+
+
 def text_pool_positions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """[B] index of the token the text tower pools: open_clip the largest token id (= EOT), or the
-    first EOT id when the model names one; Hugging Face the first ``eos_token_id`` (the largest id for
-    configs with the old ``eos_token_id = 2``)."""
+    """[B] index of the token the text tower pools: open_clip the largest token id (= EOT, "argmax"), the
+    first EOT id ("eos"), the first or the last position ("first", "last": CLIPA); Hugging Face the first
+    ``eos_token_id`` (the largest id for configs with the old ``eos_token_id = 2``)."""
     if is_hf_clip(model):
         eos = model.config.text_config.eos_token_id
         if eos is not None and eos != 2:
             return (tokens == eos).int().argmax(dim=-1)
         return tokens.argmax(dim=-1)
+    pool = getattr(model, "text_pool_type", "argmax")
+    if pool in ("first", "last"):
+        return torch.full((tokens.shape[0],), 0 if pool == "first" else tokens.shape[1] - 1,
+                          dtype=torch.long, device=tokens.device)
     eos = getattr(model, "text_eos_id", None)
-    if eos is not None and getattr(model, "text_pool_type", "argmax") == "eos":
+    if eos is not None and pool == "eos":
         return (tokens == eos).int().argmax(dim=-1)
     return tokens.argmax(dim=-1)
+
+
+def text_is_causal(model: nn.Module) -> bool:
+    """Whether a text token reads only the tokens before it (a causal mask: OpenAI's and LAION's towers,
+    Hugging Face's CLIPTextModel); CLIPA's towers read every position."""
+    if is_hf_clip(model):
+        return True
+    return getattr(model, "attn_mask", None) is not None
 
 
 def context_length(model: nn.Module) -> int | None:
