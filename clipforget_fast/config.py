@@ -6,6 +6,7 @@ defaults", and bench/RESULTS.md). Field names are the public contract; benchmark
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 TARGET_PRESETS = ("proj", "proj+mlp", "proj+mlp+attn", "mlp")
@@ -18,6 +19,39 @@ GATE_KEEP_ORDER = {False: 100.0, True: 10000.0}
 TOKEN_POLICIES = ("pooled", "all")
 SOLVERS = ("auto", "exact", "randomized")
 DTYPES = (None, "float32", "float16", "bfloat16")
+# fields by type: checked before any range, so that a wrong type is named rather than failing a comparison
+INT_FIELDS = ("prototypes_per_cell", "steps", "jitter", "blur_every", "min_steps", "batch_size", "last_blocks",
+              "max_rank", "oversample", "power_iters", "gate_translate_steps", "seed")
+FLOAT_FIELDS = ("step_size", "pixel_decay", "accept_prob", "forget_energy", "alpha", "redirect_gain",
+                "retain_weight", "domain_keep_weight")
+OPTIONAL_FLOAT_FIELDS = ("retain_energy", "gate_keep_order")      # None resolves per edit
+BOOL_FIELDS = ("use_text", "use_prototypes", "self_check")
+
+
+def is_number(v) -> bool:
+    """A finite int or float, not a bool (JSON's Infinity and NaN, and True, are no numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def device_error(value) -> str | None:
+    """Why ``value`` is not a device name that ``torch.device`` reads (None when it is). Whether this
+    machine has the device is not asked: a config may be written on one machine and run on another."""
+    import torch
+
+    if not isinstance(value, str):
+        return "must be None or a device name such as 'cpu' or 'cuda:0'"
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError) as e:
+        return f"is not a device name ({first_line(e)})"
+    return None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): for messages that
+    quote another library's error without its pages of detail."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def gated_request(spec) -> tuple[list[str], list[str]] | None:
@@ -91,13 +125,17 @@ class ForgetConfig:
             if not cond:
                 raise ValueError(f"ForgetConfig.{field}={getattr(self, field)!r}: {why}")
 
-        for f in ("prototypes_per_cell", "steps", "jitter", "blur_every", "max_rank", "oversample",
-                  "power_iters", "last_blocks", "seed", "gate_translate_steps", "min_steps"):
+        for f in INT_FIELDS:
             v = getattr(self, f)
             need(isinstance(v, int) and not isinstance(v, bool), f, "must be an int")
             need(v >= 0, f, "must be ≥ 0")
-        need(self.batch_size >= 1 if isinstance(self.batch_size, int) else False, "batch_size",
-             "must be an int ≥ 1")
+        for f in FLOAT_FIELDS:
+            need(is_number(getattr(self, f)), f, "must be a finite number")
+        for f in OPTIONAL_FLOAT_FIELDS:
+            need(getattr(self, f) is None or is_number(getattr(self, f)), f, "must be None or a finite number")
+        for f in BOOL_FIELDS:
+            need(isinstance(getattr(self, f), bool), f, "must be True or False")
+        need(self.batch_size >= 1, "batch_size", "must be an int ≥ 1")
         need(self.max_rank >= 1, "max_rank", "must be ≥ 1")
         need(self.last_blocks >= 1, "last_blocks", "must be ≥ 1")
         need(self.steps >= 1 or self.prototypes_per_cell == 0, "steps", "must be ≥ 1")
@@ -106,10 +144,7 @@ class ForgetConfig:
         need(0 < self.accept_prob <= 1, "accept_prob", "must be in (0, 1]")
         need(self.min_steps < self.steps or self.prototypes_per_cell == 0, "min_steps",
              f"must be < steps ({self.steps}): no prototype could be accepted")
-        need(self.retain_energy is None or (isinstance(self.retain_energy, (int, float))
-                                            and not isinstance(self.retain_energy, bool)
-                                            and 0 < self.retain_energy <= 1),
-             "retain_energy", "must be None or in (0, 1]")
+        need(self.retain_energy is None or 0 < self.retain_energy <= 1, "retain_energy", "must be None or in (0, 1]")
         need(0 < self.forget_energy <= 1, "forget_energy", "must be in (0, 1]")
         need(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         need(self.targets in TARGET_PRESETS, "targets", f"must be one of {TARGET_PRESETS}")
@@ -117,10 +152,7 @@ class ForgetConfig:
         need(self.redirect_gain > 0, "redirect_gain", "must be > 0")
         need(self.retain_weight >= 0, "retain_weight", "must be ≥ 0")
         need(self.domain_keep_weight > 0, "domain_keep_weight", "must be > 0")
-        need(self.gate_keep_order is None or (isinstance(self.gate_keep_order, (int, float))
-                                              and not isinstance(self.gate_keep_order, bool)
-                                              and self.gate_keep_order >= 0),
-             "gate_keep_order", "must be None or ≥ 0")
+        need(self.gate_keep_order is None or self.gate_keep_order >= 0, "gate_keep_order", "must be None or ≥ 0")
         need(self.edit != "class-redirect" or (self.use_text and self.targets.startswith("proj")), "edit",
              "class-redirect edits the text projection: it needs use_text=True and a 'proj…' targets preset")
         need(self.edit != "domain-gate" or (self.use_prototypes and self.prototypes_per_cell > 0), "edit",
@@ -129,7 +161,9 @@ class ForgetConfig:
         need(self.solver in SOLVERS, "solver", f"must be one of {SOLVERS}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.use_text or self.use_prototypes, "use_text", "use_text and use_prototypes are both off")
-        need(isinstance(self.self_check, bool), "self_check", "must be True or False")
+        if self.device is not None:
+            why = device_error(self.device)
+            need(why is None, "device", why)
 
     def edit_for(self, spec, gate_site: bool = False) -> str:
         """The edit this config makes on ``spec``: ``edit`` itself unless it is "auto", which takes

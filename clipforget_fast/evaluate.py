@@ -16,7 +16,7 @@ from torch import nn
 from .distributed import World
 from .images import image_source
 from .layers import encode_image, image_geometry
-from .spec import DEFAULT_TEMPLATES, DOMAIN_PHRASES, ForgetSpec, phrases_for
+from .spec import DOMAIN_PHRASES, ForgetSpec, check_templates, phrases_for
 from .text import class_embeddings
 
 
@@ -111,7 +111,8 @@ def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch
                 (``ImageFiles``: files decoded a batch at a time; each batch is checked as it is read).
     class_idx:  [N] long, index into ``classes`` of each image's true class.
     domain_idx: [N] long, index into ``domains`` of each image's domain.
-    templates:  prompt templates with {cls} and optionally {domain} (default: the spec's bank).
+    templates:  prompt templates with {cls} and optionally {domain} (default: the spec's bank); checked
+                as ``ForgetSpec`` checks its own (ValueError naming a template with another field or none).
     domain_phrases, class_phrases: words for the names in prompts (default: '_' read as a space).
     distributed, group: as for ``forget``: under torchrun each rank scores its share of the images and
                 every rank gets the whole matrix (every rank must make the same call).
@@ -130,7 +131,7 @@ def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch
     if n and (int(class_idx.max()) >= len(classes) or int(domain_idx.max()) >= len(domains)
               or int(class_idx.min()) < 0 or int(domain_idx.min()) < 0):
         raise ValueError("class_idx / domain_idx hold an index outside classes / domains")
-    templates = tuple(templates or DEFAULT_TEMPLATES)
+    templates = check_templates(templates or None)
     phrases = phrases_for(domains, domain_phrases, "domain", DOMAIN_PHRASES)
     cph = phrases_for(classes, class_phrases, "class", {})
     device = next(model.parameters()).device

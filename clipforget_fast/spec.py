@@ -12,6 +12,8 @@ by cell. All validation happens here, once.
 """
 from __future__ import annotations
 
+import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # Templates of the prompt bank; {domain} is the domain's phrase, {cls} the class name.
@@ -23,6 +25,9 @@ DEFAULT_TEMPLATES = (
     "a {domain} of a small {cls}.",
     "a {domain} of a large {cls}.",
 )
+
+TEMPLATE_FIELDS = ("cls", "domain")     # the replacement fields a template may hold ({cls} it must)
+MODES = ("global", "domain", "domain-complete", "cells")     # a spec's mode: the three presets, or cell by cell
 
 # Natural phrases for common domain identifiers; any other identifier reads with '_' as a space.
 DOMAIN_PHRASES = {
@@ -54,9 +59,12 @@ def _unique_names(values, arg: str) -> tuple[str, ...]:
 
 
 def phrases_for(names, given, what: str, known: dict) -> dict:
-    """Phrase of each name: ``given`` first, then ``known``, else the name with '_' as a space."""
+    """Phrase of each name: ``given`` (a mapping name → phrase, or None) first, then ``known``, else the
+    name with '_' as a space."""
+    if given is not None and not isinstance(given, Mapping):
+        raise TypeError(f"{what}_phrases must be a mapping {what} → phrase, got {given!r}")
     out = {n: known.get(n, n.replace("_", " ")) for n in names}
-    for n, p in dict(given or {}).items():
+    for n, p in (given or {}).items():
         if n not in out:
             raise ValueError(f"{what}_phrases: unknown {what} {n!r}")
         if not isinstance(p, str) or not p.strip():
@@ -65,17 +73,28 @@ def phrases_for(names, given, what: str, known: dict) -> dict:
     return out
 
 
-def _check_templates(templates) -> tuple[str, ...]:
+def check_templates(templates) -> tuple[str, ...]:
+    """``templates`` (DEFAULT_TEMPLATES when None) as a tuple, each checked as a format string whose
+    replacement fields are ``{cls}`` (at least once) and ``{domain}``, read as ``str.format`` reads them
+    (``{{cls}}`` is the literal text "{cls}", no field); ValueError naming the first template that is not."""
     out = tuple(DEFAULT_TEMPLATES if templates is None else _unique_names(templates, "templates"))
     if not out:
         raise ValueError("templates is empty")
     for t in out:
-        if "{cls}" not in t:
-            raise ValueError(f"template {t!r} has no '{{cls}}' placeholder")
         try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+        except ValueError as e:                     # "a {cls", "a } of {cls}"
+            raise ValueError(f"template {t!r} is not a format string: {e}") from e
+        other = [f for f in fields if f not in TEMPLATE_FIELDS]
+        if other:                                   # "{foo}", "{}", "{0}", "{cls.upper}"
+            raise ValueError(f"template {t!r} has a placeholder other than {{cls}}/{{domain}}: {{{other[0]}}}")
+        if "cls" not in fields:
+            escaped = " (a doubled '{{cls}}' is the literal text '{cls}')" if "{{cls}}" in t else ""
+            raise ValueError(f"template {t!r} has no '{{cls}}' placeholder{escaped}")
+        try:                                        # what parse leaves unread: "{cls:{w}}", "{cls:d}"
             t.format(cls="x", domain="y")
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"template {t!r} has a placeholder other than {{cls}}/{{domain}}: {e}")
+            raise ValueError(f"template {t!r} does not format with a class and a domain: {e!r}") from e
     return out
 
 
@@ -165,7 +184,7 @@ class ForgetSpec:
         object.__setattr__(self, "forget_cells", forget)
         object.__setattr__(self, "retain_cells", retain)
         object.__setattr__(self, "mode", mode)
-        object.__setattr__(self, "templates", _check_templates(templates))
+        object.__setattr__(self, "templates", check_templates(templates))
         object.__setattr__(self, "domain_phrases", phrases)
         object.__setattr__(self, "class_phrases", cphrases)
 
@@ -191,11 +210,38 @@ class ForgetSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ForgetSpec":
+        """The spec of ``to_dict()`` (a patch's ``spec``). Its cells are checked as ``from_cells`` checks
+        them, and its ``mode`` must be one of MODES that agrees with them (ValueError naming it)."""
         spec = cls.from_cells(d["classes"], d["domains"], [tuple(c) for c in d["forget_cells"]],
                               [tuple(c) for c in d["retain_cells"]], d["templates"], d["domain_phrases"],
                               d.get("class_phrases"))
+        why = spec._disagrees(d["mode"])
+        if why:
+            raise ValueError(f"mode {d['mode']!r} {why}")
         object.__setattr__(spec, "mode", d["mode"])
         return spec
+
+    def _disagrees(self, mode) -> str | None:
+        """Why these cells cannot be those of a spec of ``mode`` (None when they can): the presets keep
+        every cell they do not forget, and forget some classes in every domain ("global"), every class
+        in some domains ("domain-complete"), or some classes in some domains ("domain")."""
+        if mode not in MODES:
+            return f"is not one of {MODES}"
+        if mode == "cells":
+            return None
+        every = frozenset((c, d) for c in self.classes for d in self.domains)
+        if self.retain_cells != every - self.forget_cells:
+            return ("does not match the cells: retain_cells is not every cell outside forget_cells "
+                    "(a 'cells' spec's can be)")
+        cls, doms = {c for c, _ in self.forget_cells}, {d for _, d in self.forget_cells}
+        if {(c, d) for c in cls for d in doms} != self.forget_cells:
+            return ("does not match the cells: forget_cells is not every pair of its classes and domains "
+                    "(a 'cells' spec's can be)")
+        if mode == "global" and len(doms) != len(self.domains):
+            return f"does not match the cells: they forget {sorted(cls)} in {sorted(doms)} only, not in every domain"
+        if mode == "domain-complete" and len(cls) != len(self.classes):
+            return f"does not match the cells: they forget {sorted(cls)} only in {sorted(doms)}, not every class"
+        return None
 
     def __repr__(self) -> str:
         return (f"ForgetSpec(mode={self.mode!r}, {len(self.classes)} classes × {len(self.domains)} "

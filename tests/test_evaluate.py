@@ -67,6 +67,20 @@ def test_bad_arguments():
                  prompts="mixed")
 
 
+@pytest.mark.parametrize("template, match", [
+    ("a {foo} of {cls}", r"template 'a \{foo\} of \{cls\}' has a placeholder other than .*\{foo\}"),
+    ("a {cls", r"template 'a \{cls' is not a format string"),
+    ("a photo", r"template 'a photo' has no '\{cls\}' placeholder"),
+    ("a photo of {{cls}}.", r"has no '\{cls\}' placeholder"),
+])
+def test_templates_are_checked_as_the_specs_are(template, match):
+    """A template without a class field would score every class alike (every image goes to class 0)."""
+    imgs = _images([0, 1])
+    with pytest.raises(ValueError, match=match):
+        evaluate(OneHotModel(), tokenizer, imgs, torch.tensor([0, 1]), torch.tensor([0, 0]), CLASSES, DOMAINS,
+                 templates=["a {domain} of a {cls}.", template])
+
+
 def test_a_source_of_images_is_read_a_batch_at_a_time(tokenizer):
     """evaluate takes a source that slices into image tensors (ImageFiles) as it takes the tensor, and
     names the rows of a batch that is not images."""

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from clipforget_fast import ForgetConfig, ForgetSpec
@@ -51,6 +53,13 @@ def test_from_cells_and_round_trip():
     (dict(classes=C, domains=D, forget_classes=[]), "empty"),
     (dict(classes=C, domains=D, forget_classes=["dog"], templates=["a photo"]), "no '{cls}'"),
     (dict(classes=C, domains=D, forget_classes=["dog"], templates=["a {cls} {x}"]), "placeholder"),
+    # a template is read as str.format reads it: "{{cls}}" is the text "{cls}", not a field
+    (dict(classes=C, domains=D, forget_classes=["dog"], templates=["a photo of {{cls}}."]),
+     r"template 'a photo of \{\{cls\}\}.' has no '\{cls\}'"),
+    (dict(classes=C, domains=D, forget_classes=["dog"], templates=["a {cls"]), "'a {cls' is not a format string"),
+    (dict(classes=C, domains=D, forget_classes=["dog"], templates=["a {} {cls}"]), r"other than .*: \{\}"),
+    (dict(classes=C, domains=D, forget_classes=["dog"], templates=["a {cls.upper}"]), r"\{cls.upper\}"),
+    (dict(classes=C, domains=D, forget_classes=["dog"], templates=["a {cls:{w}}"]), "does not format"),
 ])
 def test_bad_specs_raise_naming_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -60,6 +69,47 @@ def test_bad_specs_raise_naming_the_value(kwargs, match):
 def test_string_instead_of_list_is_a_type_error():
     with pytest.raises(TypeError, match="classes"):
         ForgetSpec("dog", D, forget_classes=["dog"])
+
+
+@pytest.mark.parametrize("kwargs", [dict(domain_phrases="abc"), dict(class_phrases=["x"]),
+                                    dict(class_phrases=[("dog", "hound")])])
+def test_phrases_must_be_a_mapping(kwargs):
+    (what, value), = kwargs.items()
+    with pytest.raises(TypeError, match=f"{what} must be a mapping .*{re.escape(repr(value))}"):
+        ForgetSpec(C, D, forget_classes=["dog"], **kwargs)
+
+
+def test_templates_with_escapes_and_format_specs_that_read_as_fields():
+    s = ForgetSpec(C, D, forget_classes=["dog"], templates=["{{{cls}}} in {domain}", "a {cls!s:>5}"])
+    assert s.prompts(("cat", "photo")) == ["{cat} in photo", "a   cat"]
+
+
+@pytest.mark.parametrize("spec", [
+    ForgetSpec(C, D, forget_classes=["dog"]), ForgetSpec(C, D, forget_classes=["dog"], forget_domains=["sketch"]),
+    ForgetSpec(C, D, forget_domains=["sketch"]), ForgetSpec(C, D, forget_classes=C),
+    ForgetSpec(C, D, forget_classes=["dog"], forget_domains=D),
+    ForgetSpec.from_cells(C, D, [("cat", "photo"), ("dog", "sketch")], [("dog", "photo")]),
+], ids=lambda s: s.mode)
+def test_from_dict_keeps_every_mode_a_spec_can_save(spec):
+    again = ForgetSpec.from_dict(spec.to_dict())
+    assert again.mode == spec.mode and again.to_dict() == spec.to_dict()
+
+
+@pytest.mark.parametrize("mode, cells, match", [
+    ("banana", [("dog", "photo")], r"mode 'banana' is not one of \('global'"),
+    ([], [("dog", "photo")], "mode \\[\\] is not one of"),
+    ("global", [("dog", "photo")], r"mode 'global' does not match the cells: .*\['photo'\] only"),
+    ("domain-complete", [("dog", "sketch")], r"mode 'domain-complete' does not match the cells: .*not every class"),
+    ("domain", [("dog", "photo"), ("cat", "sketch")], "not every pair of its classes and domains"),
+])
+def test_from_dict_refuses_a_mode_its_cells_cannot_have(mode, cells, match):
+    d = ForgetSpec.from_cells(C, D, cells).to_dict()
+    with pytest.raises(ValueError, match=match):
+        ForgetSpec.from_dict({**d, "mode": mode})
+    kept_some = ForgetSpec(C, D, forget_classes=["dog"]).to_dict()
+    kept_some["retain_cells"] = kept_some["retain_cells"][:1]      # only a "cells" spec keeps fewer cells
+    with pytest.raises(ValueError, match="retain_cells is not every cell outside forget_cells"):
+        ForgetSpec.from_dict(kept_some)
 
 
 def test_cell_in_both_forget_and_retain_raises():
@@ -77,6 +127,32 @@ def test_cell_in_both_forget_and_retain_raises():
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         ForgetConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("use_text", "False", "must be True or False"), ("use_prototypes", "no", "must be True or False"),
+    ("use_text", 0, "must be True or False"), ("batch_size", True, "must be an int"),
+    ("alpha", True, "must be a finite number"), ("step_size", "0.1", "must be a finite number"),
+    ("step_size", None, "must be a finite number"), ("step_size", float("inf"), "must be a finite number"),
+    ("pixel_decay", float("inf"), "must be a finite number"), ("redirect_gain", float("inf"), "must be a finite"),
+    ("retain_weight", float("inf"), "must be a finite"), ("domain_keep_weight", float("inf"), "must be a finite"),
+    ("accept_prob", float("nan"), "must be a finite"), ("forget_energy", "high", "must be a finite"),
+    ("gate_keep_order", float("inf"), "must be None or a finite number"),
+    ("retain_energy", float("nan"), "must be None or a finite number"),
+    ("gate_keep_order", "10", "must be None or a finite number"),
+    ("device", "foo", "is not a device name"), ("device", 5, "must be None or a device name"),
+])
+def test_config_type_errors_name_the_field_and_the_value(field, value, why):
+    with pytest.raises(ValueError, match=re.escape(f"ForgetConfig.{field}={value!r}: {why}")):
+        ForgetConfig(**{field: value})
+
+
+def test_config_defaults_and_device_names_are_accepted():
+    c = ForgetConfig()
+    assert (c.step_size, c.batch_size, c.use_text, c.device) == (0.1, 128, True, None)
+    for device in ("cpu", "cuda", "cuda:1"):     # the name only: whether this machine has it is the CLI's check
+        assert ForgetConfig(device=device).device == device
+    assert ForgetConfig(step_size=1, alpha=0, gate_keep_order=5).step_size == 1     # ints are numbers
 
 
 def test_config_round_trip_and_frozen():
