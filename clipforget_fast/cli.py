@@ -15,7 +15,8 @@ weights (``--model NAME --checkpoint FILE``; ``--model-config JSON`` registers a
 first), the embedded proving-ground model (``--model proving-ground``, the checkpoint optional), or a
 Hugging Face ``CLIPModel`` saved in a local folder with its tokenizer (``--hf DIR``). Nothing is
 downloaded. The request comes from ``--classes/--domains/--forget-classes/--forget-domains`` (comma
-lists, or ``@file`` with one name per line) or from ``--spec FILE`` (JSON: those four keys, optionally
+lists, or ``@file`` with one name per line; blank lines and lines that start with ``#`` are skipped, and a
+``#`` inside a name is part of it) or from ``--spec FILE`` (JSON: those four keys, optionally
 ``templates``, ``domain_phrases``, ``class_phrases``; or a ``ForgetSpec.to_dict()``). ``ForgetConfig``
 fields come from ``--config FILE`` (JSON) and ``--set field=value`` (value read as JSON when it parses,
 else as a string). ``forget --domain-examples DIR`` reads real images under ``DIR/<domain>/`` (any
@@ -33,9 +34,11 @@ prototypes cannot make). Errors in the input exit with status 2 and a message na
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -43,15 +46,24 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from .config import ForgetConfig
+from .config import ForgetConfig, device_error, first_line
 from .images import IMAGE_SUFFIXES, ImageFiles
 from .patch import Patch, atomic_safetensors, plain_permissions, safetensors_path
-from .spec import ForgetSpec
+from .spec import ForgetSpec, check_templates
 from .synthesis import PrototypeBank
 
 PROVING_GROUND = "proving-ground"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # --precision: weight dtype
+# what the loaders raise on a file or folder that is not the weights they read (a corrupt or foreign
+# safetensors file, a state dict of another architecture, a pickle that is not one, a folder without weights)
+LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
+# the keys of a --spec request, and those of a ForgetSpec.to_dict()
+REQUEST_KEYS = {"classes", "domains", "forget_classes", "forget_domains", "templates", "domain_phrases",
+                "class_phrases"}
+SPEC_DICT_KEYS = {"classes", "domains", "mode", "forget_cells", "retain_cells", "templates", "domain_phrases",
+                  "class_phrases"}
 
 
 class UsageError(ValueError):
@@ -68,7 +80,26 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="build --model with random weights (mechanics and speed only; nothing is forgotten)")
     g.add_argument("--hf", metavar="DIR", help="folder of a Hugging Face CLIPModel and its tokenizer")
     g.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="weight dtype")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs: cpu, cuda, cuda:1, ... (checked before any work)")
+
+
+def check_device(value: str, label: str) -> str:
+    """``value`` when torch reads it as a device and this machine has that device; UsageError starting
+    with ``label`` otherwise."""
+    why = device_error(value)
+    if why is None:
+        device = torch.device(value)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            why = "no CUDA device is available here (torch.cuda.is_available() is False)"
+        elif device.type != "cpu":
+            try:
+                torch.empty(0, device=device)
+            except (RuntimeError, AssertionError) as e:      # an index past the last GPU, a backend not built
+                why = f"cannot be used here ({first_line(e)})"
+    if why is not None:
+        raise UsageError(f"{label}: {why}")
+    return value
 
 
 def family(args) -> str:
@@ -92,22 +123,44 @@ def load_model(args) -> tuple[torch.nn.Module, object, object]:
 
         if args.model_config or args.random_weights:
             raise UsageError(f"--model {PROVING_GROUND} takes only --checkpoint (its weights, optional)")
-        model, tokenizer, preprocess = pg.load(args.device, weights=_existing(args.checkpoint, "--checkpoint"))
+        with _loading("--checkpoint", args.checkpoint, f"{PROVING_GROUND} weights"):
+            model, tokenizer, preprocess = pg.load(args.device, weights=_existing(args.checkpoint, "--checkpoint"))
         return model.to(dtype), tokenizer, preprocess
     import open_clip
 
     if args.model_config:
-        open_clip.add_model_config(_existing(args.model_config, "--model-config"))
+        cfg = _json_file(args.model_config, "--model-config")
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+        if missing or Path(args.model_config).suffix != ".json":     # what open_clip skips without a word
+            lacks = f"; it lacks {', '.join(missing)}" if missing else ""
+            raise UsageError(f"--model-config: {args.model_config!r} is not an open_clip model config (a .json "
+                             f"file with embed_dim, vision_cfg and text_cfg{lacks})")
+        open_clip.add_model_config(args.model_config)
     if args.model not in open_clip.list_models():
         raise UsageError(f"--model: unknown open_clip architecture {args.model!r} (see open_clip.list_models(); "
                          "a custom one needs --model-config)")
     if args.random_weights == bool(args.checkpoint):
         raise UsageError(f"--model {args.model}: give its weights with --checkpoint FILE "
                          "(or --random-weights for mechanics only)")
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        args.model, pretrained=_existing(args.checkpoint, "--checkpoint"), device=args.device,
-        precision=args.precision)
+    with _loading("--checkpoint", args.checkpoint, f"{args.model} weights"):
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            args.model, pretrained=_existing(args.checkpoint, "--checkpoint"), device=args.device,
+            precision=args.precision)
     return model.eval(), open_clip.get_tokenizer(args.model), preprocess
+
+
+@contextlib.contextmanager
+def _loading(flag: str, path, what: str):
+    """Turns a loader's error on ``path`` (given by ``flag``; None: nothing of the user's is read) into a
+    UsageError naming both, with the first line of the loader's message."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except LOAD_ERRORS as e:
+        if path is None:
+            raise
+        raise UsageError(f"{flag}: cannot load {str(path)!r} as {what} ({type(e).__name__}: {first_line(e)})") from e
 
 
 def _load_hf(path: Path, dtype: torch.dtype, device: str):
@@ -117,11 +170,14 @@ def _load_hf(path: Path, dtype: torch.dtype, device: str):
         raise UsageError("--hf needs the transformers package (pip install 'clipforget_fast[hf]')") from e
     if not (path / "config.json").is_file():
         raise UsageError(f"--hf: {str(path)!r} is not a saved model folder (no config.json)")
-    model = transformers.CLIPModel.from_pretrained(str(path), local_files_only=True).to(dtype)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    with _loading("--hf", path, "a Hugging Face CLIPModel folder"):
+        model = transformers.CLIPModel.from_pretrained(str(path), local_files_only=True).to(dtype)
+    with _loading("--hf", path, "a folder with the model's tokenizer"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     preprocess = None
     if (path / "preprocessor_config.json").is_file():
-        processor = transformers.CLIPImageProcessor.from_pretrained(str(path), local_files_only=True)
+        with _loading("--hf", path, "a folder with a CLIPImageProcessor (its preprocessor_config.json)"):
+            processor = transformers.CLIPImageProcessor.from_pretrained(str(path), local_files_only=True)
         preprocess = lambda im: processor(images=im, return_tensors="pt")["pixel_values"][0]  # noqa: E731
     return model.to(device).eval(), tokenizer, preprocess
 
@@ -132,16 +188,36 @@ def _existing(path, flag: str):
     return path
 
 
+def _out_file(path) -> Path:
+    """--out as a .safetensors file to write: its folder exists and it is not itself a folder (checked
+    before any work, not when the result is moved into place)."""
+    out = safetensors_path(path, "--out")
+    if out.is_dir():
+        raise UsageError(f"--out: {str(out)!r} is a directory; give the path of a .safetensors file")
+    return out
+
+
+def _read_text(f: Path, flag: str) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{flag}: {str(f)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot read {str(f)!r} ({e.strerror or e})") from e
+
+
 # ---- request and config ------------------------------------------------------------------------
 def _names(value, flag: str) -> list[str] | None:
-    """A comma list, or @file with one name per line (blank lines and # comments skipped)."""
+    """A comma list, or @file with one name per line: blank lines and lines that start with '#' (a comment)
+    are skipped; a '#' after the start of a line belongs to the name ("C#")."""
     if value is None:
         return None
     if value.startswith("@"):
         f = Path(value[1:])
         if not f.is_file():
             raise UsageError(f"{flag}: no file at {str(f)!r}")
-        items = [ln.split("#", 1)[0].strip() for ln in f.read_text().splitlines()]
+        items = [ln.strip() for ln in _read_text(f, flag).splitlines()]
+        items = [s for s in items if not s.startswith("#")]
     else:
         items = [s.strip() for s in value.split(",")]
     items = [s for s in items if s]
@@ -161,22 +237,28 @@ def _proving_ground_words(args) -> dict:
     return dict(classes=list(pg.CLASSES), domains=list(pg.DOMAINS))
 
 
-def build_spec(args) -> ForgetSpec:
+def build_spec(args, vocabulary_only: bool = False) -> ForgetSpec:
+    """The request of the arguments. ``vocabulary_only`` (``prototypes``): a request that forgets nothing
+    is given every domain to forget, as a stand-in (the prototypes do not depend on it)."""
     listed = [args.classes, args.domains, args.forget_classes, args.forget_domains]
     if args.spec is not None:
         if any(v is not None for v in listed):
             raise UsageError("give the request either as --spec FILE or as --classes/--domains/--forget-*, not both")
         d = _json_file(args.spec, "--spec")
         if "forget_cells" in d:
+            extra = set(d) - SPEC_DICT_KEYS
+            if extra:
+                raise UsageError(f"--spec: unknown keys {sorted(extra)} in a ForgetSpec.to_dict()")
             try:
                 return ForgetSpec.from_dict(d)
             except (KeyError, TypeError) as e:
                 raise UsageError(f"--spec: not a complete ForgetSpec.to_dict() ({type(e).__name__}: {e})") from e
-        extra = set(d) - {"classes", "domains", "forget_classes", "forget_domains", "templates",
-                          "domain_phrases", "class_phrases"}
+            except ValueError as e:
+                raise UsageError(f"--spec: {e}") from e
+        extra = set(d) - REQUEST_KEYS
         if extra:
             raise UsageError(f"--spec: unknown keys {sorted(extra)}")
-        kw = d
+        kw = dict(d)
     else:
         own = _proving_ground_words(args)
         if (args.classes is None or args.domains is None) and not own:
@@ -187,6 +269,8 @@ def build_spec(args) -> ForgetSpec:
                   forget_domains=_names(args.forget_domains, "--forget-domains"))
     if "classes" not in kw or "domains" not in kw:
         raise UsageError("--spec: the request needs 'classes' and 'domains'")
+    if vocabulary_only and kw.get("forget_classes") is None and kw.get("forget_domains") is None:
+        kw["forget_domains"] = kw["domains"]
     try:
         return ForgetSpec(**kw)
     except TypeError as e:           # e.g. a JSON string where a list of names belongs
@@ -204,9 +288,12 @@ def build_config(args) -> ForgetConfig:
         except json.JSONDecodeError:
             d[key.strip()] = raw
     try:
-        return ForgetConfig.from_dict(d)
+        config = ForgetConfig.from_dict(d)
     except TypeError as e:
         raise UsageError(f"ForgetConfig: {e}") from e
+    if config.device is not None:          # a name torch reads (the config checks that); here: one this machine has
+        check_device(config.device, f"ForgetConfig.device={config.device!r}")
+    return config
 
 
 def _json_file(path, flag: str) -> dict:
@@ -214,7 +301,7 @@ def _json_file(path, flag: str) -> dict:
     if not f.is_file():
         raise UsageError(f"{flag}: no file at {str(f)!r}")
     try:
-        d = json.loads(f.read_text())
+        d = json.loads(_read_text(f, flag))
     except json.JSONDecodeError as e:
         raise UsageError(f"{flag}: {str(f)!r} is not valid JSON ({e})") from e
     if not isinstance(d, dict):
@@ -226,7 +313,7 @@ def _json_file(path, flag: str) -> dict:
 def cmd_forget(args) -> int:
     from .pipeline import forget
 
-    out = safetensors_path(args.out, "--out")
+    out = _out_file(args.out)
     config = build_config(args)
     family(args)
     spec = build_spec(args)                        # the request is checked before any model is loaded
@@ -260,13 +347,10 @@ def cmd_forget(args) -> int:
 def cmd_prototypes(args) -> int:
     from .pipeline import synthesize_prototypes
 
-    out = safetensors_path(args.out, "--out")
+    out = _out_file(args.out)
     config = build_config(args)
     family(args)
-    if args.spec is None and args.forget_classes is None and args.forget_domains is None:
-        # every cell is synthesized whatever is forgotten; the caller's namespace is left as it was
-        args = argparse.Namespace(**{**vars(args), "forget_domains": args.domains})
-    spec = build_spec(args)
+    spec = build_spec(args, vocabulary_only=True)     # every cell is synthesized, whatever is forgotten
     model, tokenizer, _ = load_model(args)
     bank = synthesize_prototypes(model, tokenizer, spec, config)
     bank.save(out)
@@ -287,7 +371,6 @@ def apply_all(model, files, patches, force: bool) -> None:
 
 
 def cmd_apply(args) -> int:
-    patches = [Patch.load(_existing(p, "--patch")) for p in args.patch]
     kind = family(args)
     if kind == "hf":
         out = Path(args.out)
@@ -296,7 +379,8 @@ def cmd_apply(args) -> int:
         if not out.parent.is_dir():
             raise UsageError(f"--out: directory {str(out.parent)!r} does not exist")
     else:
-        out = safetensors_path(args.out, "--out")
+        out = _out_file(args.out)
+    patches = [Patch.load(_existing(p, "--patch")) for p in args.patch]
     model, tokenizer, _ = load_model(args)
     apply_all(model, args.patch, patches, args.force)
     if kind == "hf":
@@ -417,6 +501,11 @@ def cmd_evaluate(args) -> int:
 
     if args.per_cell is not None and args.per_cell < 1:
         raise UsageError(f"--per-cell {args.per_cell}: must be ≥ 1")
+    if args.templates is not None:            # evaluate checks them too; here before any model is loaded
+        try:
+            check_templates(args.templates)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--templates: {e}") from e
     cells = image_folder(Path(args.images), args.per_cell)
     patches = [Patch.load(_existing(p, "--patch")) for p in args.patch or []]
     vocab = patches[-1].spec if patches else {}
@@ -520,8 +609,8 @@ def parser() -> argparse.ArgumentParser:
                                               "and phrases are used)")
     e.add_argument("--classes", help="the classifier's classes (default: the patch's, else the folders')")
     e.add_argument("--domains", help="the domains (default: the patch's, else the folders')")
-    e.add_argument("--templates", nargs="+", help="prompt templates with {cls} and optionally {domain} "
-                                                  "(default: the library's bank)")
+    e.add_argument("--templates", nargs="+", help="prompt templates with {cls} and optionally {domain}, no "
+                                                  "other field (default: the library's bank)")
     e.add_argument("--per-cell", type=int, help="at most this many images per cell (the first by name)")
     e.add_argument("--force", action="store_true", help="apply patches computed on other weights")
     e.add_argument("--json", action="store_true")
@@ -538,6 +627,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "device", None) is not None:     # the model commands: before any work
+            check_device(args.device, f"--device {args.device!r}")
         return args.run(args)
     except BrokenPipeError:          # the reader went away (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -346,3 +346,167 @@ def test_module_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "clipforget_fast", "info", str(tmp_path / "none.safetensors")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no patch file at" in r.stderr
+
+
+def test_prototypes_take_the_proving_grounds_vocabulary(capsys, tmp_path):
+    """`prototypes` forgets nothing: on the proving ground a vocabulary left out (or half given) is its
+    own, and a --spec without forget keys is the vocabulary of every cell."""
+    from clipforget_fast.synthesis import PrototypeBank
+
+    tiny = ["--set", "prototypes_per_cell=1", "--set", "steps=1"]
+    bank = tmp_path / "bank.safetensors"
+    assert "10 cells" in run(capsys, "prototypes", "--model", "proving-ground", "--classes", "fish,house", *tiny,
+                             "--out", bank)
+    assert set(PrototypeBank.load(bank).images) == {(c, d) for c in ("fish", "house") for d in pg.DOMAINS}
+    spec = tmp_path / "vocabulary.json"
+    spec.write_text(json.dumps({"classes": ["fish", "house"], "domains": ["photo", "sketch"]}))
+    assert "4 cells" in run(capsys, "prototypes", "--model", "proving-ground", "--spec", spec, *tiny, "--out", bank)
+
+
+def test_prototype_bank_is_exported():
+    import clipforget_fast
+    from clipforget_fast.synthesis import PrototypeBank
+
+    assert clipforget_fast.PrototypeBank is PrototypeBank and "PrototypeBank" in clipforget_fast.__all__
+
+
+def test_names_from_a_file_skip_comment_lines_only(tmp_path):
+    from clipforget_fast.cli import _names
+
+    f = tmp_path / "names.txt"
+    f.write_text("# the classes\nfish\n\nC#\n   # an indented comment\nhot dog, chili\nF# minor \n")
+    assert _names(f"@{f}", "--classes") == ["fish", "C#", "hot dog, chili", "F# minor"]
+    assert _names("C#,F#", "--classes") == ["C#", "F#"]        # the same names as a comma list
+
+
+def test_config_values_of_the_wrong_type_or_not_finite_are_named(capsys, tmp_path):
+    out = tmp_path / "p.safetensors"
+    request = ["--model", "proving-ground", *VOCAB, "--forget-classes", "fish", *FAST]
+    for value, msg in (("use_text=False", "ForgetConfig.use_text='False': must be True or False"),
+                       ("use_prototypes=no", "ForgetConfig.use_prototypes='no': must be True or False"),
+                       ("batch_size=true", "ForgetConfig.batch_size=True: must be an int"),
+                       ("redirect_gain=Infinity", "ForgetConfig.redirect_gain=inf: must be a finite number"),
+                       ("step_size=NaN", "ForgetConfig.step_size=nan: must be a finite number"),
+                       ("step_size=fast", "ForgetConfig.step_size='fast': must be a finite number"),
+                       ("gate_keep_order=-Infinity", "ForgetConfig.gate_keep_order=-inf: must be None or a finite"),
+                       ("device=5", "ForgetConfig.device=5: must be None or a device name")):
+        err = fails(capsys, "forget", *request, "--set", value, "--out", out)
+        assert msg in err, (value, err)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"step_size": None}))
+    assert "ForgetConfig.step_size=None: must be a finite number" in fails(capsys, "forget", *request, "--config",
+                                                                           config, "--out", out)
+    assert not out.exists()
+
+
+def test_device_is_checked_before_any_work(capsys, tmp_path):
+    out = tmp_path / "p.safetensors"
+    request = ["--model", "proving-ground", *VOCAB, "--forget-classes", "fish", *FAST, "--out", out]
+    err = fails(capsys, "forget", *request, "--device", "foo")
+    assert "--device 'foo': is not a device name" in err and "Traceback" not in err
+    err = fails(capsys, "forget", *request, "--set", "device=toaster")
+    assert "ForgetConfig.device='toaster': is not a device name" in err
+    if not torch.cuda.is_available():
+        assert "--device 'cuda': no CUDA device is available here" in fails(capsys, "forget", *request, "--device",
+                                                                            "cuda")
+        assert "ForgetConfig.device='cuda': no CUDA device" in fails(capsys, "forget", *request, "--set",
+                                                                     "device=cuda")
+    assert "--device 'foo'" in fails(capsys, "evaluate", "--model", "proving-ground", "--images", tmp_path,
+                                     "--device", "foo")
+    run(capsys, "forget", *request, "--device", "cpu", "--set", "device=cpu")
+
+
+def test_weights_that_do_not_load_are_named(capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "p.safetensors"
+    garbage, foreign, pickled = tmp_path / "garbage.safetensors", tmp_path / "foreign.safetensors", tmp_path / "w.pt"
+    garbage.write_text("garbage")
+    pickled.write_text("garbage")
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    request = [*VOCAB, "--forget-classes", "fish", *FAST, "--out", out]
+    oc = ["--model", "ProvingGround-ViT-48", "--model-config", CONFIG_PATH]
+    for model, weights, kind in ((["--model", "proving-ground"], garbage, "SafetensorError"),
+                                 (["--model", "proving-ground"], foreign, "RuntimeError"),
+                                 (oc, garbage, "SafetensorError"), (oc, foreign, "RuntimeError"), (oc, pickled, "")):
+        err = fails(capsys, "forget", *model, "--checkpoint", weights, *request)
+        assert f"--checkpoint: cannot load {str(weights)!r} as " in err and kind in err, err
+        assert "Missing key" not in err          # the loader's first line, not its list of every key
+    (tmp_path / "config.json").write_text("{\n")
+    err = fails(capsys, "forget", "--model", "Custom", "--model-config", tmp_path / "config.json", "--checkpoint",
+                garbage, *request)
+    assert "--model-config: " in err and "is not valid JSON" in err
+    (tmp_path / "Custom.json").write_text(json.dumps({"embed_dim": 8}))
+    err = fails(capsys, "forget", "--model", "Custom", "--model-config", tmp_path / "Custom.json", "--checkpoint",
+                garbage, *request)
+    assert "is not an open_clip model config" in err and "it lacks vision_cfg, text_cfg" in err
+    assert not out.exists()
+
+
+def test_a_hugging_face_folder_that_does_not_load_is_named(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    err = fails(capsys, "forget", "--hf", tmp_path / "hf", "--classes", "a,b", "--domains", "x", "--forget-classes",
+                "a", "--out", tmp_path / "p.safetensors")
+    assert f"--hf: cannot load {str(tmp_path / 'hf')!r} as a Hugging Face CLIPModel folder (OSError: " in err
+
+
+def test_out_that_is_a_folder_is_refused_before_any_work(capsys, tmp_path):
+    folder = tmp_path / "dd.safetensors"
+    folder.mkdir()
+    p = tmp_path / "p.safetensors"
+    for argv in (["forget", "--model", "proving-ground", *VOCAB, "--forget-classes", "fish", *FAST],
+                 ["prototypes", "--model", "proving-ground", *VOCAB],
+                 ["apply", "--model", "proving-ground", "--patch", p]):
+        err = fails(capsys, *argv, "--out", folder)
+        assert f"--out: {str(folder)!r} is a directory" in err, argv
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["dd.safetensors"] and not any(folder.iterdir())
+
+
+def test_input_files_that_are_not_utf8_or_of_the_wrong_shape_are_named(capsys, tmp_path):
+    out = tmp_path / "p.safetensors"
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00")
+    pgm = ["--model", "proving-ground"]
+    for argv, flag in (([*pgm, "--classes", f"@{binary}", "--forget-classes", "fish"], "--classes"),
+                       ([*pgm, "--spec", binary], "--spec"),
+                       ([*pgm, *VOCAB, "--forget-classes", "fish", "--config", binary], "--config")):
+        assert f"{flag}: {str(binary)!r} is not UTF-8 text" in fails(capsys, "forget", *argv, "--out", out), flag
+    spec = tmp_path / "spec.json"
+    for key, value in (("class_phrases", ["x"]), ("domain_phrases", "abc")):
+        spec.write_text(json.dumps({"classes": ["fish"], "domains": ["photo"], "forget_classes": ["fish"], key: value}))
+        err = fails(capsys, "forget", *pgm, "--spec", spec, "--out", out)
+        assert f"{key} must be a mapping" in err and repr(value) in err, err
+    assert not out.exists()
+
+
+def test_a_saved_spec_is_checked_whole(capsys, tmp_path):
+    """--spec with a ForgetSpec.to_dict(): its mode must be one a spec has and match its cells, and
+    unknown keys are refused as they are in a plain request."""
+    out, spec = tmp_path / "p.safetensors", tmp_path / "spec.json"
+    saved = ForgetSpec(["fish", "house"], ["photo", "sketch"], forget_classes=["fish"]).to_dict()
+    for changes, msg in (({"mode": "banana"}, "--spec: mode 'banana' is not one of"),
+                         ({"mode": "domain-complete"}, "--spec: mode 'domain-complete' does not match the cells"),
+                         ({"junk": 1}, "--spec: unknown keys ['junk']")):
+        spec.write_text(json.dumps({**saved, **changes}))
+        assert msg in fails(capsys, "forget", "--model", "proving-ground", "--spec", spec, "--out", out), changes
+    assert not out.exists()
+    spec.write_text(json.dumps(saved))
+    run(capsys, "forget", "--model", "proving-ground", "--spec", spec, *FAST, "--out", out)
+    assert Patch.load(out).spec == saved
+
+
+def test_evaluate_names_a_bad_template(capsys, tmp_path):
+    from PIL import Image
+
+    raw, _, _, _ = pg.render_raw(["fish"], ["photo"], 1, seed=5_000_011)
+    (tmp_path / "photo" / "fish").mkdir(parents=True)
+    Image.fromarray(raw[0]).save(tmp_path / "photo" / "fish" / "0.png")
+    evaluate = ["evaluate", "--model", "proving-ground", "--images", tmp_path, "--templates"]
+    for template, msg in (("a {foo} of {cls}", "a placeholder other than {cls}/{domain}: {foo}"),
+                          ("a {cls", "is not a format string"), ("a photo", "has no '{cls}' placeholder"),
+                          ("a photo of {{cls}}.", "has no '{cls}' placeholder")):
+        err = fails(capsys, *evaluate, template)
+        assert f"--templates: template {template!r} " in err and msg in err, err
+    assert "accuracy (%)" in run(capsys, *evaluate, "a {domain} of a {cls}.")
