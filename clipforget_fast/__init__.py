@@ -11,6 +11,7 @@ from .images import ImageFiles, read_images
 from .pipeline import forget, synthesize_prototypes
 from .patch import Patch, PatchEntry
 from .spec import ForgetSpec
+from .synthesis import PrototypeBank
 
-__all__ = ["ForgetConfig", "ForgetSpec", "Patch", "PatchEntry", "AccuracyMatrix", "forget",
+__all__ = ["ForgetConfig", "ForgetSpec", "Patch", "PatchEntry", "PrototypeBank", "AccuracyMatrix", "forget",
            "evaluate", "synthesize_prototypes", "ImageFiles", "read_images", "__version__"]

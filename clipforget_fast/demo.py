@@ -47,10 +47,18 @@ def heatmap(path: Path, title: str, before, after, classes, domains) -> None:
     plt.close(fig)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int ≥ 1 (argparse names the flag and the value otherwise)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be ≥ 1")
+    return n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/demo", help="folder for the heatmaps and patches")
-    ap.add_argument("--per-cell", type=int, default=12, help="held-out images rendered per cell")
+    ap.add_argument("--per-cell", type=positive_int, default=12, help="held-out images rendered per cell (≥ 1)")
     ap.add_argument("--forget-class", default="fish", help="class forgotten in every domain")
     ap.add_argument("--domain-class", default="house", help="class forgotten in one domain only")
     ap.add_argument("--domain", default="sketch", help="the domain of the second edit")
@@ -74,9 +82,9 @@ def main(argv=None) -> int:
     print(f"\nbefore any edit (held-out renders, {args.per_cell} per cell; chance {100 * before.chance:.0f}%):")
     print(before.table())
 
-    # the default config for both: edit="auto" takes the class redirect, which meets the global targets
-    # on this model and the domain targets on some requests, this one included (README, "Quality status
-    # and the defaults")
+    # the default config for both: edit="auto" takes the class redirect for the global request (it meets
+    # the global targets on this model) and the domain gate for the domain request (the model has its
+    # site, and there are prototypes); README, "Quality status and the defaults"
     config = ForgetConfig()
     requests = [
         ("global", ForgetSpec(classes, domains, forget_classes=[args.forget_class],
