@@ -56,10 +56,14 @@ def first_line(e: BaseException) -> str:
 
 def gated_request(spec) -> tuple[list[str], list[str]] | None:
     """(classes, domains) when ``spec`` forgets those classes in those domains and nothing else (every
-    cell of the product, and some domain kept): the requests the domain gate can take; None otherwise."""
+    cell of the product), keeps some cells of the other domains (the gate's detectors learn them apart)
+    and has two classes or more (one class has no other to be confused with): the requests the domain
+    gate can take; None otherwise."""
     cls = {c for c, _ in spec.forget_cells}
     doms = {d for _, d in spec.forget_cells}
-    if {(c, d) for c in cls for d in doms} != set(spec.forget_cells) or len(doms) == len(spec.domains):
+    if {(c, d) for c in cls for d in doms} != set(spec.forget_cells) or len(spec.classes) < 2:
+        return None
+    if not any(d not in doms for _, d in spec.retain_cells):
         return None
     return [c for c in spec.classes if c in cls], [d for d in spec.domains if d in doms]
 

@@ -354,8 +354,9 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
     gated = gated_request(spec)
     if gated is None:
         raise ValueError("edit='domain-gate' forgets some classes (or all) in some domains (the forgotten cells "
-                         f"must be every pair of their classes and domains, with a domain kept); this request "
-                         f"(mode {spec.mode!r}) forgets {len(spec.forget_cells)} cells that are not that")
+                         "must be every pair of their classes and domains, some cells of the other domains kept, "
+                         f"two classes or more); this request (mode {spec.mode!r}, {len(spec.classes)} classes) "
+                         f"forgets {len(spec.forget_cells)} cells and keeps {len(spec.retain_cells)}, which is not that")
     if site is None:
         raise site_error
     device = torch.device(config.device) if config.device else next(model.parameters()).device

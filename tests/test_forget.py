@@ -88,6 +88,11 @@ def test_auto_edit_falls_back_to_projection(vocab):
     assert ForgetConfig().edit_for(part, gate_site=True) == "domain-gate"
     assert ForgetConfig(prototypes_per_cell=0).edit_for(part, gate_site=True) == "project"
     assert ForgetConfig().edit_for(ForgetSpec(*vocab, forget_classes=["dog"]), gate_site=True) == "class-redirect"
+    # ... not with one class (no other to take its images), nor without a kept cell of another domain
+    one = ForgetSpec(["dog"], vocab[1], forget_classes=["dog"], forget_domains=["sketch"])
+    assert ForgetConfig().edit_for(one, gate_site=True) == "project"
+    bare = ForgetSpec.from_cells(*vocab, [("dog", "sketch")], [("cat", "sketch")])
+    assert ForgetConfig().edit_for(bare, gate_site=True) != "domain-gate"
     assert ForgetConfig().retain_energy_for("domain-gate") is None
     assert ForgetConfig(retain_energy=0.5).retain_energy_for("class-redirect") == 0.5
 
