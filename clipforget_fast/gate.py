@@ -203,7 +203,7 @@ def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = DETECTOR_
         # 1e-4, so that captures batched otherwise (sharded ranks) moved them that far (bench/RESULTS.md
         # (31)); in fp64 the fit is the problem's, not the arithmetic's
         out_dtype, out_device = feats.dtype, feats.device
-        fit_on = torch.device("cpu") if feats.device.type == "mps" else feats.device   # MPS has no fp64
+        fit_on = fp64_device(feats.device)
         feats, y = feats.detach().to(fit_on, torch.float64), labels.detach().to(fit_on, torch.float64)
         weight = torch.ones_like(y) if weight is None else weight.detach().to(fit_on, torch.float64)
         weight = weight * (len(y) / weight.sum())
@@ -222,6 +222,12 @@ def detector(feats: torch.Tensor, labels: torch.Tensor, ridge: float = DETECTOR_
         opt.step(closure)
         w = w.detach() / sd
         return w.to(out_device, out_dtype), (b.detach() - mu @ w).to(out_device, out_dtype)
+
+
+def fp64_device(device: torch.device) -> torch.device:
+    """Where an fp64 fit of tensors held on ``device`` runs: there, or on the CPU for a device without
+    fp64 arithmetic (Apple's MPS)."""
+    return torch.device("cpu") if torch.device(device).type == "mps" else torch.device(device)
 
 
 def neutral_shift(y: torch.Tensor, post_norm, proj: torch.Tensor, class_emb: torch.Tensor,

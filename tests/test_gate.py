@@ -97,6 +97,17 @@ def test_detector_weighs_its_examples():
     assert false_alarms(w, b) < false_alarms(*plain)
 
 
+def test_detector_fits_in_fp64_where_the_device_has_it():
+    """The fit runs in fp64 where the features are, on the CPU for MPS (no fp64 there), and comes back in
+    the features' dtype."""
+    assert gate.fp64_device(torch.device("mps")) == torch.device("cpu")
+    assert gate.fp64_device("cuda:1") == torch.device("cuda:1") and gate.fp64_device("cpu") == torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=gen)
+    w, b = gate.detector(x.half(), x[:, 0] > 0)
+    assert w.dtype == b.dtype == torch.float16 and float(w[0]) > 0
+
+
 def test_gate_acts_on_the_detected_domain_only():
     """Some classes forgotten: a gated map after which the detected images score those classes at the
     mean of all; the kept domain's embeddings stay."""
