@@ -42,6 +42,18 @@ def test_domain_request_scores_and_counts():
     assert s.lost["kept"] == (10, 5400)
     assert q.fmt_counts(s) == "sketc 14/200, kept -10/5400, same -3/400"
     assert q.misses(spec(["c0", "c1"], ["sketch"]), s, 0.05) == []
+    # the domain's mean meets; its worst cell (c1, 8 %), judged alone, does not
+    assert s.worst_cell == (pytest.approx(8.0), "c1", "sketch")
+    assert q.cell_misses(spec(["c0", "c1"], ["sketch"]), s, 0.05)
+
+
+def test_a_domain_forgotten_whole_is_not_judged_cell_by_cell():
+    sp = spec(None, ["cartoon"])
+    after = {(c, "cartoon"): 0 for c in CLASSES}
+    after[("c4", "cartoon")] = 100                          # every cartoon in one class: 5 %, met
+    s = q.score(sp, matrix(), matrix(after))
+    assert q.misses(sp, s, 0.05) == [] and s.worst_cell[1:] == ("c4", "cartoon")
+    assert not q.cell_misses(sp, s, 0.05)
 
 
 @pytest.mark.parametrize("forgotten, same_lost, kept_lost, expected", [
