@@ -38,7 +38,7 @@ from clipforget_fast import ForgetConfig, ForgetSpec, evaluate, forget, synthesi
 from clipforget_fast import gate  # noqa: E402
 from clipforget_fast import proving_ground as pg  # noqa: E402
 from clipforget_fast.cli import PRECISIONS  # noqa: E402
-from clipforget_fast.layers import gate_site  # noqa: E402
+from clipforget_fast.layers import IMAGE_PREFIXES, gate_site  # noqa: E402
 from clipforget_fast.spec import DEFAULT_TEMPLATES  # noqa: E402
 from clipforget_fast.synthesis import SYNTHESIS_FIELDS  # noqa: E402
 
@@ -204,15 +204,20 @@ class Harness:
             self.banks[key] = synthesize_prototypes(self.model, self.tok, spec_for("global", ["fish"], None), config)
         return self.banks.get(key)
 
+    def forget(self, spec: ForgetSpec, config: ForgetConfig | None = None):
+        """forget() on the model as it is, with the bank of ``config`` (default: the harness's) and, where the
+        domain gate edits, the real examples the harness was given (``use_examples``)."""
+        config = config or self.config
+        examples = None
+        if self.examples is not None and config.edit_for(spec, gate_site=self.has_site) == "domain-gate":
+            examples = self.examples
+        return forget(self.model, self.tok, spec, config, prototypes=self.bank(config), domain_examples=examples)
+
     def run(self, spec: ForgetSpec, config: ForgetConfig | None = None, edit=None):
         """Edit, evaluate with both template sets, restore. ``edit`` overrides forget() (baselines)."""
         config = config or self.config
         t = time.perf_counter()
-        examples = None
-        if self.examples is not None and not edit:
-            examples = self.examples if config.edit_for(spec, gate_site=self.has_site) == "domain-gate" else None
-        patch = edit(self, spec) if edit else forget(self.model, self.tok, spec, config, prototypes=self.bank(config),
-                                                     domain_examples=examples)
+        patch = edit(self, spec) if edit else self.forget(spec, config)
         secs = time.perf_counter() - t
         with patch.applied(self.model):          # the weights come back exactly, request after request
             after = {name: self._eval(t) for name, t in (("edit", DEFAULT_TEMPLATES), ("held-out", HELD_OUT_TEMPLATES))}
@@ -407,11 +412,11 @@ def sequential(h: Harness, record: bool) -> int:
         else:
             both = ForgetSpec.from_cells(list(pg.CLASSES), list(pg.DOMAINS), sorted(sa.forget_cells | sb.forget_cells),
                                          domain_phrases=pg.DOMAIN_PHRASES, class_phrases=pg.CLASS_PHRASES)
-        pa = forget(h.model, h.tok, sa, h.config, prototypes=h.bank(h.config))
+        pa = h.forget(sa)
         pa.apply(h.model)
         # B's Grams are captured on the patched model; its prototypes come from the bank (synthesized on
         # the base model: the edit changed only the targeted layers)
-        pb = forget(h.model, h.tok, sb, h.config, prototypes=h.bank(h.config))
+        pb = h.forget(sb)
         pb.apply(h.model)
         after = {name: h._eval(t) for name, t in (("edit", DEFAULT_TEMPLATES), ("held-out", HELD_OUT_TEMPLATES))}
         pb.revert(h.model)
@@ -467,7 +472,7 @@ def recovery_probe(h: Harness, record: bool, train_per_cell: int = 5, steps: int
         seen[(c, d)] = rank[i].item() + 1
     for mode, fc, fd in ABLATION_REQUESTS:
         spec = spec_for(mode, fc, fd)
-        patch = forget(h.model, h.tok, spec, h.config, prototypes=h.bank(h.config))
+        patch = h.forget(spec)
         cells = torch.tensor([(pg.CLASSES[c], pg.DOMAINS[d]) in spec.forget_cells
                               for c, d in zip(h.ci.tolist(), h.di.tolist())])
         if mode == "domain-complete":                  # which class, among the forgotten domains' images
@@ -480,11 +485,13 @@ def recovery_probe(h: Harness, record: bool, train_per_cell: int = 5, steps: int
             return _probe(f[rows_of], labels[rows_of], (rank < train_per_cell)[rows_of], steps)
 
         accs = [probe()]
+        image_side = any(e.name.startswith(IMAGE_PREFIXES) for e in patch.entries)
         with patch.applied(h.model):                   # the weights come back bit for bit (revert: to ~5e-7)
-            accs.append(probe())
+            # an edit of the text side alone leaves the image features as they were: nothing to probe
+            after = f"{probe():.1f}" if image_side else "n/a (image features unchanged)"
             zs = 100 * h._eval(HELD_OUT_TEMPLATES).forget_accuracy(spec)
         rows.append(f"| {mode}: {','.join(fc or ['*'])} @ {','.join(fd or ['*'])} ({patch.info['edit']}) | {what} | "
-                    f"{chance:.0f} | {accs[0]:.1f} | {accs[1]:.1f} | {zs:.1f} |")
+                    f"{chance:.0f} | {accs[0]:.1f} | {after} | {zs:.1f} |")
     print("\n".join(rows))
     if record:
         append_results(f"quality: recovery probe ({h.name})",
