@@ -1,8 +1,9 @@
 """Shared timing and reporting helpers for the benchmarks in bench/.
 
-Every benchmark times its candidate and its baseline in the same process with ``measure``, prints
-medians with their spread and the ratio, and appends a dated row to bench/RESULTS.md with
-``append_results``. Absolute times mean something only on a quiet GPU; ratios are what we compare.
+Every benchmark times its candidate and its baseline in the same process with ``measure`` (wall time
+per call) or ``measure_device`` (device time per call, from CUDA events), prints medians with their
+spread and the ratio, and appends a dated row to bench/RESULTS.md with ``append_results``. Absolute
+times mean something only on a quiet GPU; ratios are what we compare.
 """
 from __future__ import annotations
 
@@ -23,9 +24,16 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _stats(times: list[float]) -> dict:
+    med = statistics.median(times)
+    return {"median": med, "min": min(times), "max": max(times),
+            "spread": (max(times) - min(times)) / med if med > 0 else 0.0}
+
+
 def measure(fn, *, reps: int = 5, warmup: int = 1, device=None) -> dict:
-    """Run ``fn()`` ``warmup`` times untimed, then ``reps`` times; return seconds as
-    ``{"median", "min", "max", "spread"}`` where spread = (max - min) / median."""
+    """Wall time per call: run ``fn()`` ``warmup`` times untimed, then ``reps`` times, each followed by a
+    synchronize of ``device``; return seconds as ``{"median", "min", "max", "spread"}`` where
+    spread = (max - min) / median. On a GPU this is what a caller pays (host work + device work)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -35,9 +43,38 @@ def measure(fn, *, reps: int = 5, warmup: int = 1, device=None) -> dict:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"median": med, "min": min(times), "max": max(times),
-            "spread": (max(times) - min(times)) / med if med > 0 else 0.0}
+    return _stats(times)
+
+
+# GPU cycles (about 25 ms at 2 GHz) the device spends in a sleep kernel queued before the timed calls of
+# measure_device, so that the host can queue them while the device is busy and no host work lands
+# between their events.
+QUEUE_AHEAD_CYCLES = 50_000_000
+
+
+def measure_device(fn, *, reps: int = 20, warmup: int = 2, device=None) -> dict:
+    """Device time per call on CUDA, the ``triton.testing.do_bench`` loop: ``reps`` back-to-back calls,
+    each between two CUDA events, with no synchronize between them, behind a sleep kernel that keeps
+    the device busy while the host queues them; ``measure``'s dict of seconds. Elsewhere ``measure``.
+
+    Only for ``fn`` that queue device work without waiting for it: a call that synchronizes (a copy from
+    pageable host memory, ``.item()``) drains the queue, and its interval includes host time.
+    """
+    if device is None or torch.device(device).type != "cuda":
+        return measure(fn, reps=reps, warmup=warmup, device=device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    if hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    _sync(device)
+    return _stats([start.elapsed_time(end) / 1e3 for start, end in events])       # ms → s
 
 
 def fmt_time(stats: dict) -> str:

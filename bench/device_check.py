@@ -1,34 +1,54 @@
 """One-command GPU check of clipforget_fast (sized for under 8 minutes on one H200).
 
-Sections, each timed against a baseline measured in the same run:
+Runs from a bare checkout: the repo root goes on ``sys.path``, and where the package is not installed
+``kernels/`` is registered as ``clipforget_fast.kernels`` (as tests/test_kernels.py loads the kernel
+files). Before any section it checks that dispatch picks Triton on the device and that one tiny kernel
+launch gives the right values; if not, it says so at the top of the output and in the JSON
+(``setup.warning``), skips the two kernel sections and runs the rest on the torch reference.
 
+Sections, each timed against a baseline measured in the same run (medians with their spread,
+spread = (max - min) / median). A section that cannot run here (a package it needs is missing) is
+recorded as skipped with its reason; one that fails is recorded with its traceback; the others run.
+
+0. matmul    the bf16 matrix rate (8192³, CUDA events): the yardstick of synthesis.
 1. kernels   every Triton kernel against its torch reference at real sizes in fp32/fp16/bf16: max
-             error against an fp32 reference, passing when it is at most 2× the error of the
-             torch reference run in the same dtype (the flash-attention rule).
-2. apply     multi-layer apply over every 2-D weight of ViT-H-14 (bf16, rank 32): GB/s against the
-             copy bandwidth over the same tensors and against a per-layer torch loop.
-3. synth     synthesis-update kernel: GB/s (x, grad read once; x_new, x_in_next written) against
-             the torch reference.
+             error against the same formula in float64, layer by layer; a row passes when the
+             kernel's error is at most 2× the error of the torch reference run in the same dtype
+             (the flash-attention rule). The apply kernel runs ViT-H-14's shapes as one launch (rows
+             of 16-byte multiples: its aligned path, ``ALIGN`` > 1) and the ragged shapes as another
+             (``ALIGN`` = 1); each row records the ``ALIGN`` it launched with.
+2. apply     multi-layer apply over every 2-D weight of ViT-H-14 but the embeddings (shapes listed
+             here: no open_clip needed; bf16, rank 32): the kernel's device time (CUDA events over
+             back-to-back launches) against ``torch._foreach_copy_`` over the same tensors (the copy
+             floor: each weight read once and written once), and the wall time of a whole call (the
+             host's preparation included: what a caller pays) against a per-layer torch loop.
+3. synth     synthesis-update kernel: GB/s from device time (x, grad read once; x_new, x_in_next
+             written) and wall time per call, against the torch reference.
 4. nullspace randomized vs exact eigensolver at d_in 1280 and 5120 on a known spectrum: time ratio
              and largest principal angle on the kept rank.
 5. edit      the whole ``forget`` on ViT-L-14, ViT-H-14 and ViT-B-32 as a transformers CLIPModel
              (random weights, 10 classes × 5 domains): seconds per stage (``patch.timings``), synthesis
-             TFLOP/s (3 × forward FLOPs × images × steps, forward FLOPs from torch.utils.flop_counter)
-             against a bf16 matmul rate measured here, and apply GB/s against copy bandwidth over the
-             patched weights.
-6. gate      the domain gate (every class @ sketch) on the transformers ViT-B-32, with 128 random images
-             of two domains as ``domain_examples`` held on the CPU: the same figures.
+             TFLOP/s against the matrix rate (FLOPs of one real step per image, counted by
+             torch.utils.flop_counter: the forward with the input requiring grad, under the same
+             autocast, then the input gradient; × the image-steps run), and the latency of an apply
+             (force=True, half an apply+revert pair, wall) beside the copy time of the patched weights.
+6. gate      the domain gate (every class @ sketch) on ViT-B-32, open_clip and transformers, with 128
+             random images of two domains as ``domain_examples`` held on the CPU: the same figures.
 
-Writes ``device_check.json`` to ``$OUT`` (or ``--out``) and prints a table. ``--quick`` runs the same
-logic at toy sizes on CPU (Triton under its interpreter, a tiny CLIP, few steps) to test the script.
+Writes ``device_check.json`` to ``$OUT`` (or ``--out``) after every section and prints a table.
+``--quick`` runs the same logic at toy sizes on CPU (Triton under its interpreter, a tiny CLIP, few
+steps) to test the script.
 
-    python bench/device_check.py [--quick] [--out results.json] [--steps N]
+    python bench/device_check.py [--quick] [--out results.json] [--steps N] [--skip SECTIONS]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -41,62 +61,197 @@ if QUICK:                                   # must precede the first Triton impo
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, measure  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))     # common.py
+sys.path.insert(0, str(ROOT))               # this checkout's clipforget_fast, installed or not
+from common import machine, measure, measure_device  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Weight shapes of ViT-H-14 layers (d=1280 image tower, d=1024 text tower) plus a ragged one.
-# the last of each: a bias seen as a [d, 1] column (the domain gate's "bias" entries)
-REAL_LAYERS = [(3840, 1280), (1280, 1280), (5120, 1280), (1280, 5120), (1024, 4096), (1281, 777), (5120, 1)]
-QUICK_LAYERS = [(7, 33), (70, 150), (131, 17), (29, 1)]
+LOWRANK = "clipforget_fast.kernels.lowrank_update"
+# The apply kernel's check, one launch per group. ViT-H-14's layer shapes (image tower d=1280, text
+# tower d=1024) have rows of 16-byte multiples in every dtype, so their launch takes the kernel's
+# aligned path (ALIGN > 1), the one real models run; the ragged shapes (an odd width, and a bias seen
+# as a [d, 1] column: the domain gate's "bias" entries) go apart, as one of them turns it off.
+LAYER_GROUPS = {"aligned": [(3840, 1280), (1280, 1280), (5120, 1280), (1280, 5120), (1024, 4096)],
+                "ragged": [(1281, 777), (5120, 1)]}
+QUICK_GROUPS = {"aligned": [(24, 64), (40, 136)], "ragged": [(7, 33), (70, 150), (131, 17), (29, 1)]}
+# Every 2-D weight of ViT-H-14 but the embeddings, in open_clip's order (tests check it against
+# open_clip's config): text_projection, visual.proj, then per block attn.in_proj, attn.out_proj,
+# mlp.c_fc, mlp.c_proj, 32 image blocks and 24 text blocks.
+VIT_H_14_WEIGHTS = ([(1024, 1024), (1280, 1024)]
+                    + 32 * [(3840, 1280), (1280, 1280), (5120, 1280), (1280, 5120)]
+                    + 24 * [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)])
+QUICK_WEIGHTS = [(64, 32), (96, 64), (40, 16)]
+# Absolute error below which a kernel passes whatever torch's error: far under one fp32 rounding of
+# any value checked here, so it decides only where both are exact.
+ERR_FLOOR = 1e-12
 
 
-def open_clip_or_exit():
+class Skipped(Exception):
+    """A section that cannot run here (a package it needs is missing): recorded as skipped, not failed."""
+
+
+def need(module: str, package: str):
+    """``import module``, or Skipped naming the package to install (a broken install included)."""
     try:
-        import open_clip
-    except ImportError as err:
-        raise SystemExit(f"device_check needs open_clip_torch (pip install open_clip_torch): {err}")
-    return open_clip
+        return importlib.import_module(module)
+    except Exception as err:
+        raise Skipped(f"needs {package} (pip install {package}): {type(err).__name__}: {err}") from None
+
+
+def register_kernels() -> str:
+    """Make ``clipforget_fast.kernels`` importable and say how: installed (setup.py maps it onto
+    kernels/), or registered from this checkout's kernels/. A kernels/ that does not import (no Triton)
+    is left out; the preflight reports why."""
+    import clipforget_fast
+
+    name, folder = "clipforget_fast.kernels", ROOT / "kernels"
+    found = importlib.util.find_spec(name)
+    if found is not None:
+        return f"installed ({found.origin or list(found.submodule_search_locations or [])})"
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        return f"not importable from {folder}: {type(err).__name__}: {err}"
+    clipforget_fast.kernels = module
+    return f"registered from {folder}"
+
+
+def preflight(dev) -> dict:
+    """Whether the Triton kernels run on ``dev``: dispatch must pick Triton there, and one tiny launch of
+    the apply kernel must give the right values (a missing C compiler for Triton's launcher shows here)."""
+    from clipforget_fast import dispatch
+
+    out = {"backend": None, "ok": False}
+    try:
+        out["backend"] = backend = dispatch.backend_for(torch.empty(1, device=dev))
+        if backend != "triton":
+            why = ""
+            try:
+                importlib.import_module("clipforget_fast.kernels")
+            except Exception as err:
+                why = f"; the kernels do not import ({type(err).__name__}: {err})"
+            raise RuntimeError(f"dispatch picks {backend!r} for {dev.type} tensors, not 'triton' "
+                               f"(CLIPFORGET_BACKEND={os.environ.get('CLIPFORGET_BACKEND', 'auto')}){why}")
+        from clipforget_fast import kernels
+
+        w = torch.zeros(3, 5, device=dev)
+        kernels.lowrank_update_triton([w], [torch.ones(3, 1, device=dev)], [torch.full((5, 1), 2.0, device=dev)],
+                                      0.5)
+        if not bool((w == 1).all()):
+            raise RuntimeError(f"a tiny launch of lowrank_update_triton wrote {w.flatten().tolist()}; "
+                               "expected all ones")
+        out["ok"] = True
+    except Exception as err:
+        out["error"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+@contextlib.contextmanager
+def launches(module: str, kernel: str):
+    """Within the block, record every launch of the Triton kernel ``kernel`` of ``module`` as
+    (grid, args, kwargs), and launch it as usual."""
+    mod = importlib.import_module(module)
+    jit = getattr(mod, kernel)
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((grid, args, kwargs))
+                return jit[grid](*args, **kwargs)
+            return launch
+
+    setattr(mod, kernel, Recorder())
+    try:
+        yield seen
+    finally:
+        setattr(mod, kernel, jit)
 
 
 def max_err(a, b) -> float:
-    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
-def rule(kernel_err: float, torch_err: float, magnitude: float) -> bool:
-    """Kernel error ≤ 2 × torch's error in the same dtype (+ fp32 rounding of the magnitude)."""
-    return kernel_err <= 2 * torch_err + 4 * torch.finfo(torch.float32).eps * magnitude
+def rule(kernel_err: float, torch_err: float) -> bool:
+    """The kernel's error against float64 is at most 2× torch's in the same dtype."""
+    return kernel_err <= 2 * torch_err + ERR_FLOOR
+
+
+def stats(t: dict) -> dict:
+    """A ``measure`` result as a row: median seconds and spread."""
+    return {"median_s": t["median"], "spread": t["spread"]}
+
+
+def timed(fn, dev, reps: int, warmup: int = 1) -> tuple[dict, dict]:
+    """(device time, wall time) per call of ``fn``; on the CPU the two are one measurement."""
+    wall = measure(fn, reps=reps, warmup=warmup, device=dev)
+    return (measure_device(fn, reps=reps, warmup=warmup, device=dev) if dev.type == "cuda" else wall), wall
+
+
+# ---------------------------------------------------------------------------------------- 0
+def matmul_tflops(dev, quick: bool) -> dict:
+    n = 256 if quick else 8192
+    dt = torch.float32 if quick else torch.bfloat16
+    a = torch.randn(n, n, device=dev, dtype=dt)
+    b = torch.randn(n, n, device=dev, dtype=dt)
+    t = measure_device(lambda: a @ b, reps=3 if quick else 20, warmup=1 if quick else 5, device=dev)
+    return {"dtype": str(dt).removeprefix("torch."), "n": n, "tflops": 2 * n ** 3 / t["median"] / 1e12, **stats(t)}
 
 
 # ---------------------------------------------------------------------------------------- 1
-def check_kernels(dev, quick: bool) -> list[dict]:
+def lowrank_exact(weights, lefts, rights, scale: float) -> list[torch.Tensor]:
+    """``reference.lowrank_update_``'s result in float64: W + scale · L Rᵀ with nothing rounded."""
+    return [w.double() + scale * (a.double() @ b.double().t()) for w, a, b in zip(weights, lefts, rights)]
+
+
+def synth_update_exact(x, grad_in, active, *, lr, decay, lo, hi, in_shift, out_shift, blur):
+    """``reference.synth_update``'s formula in float64 (the reference itself computes in fp32)."""
     from clipforget_fast import reference
 
-    from clipforget_fast import kernels
+    g = torch.roll(grad_in.double(), shifts=(-in_shift[0], -in_shift[1]), dims=(2, 3))
+    rms = g.flatten(1).pow(2).mean(dim=1).sqrt().view(-1, 1, 1, 1)
+    x = x.double()
+    x_new = x * (1.0 - lr * decay) - lr * g / (rms + reference.GRAD_EPS)
+    if blur:
+        x_new = reference._blur3x3(x_new)
+    x_new = torch.maximum(torch.minimum(x_new, hi.double().view(1, -1, 1, 1)), lo.double().view(1, -1, 1, 1))
+    x_new = torch.where(active.view(-1, 1, 1, 1), x_new, x)
+    return x_new, torch.roll(x_new, shifts=tuple(out_shift), dims=(2, 3))
+
+
+def check_kernels(dev, quick: bool) -> list[dict]:
+    from clipforget_fast import kernels, reference
 
     rows = []
     gen = torch.Generator(device="cpu").manual_seed(0)
     # bf16 arithmetic is wrong in Triton's interpreter: bf16 only on a GPU.
     names = ["float32", "float16"] + ([] if quick else ["bfloat16"])
-    shapes = QUICK_LAYERS if quick else REAL_LAYERS
     for name in names:
         dt = DTYPES[name]
         for k in (1, 32):
-            w32 = [torch.randn(s, generator=gen).to(dev) for s in shapes]
-            ls = [torch.randn(s[0], k, generator=gen).to(dev) / k for s in shapes]
-            rs = [torch.randn(s[1], k, generator=gen).to(dev) for s in shapes]
-            base = [w.to(dt) for w in w32]
-            exact = [w.to(torch.float32, copy=True) for w in base]     # fp32 math on the same inputs
-            reference.lowrank_update_(exact, ls, rs, 0.5)
-            tw = [w.clone() for w in base]
-            reference.lowrank_update_(tw, ls, rs, 0.5)
-            kw = [w.clone() for w in base]
-            kernels.lowrank_update_triton(kw, ls, rs, 0.5)
-            ke = max(max_err(a, b) for a, b in zip(kw, exact))
-            te = max(max_err(a, b) for a, b in zip(tw, exact))
-            mag = max(float(e.abs().max()) for e in exact)
-            rows.append({"kernel": "lowrank_update", "dtype": name, "case": f"{len(shapes)} layers, k={k}",
-                         "kernel_err": ke, "torch_err": te, "pass": rule(ke, te, mag)})
+            for group, shapes in (QUICK_GROUPS if quick else LAYER_GROUPS).items():
+                base = [torch.randn(s, generator=gen).to(device=dev, dtype=dt) for s in shapes]
+                ls = [torch.randn(s[0], k, generator=gen).to(dev) / k for s in shapes]
+                rs = [torch.randn(s[1], k, generator=gen).to(dev) for s in shapes]
+                exact = lowrank_exact(base, ls, rs, 0.5)
+                tw = [w.clone() for w in base]
+                reference.lowrank_update_(tw, ls, rs, 0.5)
+                kw = [w.clone() for w in base]
+                with launches(LOWRANK, "_lowrank_update_kernel") as seen:
+                    kernels.lowrank_update_triton(kw, ls, rs, 0.5)
+                aligns = sorted({kwargs["ALIGN"] for _, _, kwargs in seen})
+                ke = [max_err(a, b) for a, b in zip(kw, exact)]
+                te = [max_err(a, b) for a, b in zip(tw, exact)]
+                ok = all(rule(a, b) for a, b in zip(ke, te)) and (group != "aligned" or aligns[0] > 1)
+                rows.append({"kernel": "lowrank_update", "dtype": name, "case": f"{group}, {len(shapes)} layers, k={k}",
+                             "align": aligns[0] if len(aligns) == 1 else aligns,
+                             "kernel_err": max(ke), "torch_err": max(te), "pass": ok})
     n, c, h, w = (3, 3, 13, 37) if quick else (200, 3, 224, 224)
     x = torch.randn(n, c, h, w, generator=gen).to(dev)
     lo, hi = torch.full((c,), -1.5, device=dev), torch.full((c,), 1.7, device=dev)
@@ -105,52 +260,53 @@ def check_kernels(dev, quick: bool) -> list[dict]:
         g = torch.randn(n, c, h, w, generator=gen).to(dev).to(DTYPES[name])
         for blur in (False, True):
             kw = dict(lr=0.1, decay=0.01, lo=lo, hi=hi, in_shift=(2, -3), out_shift=(-1, 4), blur=blur)
-            exact = reference.synth_update(x, g.float(), active, **kw)
+            exact = synth_update_exact(x, g, active, **kw)
             ref = reference.synth_update(x, g, active, **kw)
             got = kernels.synth_update_triton(x, g, active, **kw)
             ke = max(max_err(a, b) for a, b in zip(got, exact))
             te = max(max_err(a, b) for a, b in zip(ref, exact))
-            # Largest |value| before the clamp: |x| + lr · |g| / rms(g).
-            gf = g.float().flatten(1)
-            mag = float(x.abs().max()) + 0.1 * float((gf.abs().amax(1) / gf.pow(2).mean(1).sqrt()).max())
             rows.append({"kernel": "synth_update", "dtype": f"grad {name}", "case": f"blur={blur}",
-                         "kernel_err": ke, "torch_err": te, "pass": rule(ke, te, mag)})
+                         "kernel_err": ke, "torch_err": te, "pass": rule(ke, te)})
     return rows
 
 
 # ---------------------------------------------------------------------------------------- 2
-def check_apply(dev, quick: bool, model_name: str) -> dict:
+def check_apply(dev, quick: bool) -> dict:
     from clipforget_fast import dispatch
 
-    open_clip = open_clip_or_exit()
-    if quick:
-        shapes = [(64, 32), (96, 64), (33, 17)]
-        weights = [torch.randn(s) for s in shapes]
-    else:
-        model = open_clip.create_model(model_name, pretrained=None, device=dev)
-        weights = [p.detach() for n_, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n_]
     dt = torch.float32 if quick else torch.bfloat16
-    ws = [w.to(device=dev, dtype=dt, copy=True) for w in weights]
-    del weights
+    gen = torch.Generator(device=dev).manual_seed(0)
+    shapes = QUICK_WEIGHTS if quick else VIT_H_14_WEIGHTS
+    ws = [torch.randn(s, generator=gen, device=dev, dtype=dt) for s in shapes]
     src = [w.clone() for w in ws]
-    ls = [torch.randn(w.shape[0], 32, device=dev) for w in ws]
-    rs = [torch.randn(w.shape[1], 32, device=dev) for w in ws]
-    nbytes = 2 * sum(w.numel() * w.element_size() for w in ws)
+    # fp32 and contiguous: the launcher uses these tensors themselves, so a recorded launch reads live ones
+    ls = [torch.randn(w.shape[0], 32, generator=gen, device=dev) for w in ws]
+    rs = [torch.randn(w.shape[1], 32, generator=gen, device=dev) for w in ws]
+    nbytes = 2 * sum(w.numel() * w.element_size() for w in ws)      # each weight read once, written once
 
     def loop():
         for w, a, b in zip(ws, ls, rs):
             w.copy_(torch.addmm(w.float(), a, b.t(), alpha=1e-3))
 
-    reps = 3 if quick else 10
-    t_copy = measure(lambda: [d.copy_(s) for d, s in zip(ws, src)], reps=reps, device=dev)
-    t_apply = measure(lambda: dispatch.lowrank_update_(ws, ls, rs, 1e-3), reps=reps, device=dev)
-    t_loop = measure(loop, reps=reps, device=dev)
-    out = {"model": "toy" if quick else model_name, "dtype": str(dt), "layers": len(ws),
+    reps = 3 if quick else 20
+    out = {"model": "toy" if quick else "ViT-H-14", "dtype": str(dt).removeprefix("torch."), "layers": len(ws),
            "backend": dispatch.backend_for(ws[0]), "weight_bytes": nbytes // 2}
-    for key, t in (("copy", t_copy), ("apply", t_apply), ("per_layer_loop", t_loop)):
-        out[key] = {"median_s": t["median"], "spread": t["spread"], "GBps": nbytes / t["median"] / 1e9}
-    out["apply_vs_copy"] = t_copy["median"] / t_apply["median"]
-    out["apply_vs_loop"] = t_loop["median"] / t_apply["median"]
+    t_copy = measure_device(lambda: torch._foreach_copy_(ws, src), reps=reps, device=dev)
+    out["copy_device"] = dict(stats(t_copy), GBps=nbytes / t_copy["median"] / 1e9)
+    if out["backend"] == "triton":                  # the one launch of an apply, timed on its own
+        with launches(LOWRANK, "_lowrank_update_kernel") as seen:
+            dispatch.lowrank_update_(ws, ls, rs, 1e-3)
+        ((grid, args, kwargs),) = seen
+        kernel = getattr(importlib.import_module(LOWRANK), "_lowrank_update_kernel")
+        t_kernel = measure_device(lambda: kernel[grid](*args, **kwargs), reps=reps, device=dev)
+        out["align"] = kwargs["ALIGN"]
+        out["apply_kernel_device"] = dict(stats(t_kernel), GBps=nbytes / t_kernel["median"] / 1e9)
+        out["apply_vs_copy"] = t_copy["median"] / t_kernel["median"]
+    t_call = measure(lambda: dispatch.lowrank_update_(ws, ls, rs, 1e-3), reps=reps, device=dev)
+    t_loop = measure(loop, reps=reps, device=dev)
+    out["apply_call_wall"] = dict(stats(t_call), GBps=nbytes / t_call["median"] / 1e9)
+    out["per_layer_loop_wall"] = dict(stats(t_loop), GBps=nbytes / t_loop["median"] / 1e9)
+    out["apply_vs_loop"] = t_loop["median"] / t_call["median"]
     return out
 
 
@@ -167,12 +323,18 @@ def check_synth(dev, quick: bool) -> list[dict]:
     rows = []
     for blur in (False, True):
         kw = dict(lr=0.1, decay=0.01, lo=lo, hi=hi, in_shift=(1, 2), out_shift=(-2, 1), blur=blur)
-        reps = 2 if quick else 20
-        tk = measure(lambda: kernels.synth_update_triton(x, g, active, **kw), reps=reps, device=dev)
-        tr = measure(lambda: reference.synth_update(x, g, active, **kw), reps=reps, device=dev)
-        rows.append({"blur": blur, "shape": [n, c, h, w], "kernel_s": tk["median"], "torch_s": tr["median"],
-                     "kernel_GBps": nbytes / tk["median"] / 1e9, "torch_GBps": nbytes / tr["median"] / 1e9,
-                     "speedup": tr["median"] / tk["median"]})
+        reps, warmup = (2, 0) if quick else (20, 2)     # quick: the interpreter takes a second a call
+        kd, kwall = timed(lambda: kernels.synth_update_triton(x, g, active, **kw), dev, reps, warmup)
+        td, twall = timed(lambda: reference.synth_update(x, g, active, **kw), dev, reps, warmup)
+        rows.append({"blur": blur, "shape": [n, c, h, w],
+                     "kernel_s": kd["median"], "kernel_spread": kd["spread"],
+                     "kernel_GBps": nbytes / kd["median"] / 1e9,
+                     "torch_s": td["median"], "torch_spread": td["spread"],
+                     "torch_GBps": nbytes / td["median"] / 1e9,
+                     "speedup": td["median"] / kd["median"],
+                     "kernel_wall_s": kwall["median"], "kernel_wall_spread": kwall["spread"],
+                     "torch_wall_s": twall["median"], "torch_wall_spread": twall["spread"],
+                     "wall_speedup": twall["median"] / kwall["median"]})
     return rows
 
 
@@ -195,32 +357,33 @@ def check_nullspace(dev, quick: bool) -> list[dict]:
         _, V = nullspace.exact_eig(G)
         _, U = nullspace.randomized_eig(G, rank, generator=gen)
         angle = float(nullspace.principal_angles(V[:, :rank], U).max())
-        rows.append({"d_in": d, "rank": rank, "exact_s": te["median"], "randomized_s": tr["median"],
+        rows.append({"d_in": d, "rank": rank, "exact_s": te["median"], "exact_spread": te["spread"],
+                     "randomized_s": tr["median"], "randomized_spread": tr["spread"],
                      "speedup": te["median"] / tr["median"], "max_angle_rad": angle,
                      "pass": angle <= 1e-3 and te["median"] / tr["median"] >= 10})
     return rows
 
 
 # ---------------------------------------------------------------------------------------- 5
-def matmul_tflops(dev, quick: bool) -> float:
-    n = 256 if quick else 8192
-    dt = torch.float32 if quick else torch.bfloat16
-    a = torch.randn(n, n, device=dev, dtype=dt)
-    b = torch.randn(n, n, device=dev, dtype=dt)
-    t = measure(lambda: a @ b, reps=3 if quick else 20, warmup=1 if quick else 5, device=dev)
-    return 2 * n ** 3 / t["median"] / 1e12
-
-
-def forward_flops(model, image_size, dev) -> float:
-    """FLOPs of one image-tower forward for a single image (torch.utils.flop_counter)."""
+def step_flops(model, image_size, dev, amp: torch.dtype) -> tuple[float, float]:
+    """(forward, input-gradient) FLOPs of one synthesis step for a single image, as synthesis runs it:
+    weights frozen, the input requiring grad, the forward under ``amp`` autocast (under no_grad
+    open_clip's attention would take a fused path that FlopCounterMode does not count). Two counters:
+    one around both fails on torch 2.14 ("A leaf node was passed to _will_engine_execute_node")."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from clipforget_fast.layers import encode_image
+    from clipforget_fast.synthesis import frozen
 
-    x = torch.zeros(1, 3, *image_size, device=dev)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        encode_image(model, x)
-    return float(counter.get_total_flops())
+    x = torch.zeros(1, 3, *image_size, device=dev, requires_grad=True)
+    with frozen(model), torch.enable_grad():
+        with FlopCounterMode(display=False) as fwd:
+            with torch.autocast(dev.type, dtype=amp, enabled=amp != torch.float32):
+                feats = encode_image(model, x)
+            loss = feats.float().square().sum()
+        with FlopCounterMode(display=False) as bwd:
+            torch.autograd.grad(loss, x)
+    return float(fwd.get_total_flops()), float(bwd.get_total_flops())
 
 
 # a toy open_clip CLIP config (as in tests/conftest.py)
@@ -232,12 +395,11 @@ def build_model(name: str, dev):
     """(model, tokenizer) with random weights on ``dev``: an open_clip architecture by name, "toy" (TINY),
     or "hf:NAME" (hf:toy), the same architecture as a transformers CLIPModel with open_clip's tokenizer
     (the same token ids)."""
-    open_clip = open_clip_or_exit()
+    open_clip = need("open_clip", "open_clip_torch")
     hf, arch = name.startswith("hf:"), name.removeprefix("hf:")
     cfg = TINY if arch == "toy" else open_clip.get_model_config(arch)
     if hf:
-        if importlib.util.find_spec("transformers") is None:
-            raise Skipped(f"{name} needs transformers (pip install transformers)")
+        need("transformers", "transformers")
         from common import hf_model
         model = hf_model(cfg)
     else:
@@ -247,12 +409,14 @@ def build_model(name: str, dev):
     return model.to(dev).eval(), tokenizer
 
 
-def check_edit(dev, quick: bool, name: str, steps: int | None, peak_tflops: float, gate: bool = False) -> dict:
+def check_edit(dev, quick: bool, name: str, steps: int | None, peak_tflops: float | None,
+               gate: bool = False) -> dict:
     """``forget`` on ``name`` (build_model), timed: edit="project" over two of the classes (the whole
     pipeline: synthesis, capture, nullspace on both towers), or with ``gate`` the domain gate on every
     class of one domain (prototypes, their translations, the detectors)."""
     import clipforget_fast as cf
     from clipforget_fast.layers import image_geometry
+    from clipforget_fast.synthesis import autocast_dtype
 
     t0 = time.perf_counter()
     model, tokenizer = build_model(name, dev)
@@ -288,51 +452,54 @@ def check_edit(dev, quick: bool, name: str, steps: int | None, peak_tflops: floa
     syn = patch.info.get("synthesis")
     if syn:
         size, _, _ = image_geometry(model)
-        fwd = forward_flops(model, size, dev)
+        fwd, bwd = step_flops(model, size, dev, autocast_dtype(config, dev))
         acc = syn["accepted"]
         image_steps = (acc * (syn["mean_steps_to_accept"] or 0)
                        + (syn["prototypes"] - acc) * config.steps)       # Σ steps over prototypes
-        tflops = 3 * fwd * image_steps / syn["seconds"] / 1e12
-        out["synthesis"] = dict(syn, forward_gflops=fwd / 1e9, image_steps=image_steps,
-                                tflops=tflops, fraction_of_matmul=tflops / peak_tflops)
+        tflops = (fwd + bwd) * image_steps / syn["seconds"] / 1e12
+        out["synthesis"] = dict(syn, forward_gflops=fwd / 1e9, step_gflops=(fwd + bwd) / 1e9,
+                                image_steps=image_steps, tflops=tflops,
+                                fraction_of_matmul=tflops / peak_tflops if peak_tflops else None)
     params = dict(model.named_parameters())
     ws = [params[e.name].data for e in patch.entries]
     if ws:
-        nbytes = 2 * sum(w.numel() * w.element_size() for w in ws)
+        nbytes = sum(w.numel() * w.element_size() for w in ws)
         src = [w.clone() for w in ws]
-        t_copy = measure(lambda: [s.copy_(w) for s, w in zip(src, ws)], reps=5, device=dev)
+        t_copy = measure_device(lambda: torch._foreach_copy_(src, ws), reps=5 if quick else 20, device=dev)
 
         def apply_revert():
             patch.apply(model, force=True)
             patch.revert(model, force=True)
 
-        t_ar = measure(apply_revert, reps=3, device=dev)
-        out["apply"] = {"apply_s": t_ar["median"] / 2, "copy_s": t_copy["median"],
-                        "apply_GBps": nbytes / (t_ar["median"] / 2) / 1e9,
-                        "copy_GBps": nbytes / t_copy["median"] / 1e9,
+        t_ar = measure(apply_revert, reps=3 if quick else 10, device=dev)
+        # a patch of a few layers is latency, not bandwidth: times, not GB/s
+        out["apply"] = {"patched_MB": nbytes / 1e6,
+                        "apply_ms": t_ar["median"] / 2 * 1e3, "apply_spread": t_ar["spread"],
+                        "copy_ms": t_copy["median"] * 1e3, "copy_spread": t_copy["spread"],
                         "restored_max_err": max(max_err(w, s) for w, s in zip(ws, src))}
     del model
     return out
 
 
 # ----------------------------------------------------------------------------------------
-class Skipped(Exception):
-    """A section that cannot run here (a package it needs is missing): recorded as skipped, not failed."""
-
-
 def run_section(results: dict, key: str, fn) -> None:
     t0 = time.perf_counter()
     try:
         results[key] = fn()
-    except SystemExit:
-        raise
+        status = "ok"
     except Skipped as why:
         results[key] = {"skipped": str(why)}
-    except Exception as err:  # one broken section must not hide the others' numbers
+        status = f"skipped: {why}"
+    except (Exception, SystemExit) as err:  # one broken section must not hide the others' numbers
         results[key] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-    print(f"[{key}] {time.perf_counter() - t0:.1f} s", flush=True)
+        status = f"ERROR: {type(err).__name__}: {err}"
+    print(f"[{key}] {time.perf_counter() - t0:.1f} s, {status}", flush=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def banner(text: str) -> str:
+    return f"{'!' * 100}\n!! {text}\n{'!' * 100}"
 
 
 def print_table(res: dict) -> None:
@@ -351,6 +518,8 @@ def print_table(res: dict) -> None:
                 for k, v in row.items():
                     if isinstance(v, dict):
                         print(f"    {k}: " + ", ".join(f"{a}={fmt(b)}" for a, b in v.items()))
+    if "warning" in res.get("setup", {}):
+        print("\n" + banner(res["setup"]["warning"]))
 
 
 def main(argv=None) -> dict:
@@ -361,34 +530,64 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="synthesis steps of the full edit")
     ap.add_argument("--models", default="ViT-L-14,ViT-H-14,hf:ViT-B-32",
                     help="models of the full edit (hf:NAME: as a transformers CLIPModel)")
-    ap.add_argument("--gate-models", default="hf:ViT-B-32", help="models of the domain gate's edit")
+    ap.add_argument("--gate-models", default="ViT-B-32,hf:ViT-B-32", help="models of the domain gate's edit")
     ap.add_argument("--skip", default="", help="sections to skip, comma-separated")
     args = ap.parse_args(argv)
     quick = args.quick
-    if not quick and not torch.cuda.is_available():
-        raise SystemExit("device_check needs a CUDA GPU; use --quick for the CPU dry run")
-    dev = torch.device("cpu" if quick else "cuda")
     out_path = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "device_check.json"
+    res: dict = {"machine": machine(), "mode": "quick" if quick else "full"}
+
+    def save() -> None:                             # partial results survive a later crash or kill
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(res, indent=1, default=str))
+
+    if not quick and not torch.cuda.is_available():
+        res["error"] = "device_check needs a CUDA GPU; use --quick for the CPU dry run"
+        save()
+        raise SystemExit(res["error"])
+    dev = torch.device("cpu" if quick else "cuda")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clipforget_fast.dispatch").setLevel(logging.INFO)    # it logs a fallback at INFO
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if quick:
         os.environ["CLIPFORGET_BACKEND"] = "triton"      # kernels under the interpreter
         torch.manual_seed(0)
-    res: dict = {"machine": machine(), "mode": "quick" if quick else "full"}
-    peak = matmul_tflops(dev, quick)
-    res["matmul_tflops"] = {"dtype": "float32" if quick else "bfloat16", "tflops": peak}
-    sections = [("kernels", lambda: check_kernels(dev, quick)),
-                ("apply", lambda: check_apply(dev, quick, "ViT-H-14")),
-                ("synth", lambda: check_synth(dev, quick)),
+    import clipforget_fast
+
+    setup = res["setup"] = {"package": str(Path(clipforget_fast.__file__).resolve().parent),
+                            "kernels": register_kernels()}
+    setup["preflight"] = preflight(dev)
+    if not setup["preflight"]["ok"]:
+        os.environ["CLIPFORGET_BACKEND"] = "torch"
+        setup["warning"] = (f"THE TRITON KERNELS DO NOT RUN HERE ({setup['preflight']['error']}). The kernels "
+                            "and synth sections are skipped; apply and the edits run on the torch reference "
+                            "(CLIPFORGET_BACKEND=torch).")
+        print(banner(setup["warning"]), flush=True)
+    save()
+
+    def triton_only(fn):
+        def run():
+            if not setup["preflight"]["ok"]:
+                raise Skipped(f"the Triton kernels do not run here: {setup['preflight']['error']}")
+            return fn()
+        return run
+
+    def peak() -> float | None:
+        return res.get("matmul_tflops", {}).get("tflops")
+
+    sections = [("matmul_tflops", lambda: matmul_tflops(dev, quick)),
+                ("kernels", triton_only(lambda: check_kernels(dev, quick))),
+                ("apply", lambda: check_apply(dev, quick)),
+                ("synth", triton_only(lambda: check_synth(dev, quick))),
                 ("nullspace", lambda: check_nullspace(dev, quick))]
     for name in (["toy", "hf:toy"] if quick else [m for m in args.models.split(",") if m]):
-        sections.append((f"edit_{name}", lambda name=name: check_edit(dev, quick, name, args.steps, peak)))
-    for name in (["hf:toy"] if quick else [m for m in args.gate_models.split(",") if m]):
-        sections.append((f"gate_{name}", lambda name=name: check_edit(dev, quick, name, args.steps, peak, True)))
+        sections.append((f"edit_{name}", lambda name=name: check_edit(dev, quick, name, args.steps, peak())))
+    for name in (["toy", "hf:toy"] if quick else [m for m in args.gate_models.split(",") if m]):
+        sections.append((f"gate_{name}", lambda name=name: check_edit(dev, quick, name, args.steps, peak(), True)))
     for key, fn in sections:
         if key.split("_")[0] not in skip and key not in skip:
             run_section(res, key, fn)
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(res, indent=1, default=str))    # partial results survive
+            save()
     print_table(res)
     print(f"\nwrote {out_path}")
     return res

@@ -214,12 +214,17 @@ def _gpu_kernels():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shapes, aligned", [
+    ([(3840, 1280), (1280, 5120), (5120, 1280), (1024, 4096)], True),     # ViT-H-14's: the aligned path
+    ([(1281, 777), (5120, 1)], False),              # ragged (a bias as a [d, 1] column): one launch apart
+], ids=["aligned", "ragged"])
 @pytest.mark.parametrize("k", [1, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_lowrank_update_gpu(dtype, k):
+def test_lowrank_update_gpu(dtype, k, shapes, aligned):
     kernels = _gpu_kernels()
-    shapes = [(3840, 1280), (1280, 5120), (5120, 1280), (1024, 4096), (1281, 777)]
     ws = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+    vec = 16 // ws[0].element_size()        # the launcher's ALIGN > 1 path: 16-byte pointers and rows
+    assert all(w.data_ptr() % 16 == 0 and w.shape[1] % vec == 0 for w in ws) == aligned
     lefts = [torch.randn(s[0], k, device="cuda") / math.sqrt(k) for s in shapes]
     rights = [torch.randn(s[1], k, device="cuda") for s in shapes]
     exact = [w.to(torch.float32, copy=True) for w in ws]
