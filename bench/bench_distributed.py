@@ -1,4 +1,5 @@
-"""forget() on one process against the same call shared by several (torchrun, gloo on CPU or NCCL on GPUs).
+"""forget() on one process against the same call shared by several (torchrun: NCCL with one GPU per process,
+else gloo on the CPU).
 
     python bench/bench_distributed.py [--nproc 2] [--threads 1] [--request domain-complete] [--per-cell 4]
                                       [--edit project|domain-gate]
@@ -9,7 +10,8 @@ threads each, launched with ``torch.distributed.run``. The model is the proving 
 one of bench/quality.py's (``edit="project"`` by default, so that every prototype is synthesized and
 captured; ``--edit domain-gate`` for the gate, whose prototypes are also translated between domains);
 prints forget()'s wall time and per-stage timings of each run, the ratios against the first two, and the
-largest difference between the runs' weight changes ΔW = ABᵀ (relative to the one-process patch).
+largest difference between the runs' weight changes ΔW = ABᵀ (relative to the one-process patch). Every run
+uses the same device: the GPUs where there is one per process (``--nproc`` of them), else the CPU.
 """
 from __future__ import annotations
 
@@ -32,6 +34,14 @@ REQUESTS = {"domain-complete": ("domain-complete", None, ["sketch"]),
             "global": ("global", ["fish"], None)}
 
 
+def placement(nproc: int) -> tuple[str, str]:
+    """(device, process-group backend) for ``nproc`` processes: NCCL with a GPU of its own per process,
+    else gloo on the CPU (NCCL refuses two ranks on one GPU, and a rank's GPU must exist)."""
+    if torch.cuda.is_available() and torch.cuda.device_count() >= nproc:
+        return "cuda", "nccl"
+    return "cpu", "gloo"
+
+
 def worker(args) -> None:
     import torch.distributed as dist
 
@@ -39,14 +49,15 @@ def worker(args) -> None:
     from clipforget_fast import proving_ground as pg
 
     torch.set_num_threads(args.threads)
+    device = args.device
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
     rank = dist.get_rank() if dist.is_initialized() else 0
     model, tok, _ = pg.load()
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model = model.to(device)
     mode, fc, fd = REQUESTS[args.request]
     spec = ForgetSpec(list(pg.CLASSES), list(pg.DOMAINS), forget_classes=fc, forget_domains=fd,
                       domain_phrases=pg.DOMAIN_PHRASES, class_phrases=pg.CLASS_PHRASES)
@@ -68,7 +79,7 @@ def worker(args) -> None:
 def launch(args, nproc: int, threads: int, out: Path) -> dict:
     me = [str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--request", args.request,
           "--per-cell", str(args.per_cell), "--batch-size", str(args.batch_size), "--edit", args.edit,
-          "--out", str(out)]
+          "--device", args.device, "--out", str(out)]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] + me
            if nproc > 1 else [sys.executable] + me)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -87,11 +98,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=100, help="ForgetConfig.batch_size")
     ap.add_argument("--edit", choices=("project", "domain-gate"), default="project", help="ForgetConfig.edit")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--device", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
+    args.device, backend = placement(args.nproc)
+    if args.device == "cpu" and torch.cuda.is_available():
+        print(f"{torch.cuda.device_count()} GPU(s) for {args.nproc} processes: every run on the CPU, "
+              f"{args.nproc} processes with gloo", flush=True)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, nproc, threads in ((f"1 process × {args.threads} thread(s)", 1, args.threads),
@@ -103,7 +119,7 @@ def main(argv=None) -> int:
             print(f"{label}: {runs[label]['seconds']:.1f} s", flush=True)
     first, same = list(runs.values())[:2]
     print(f"\nforget(), proving ground, {args.request} request, edit={args.edit!r}, {args.per_cell} prototypes per cell, "
-          f"batch_size {args.batch_size}, {'GPU' if torch.cuda.is_available() else 'CPU'}\n")
+          f"batch_size {args.batch_size}, {'GPU' if args.device == 'cuda' else 'CPU'} ({backend})\n")
     print("| run | forget() s | synthesis s | capture s | translate s | vs 1st | vs 2nd "
           "| max rel. ΔW difference to the 1st |")
     print("|---|---|---|---|---|---|---|---|")
