@@ -183,17 +183,24 @@ class Harness:
         self.before = {name: self._eval(t) for name, t in (("edit", DEFAULT_TEMPLATES), ("held-out", HELD_OUT_TEMPLATES))}
         self.banks = {}
         self.examples = None                     # {domain: images}: forget()'s domain_examples, where the gate edits
+        self.example_classes = None              # {domain: class index [n]} of those images
+        self.examples_without_forgotten = False  # leave each request's forgotten classes out of them
         try:
             self.has_site = gate_site(self.model) is not None
         except ValueError:
             self.has_site = False
 
-    def use_examples(self, per_cell: int) -> None:
+    def use_examples(self, per_cell: int, without_forgotten: bool = False) -> None:
         """Hand forget() ``per_cell`` real renders of every cell, by domain (render seed EXAMPLES_SEED), for
-        every request the domain gate edits; the tables say so in their title."""
-        images, _, di = pg.render(list(pg.CLASSES), list(pg.DOMAINS), per_cell, seed=EXAMPLES_SEED)
+        every request the domain gate edits; with ``without_forgotten``, of every cell but the request's
+        forgotten classes' (examples of the domains that hold none of what is forgotten). The tables say
+        which in their title."""
+        images, ci, di = pg.render(list(pg.CLASSES), list(pg.DOMAINS), per_cell, seed=EXAMPLES_SEED)
         self.examples = {d: images[di == j].to(next(self.model.parameters()).dtype) for j, d in enumerate(pg.DOMAINS)}
-        self.name += f", {per_cell} real renders per cell as domain examples"
+        self.example_classes = {d: ci[di == j] for j, d in enumerate(pg.DOMAINS)}
+        self.examples_without_forgotten = without_forgotten
+        self.name += f", {per_cell} real renders per cell as domain examples" + \
+            (", none of the forgotten classes" if without_forgotten else "")
 
     def _eval(self, templates):
         return evaluate(self.model, self.tok, self.images, self.ci, self.di, templates=templates, **self.ev)
@@ -211,6 +218,11 @@ class Harness:
         examples = None
         if self.examples is not None and config.edit_for(spec, gate_site=self.has_site) == "domain-gate":
             examples = self.examples
+            if self.examples_without_forgotten:
+                gone = torch.tensor([pg.CLASSES.index(c) for c in {c for c, _ in spec.forget_cells}])
+                keep = {d: ~torch.isin(self.example_classes[d], gone) for d in examples}
+                # every class forgotten (domain-complete): no example is left, the edit is data-free
+                examples = {d: x[keep[d]] for d, x in examples.items() if keep[d].any()} or None
         return forget(self.model, self.tok, spec, config, prototypes=self.bank(config), domain_examples=examples)
 
     def run(self, spec: ForgetSpec, config: ForgetConfig | None = None, edit=None):
@@ -544,6 +556,8 @@ def main(argv=None) -> int:
     ap.add_argument("--domain-examples", type=int, default=None, metavar="N",
                     help="hand forget() N real renders per cell as domain_examples wherever the domain gate edits "
                          "(not data-free: the defaults' targets are measured without)")
+    ap.add_argument("--examples-without-forgotten", action="store_true",
+                    help="with --domain-examples: leave each request's forgotten classes out of the examples")
     ap.add_argument("--examples-share", type=float, default=None, metavar="S",
                     help="with --domain-examples: gate.EXAMPLES_SHARE, the share of the detectors' weight the real "
                          "examples carry (default: the library's, each weighs as a stand-in)")
@@ -571,7 +585,9 @@ def main(argv=None) -> int:
     if args.domain_examples is not None:
         if args.domain_examples < 1:
             ap.error(f"--domain-examples {args.domain_examples}: must be ≥ 1")
-        h.use_examples(args.domain_examples)
+        h.use_examples(args.domain_examples, args.examples_without_forgotten)
+    elif args.examples_without_forgotten:
+        ap.error("--examples-without-forgotten needs --domain-examples")
     if args.examples_share is not None:
         if args.domain_examples is None or not 0 < args.examples_share < 1:
             ap.error(f"--examples-share {args.examples_share}: needs --domain-examples and a share in (0, 1)")
