@@ -210,19 +210,11 @@ def lowrank_exact(weights, lefts, rights, scale: float) -> list[torch.Tensor]:
     return [w.double() + scale * (a.double() @ b.double().t()) for w, a, b in zip(weights, lefts, rights)]
 
 
-def synth_update_exact(x, grad_in, active, *, lr, decay, lo, hi, in_shift, out_shift, blur):
-    """``reference.synth_update``'s formula in float64 (the reference itself computes in fp32)."""
+def synth_update_exact(x, grad_in, active, *, lo, hi, **kw):
+    """``reference.synth_update`` in float64 (it computes in its prototypes' precision, at least fp32)."""
     from clipforget_fast import reference
 
-    g = torch.roll(grad_in.double(), shifts=(-in_shift[0], -in_shift[1]), dims=(2, 3))
-    rms = g.flatten(1).pow(2).mean(dim=1).sqrt().view(-1, 1, 1, 1)
-    x = x.double()
-    x_new = x * (1.0 - lr * decay) - lr * g / (rms + reference.GRAD_EPS)
-    if blur:
-        x_new = reference._blur3x3(x_new)
-    x_new = torch.maximum(torch.minimum(x_new, hi.double().view(1, -1, 1, 1)), lo.double().view(1, -1, 1, 1))
-    x_new = torch.where(active.view(-1, 1, 1, 1), x_new, x)
-    return x_new, torch.roll(x_new, shifts=tuple(out_shift), dims=(2, 3))
+    return reference.synth_update(x.double(), grad_in.double(), active, lo=lo.double(), hi=hi.double(), **kw)
 
 
 def check_kernels(dev, quick: bool) -> list[dict]:

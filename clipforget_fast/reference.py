@@ -69,7 +69,9 @@ def synth_update(x: torch.Tensor, grad_in: torch.Tensor, active: torch.Tensor, *
       x_new   = clamp(blur(x_new) if blur else x_new, lo[c], hi[c]);  x_new = x where not active
       x_in_next = roll(x_new, out_shift)
     """
-    g = torch.roll(grad_in.float(), shifts=(-in_shift[0], -in_shift[1]), dims=(2, 3))
+    # fp32 arithmetic (fp64 for fp64 prototypes: the float64 twin the GPU check measures errors against)
+    g = torch.roll(grad_in.to(torch.promote_types(x.dtype, torch.float32)), shifts=(-in_shift[0], -in_shift[1]),
+                   dims=(2, 3))
     rms = g.flatten(1).pow(2).mean(dim=1).sqrt().view(-1, 1, 1, 1)
     x_new = x * (1.0 - lr * decay) - lr * g / (rms + GRAD_EPS)
     if blur:
