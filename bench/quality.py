@@ -538,9 +538,10 @@ def prototype_report(h: Harness, out: Path, record: bool) -> None:
     path = out / "prototypes_grid.png"
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
     st = bank.stats
+    steps = "none accepted" if st["mean_steps_to_accept"] is None else f"{st['mean_steps_to_accept']:.1f}"
     line = (f"{st['prototypes']} prototypes ({h.config.prototypes_per_cell} per cell), accepted "
             f"{st['accepted']} ({100 * st['acceptance_rate']:.1f}%) at p ≥ {h.config.accept_prob}, mean steps to "
-            f"acceptance {st['mean_steps_to_accept']}, {st['seconds']:.1f} s; grid: {path}")
+            f"acceptance {steps}, {st['seconds']:.1f} s; grid: {path}")
     print(line)
     if record:
         append_results(f"quality: prototype synthesis ({h.name})", [line.replace(str(path), path.name)])
