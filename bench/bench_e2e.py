@@ -2,8 +2,10 @@
 
     python bench/bench_e2e.py --model ViT-B-32 --classes 10 --domains 5 --protos 1 --steps 5
     python bench/bench_e2e.py --model ViT-B-32 --family hf     # the same network as a transformers CLIPModel
+    python bench/bench_e2e.py --mode domain --edit auto        # what a default call runs: here the domain gate
 
-Times every stage of ``forget`` (prompts, synthesis, capture, nullspace); the first ``apply`` (which
+Times every stage of ``forget`` (with ``--edit project``, the default here: prompts, synthesis, capture,
+nullspace; the class redirect and the domain gate have their own stages); the first ``apply`` (which
 checks a SHA-256 of every targeted weight) and its ``revert``, once each; and an apply+revert pair with
 ``force=True`` (no hashing: the update itself and its host work), median of 5. Reports the process's
 peak resident memory over the model's own. Random weights: synthesis acceptance means nothing here
@@ -30,6 +32,18 @@ from clipforget_fast import ForgetConfig, ForgetSpec, forget  # noqa: E402
 CLASSES = ["dog", "cat", "car", "tree", "house", "fish", "boat", "cup", "key", "star",
            "bird", "horse", "chair", "lamp", "clock", "shoe", "bottle", "flower", "apple", "train"]
 DOMAINS = ["photo", "sketch", "cartoon", "painting", "pixel_art", "clipart", "infograph", "quickdraw"]
+MODES = ("global", "domain", "domain-complete")
+EDITS = ("project", "auto", "class-redirect", "domain-gate")
+
+
+def request(mode: str, classes: int, domains: int) -> ForgetSpec:
+    """The benchmark's request: the first class everywhere (global), the first class in the second domain
+    (domain), or every class in the second domain (domain-complete)."""
+    if mode != "global" and domains < 2:
+        raise SystemExit(f"--mode {mode} needs --domains ≥ 2 (one forgotten, one kept)")
+    fc = None if mode == "domain-complete" else CLASSES[:1]
+    fd = None if mode == "global" else DOMAINS[1:2]
+    return ForgetSpec(CLASSES[:classes], DOMAINS[:domains], forget_classes=fc, forget_domains=fd)
 
 
 def peak_rss_gb() -> float:
@@ -44,6 +58,12 @@ def main(argv=None) -> int:
     ap.add_argument("--protos", type=int, default=1, help="prototypes per cell")
     ap.add_argument("--steps", type=int, default=5, help="synthesis steps (fixed: accept_prob=1)")
     ap.add_argument("--targets", default="proj+mlp")
+    ap.add_argument("--mode", choices=MODES, default="global",
+                    help="the request: the first class everywhere, the first class in the second domain, or every "
+                         "class in the second domain")
+    ap.add_argument("--edit", choices=EDITS, default="project",
+                    help="ForgetConfig.edit (project: every stage of the nullspace edit; auto: what the library "
+                         "picks for the request, as a default call does)")
     ap.add_argument("--family", choices=("open_clip", "hf"), default="open_clip",
                     help="hf: the same architecture as a transformers CLIPModel (open_clip's tokenizer: same ids)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -62,10 +82,9 @@ def main(argv=None) -> int:
         base_mem = torch.cuda.memory_allocated() / 2 ** 30
     else:
         base_mem = peak_rss_gb()
-    spec = ForgetSpec(CLASSES[:args.classes], DOMAINS[:args.domains], forget_classes=CLASSES[:1])
-    # edit="project": every stage (synthesis, capture, nullspace on both towers) is timed
+    spec = request(args.mode, args.classes, args.domains)
     config = ForgetConfig(prototypes_per_cell=args.protos, steps=args.steps, accept_prob=1.0,
-                          targets=args.targets, batch_size=64, edit="project")
+                          targets=args.targets, batch_size=64, edit=args.edit)
     n_img = len(spec.cells) * args.protos
     t = time.perf_counter()
     patch = forget(model, tokenizer, spec, config)
@@ -85,10 +104,15 @@ def main(argv=None) -> int:
     peak = (torch.cuda.max_memory_allocated() / 2 ** 30) if args.device == "cuda" else peak_rss_gb()
 
     tm = patch.timings
+    targets = f", targets `{args.targets}`" if patch.info["edit"] == "project" else ""
+    synthesized = "synthesis" in tm           # the class redirect reads no prototypes
+    protos = f"{n_img} prototypes × {args.steps} steps" if synthesized else "no prototypes"
+    if "translate" in tm:
+        protos += f", translated {config.gate_translate_steps} steps"
     rows = [
         f"{args.model} ({'transformers CLIPModel, ' if args.family == 'hf' else ''}random weights), {len(spec.classes)} classes × {len(spec.domains)} domains, "
-        f"{n_img} prototypes × {args.steps} steps, targets `{args.targets}` ({len(patch.entries)} layers), "
-        f"device {args.device}",
+        f"{protos}, {args.mode} request, edit `{args.edit}` → "
+        f"`{patch.info['edit']}` ({len(patch.entries)} layers{targets}), device {args.device}",
         "",
         "| stage | seconds |",
         "|---|---|",
@@ -99,13 +123,14 @@ def main(argv=None) -> int:
         f"| revert | {revert_s:.3f} |",
         f"| apply + revert, force=True (median ± half the spread) | {fmt_time(pair)} |",
         "",
-        f"synthesis: {n_img * args.steps / tm.get('synthesis', float('nan')):.3g} image-steps/s; "
+        (f"synthesis: {n_img * args.steps / tm['synthesis']:.3g} image-steps/s; " if synthesized else "") +
         f"memory: {'GPU allocated' if args.device == 'cuda' else 'peak RSS'} {base_mem:.2f} GB with the model, "
         f"{peak:.2f} GB peak during the edit (+{peak - base_mem:.2f} GB)",
     ]
     print("\n".join(rows))
     if not args.no_record:
-        append_results(f"bench_e2e {args.model}{' (HF)' if args.family == 'hf' else ''}", rows)
+        what = "" if (args.mode, args.edit) == ("global", "project") else f", {args.mode}, {patch.info['edit']}"
+        append_results(f"bench_e2e {args.model}{' (HF)' if args.family == 'hf' else ''}{what}", rows)
     return 0
 
 
