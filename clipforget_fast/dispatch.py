@@ -138,6 +138,12 @@ def lowrank_update_(weights: list[torch.Tensor], lefts: list[torch.Tensor],
             _cpp.load().lowrank_update_(ws, ls, rs, float(scale))
         else:
             reference.lowrank_update_(ws, ls, rs, scale)
+            continue
+        # the kernels write through the data pointer, which autograd does not see: count the write in each
+        # weight's version counter, as an in-place op does (a graph that saved the weight then refuses to
+        # run backward, and whatever keys on the counter sees the change)
+        for w in ws:
+            torch.autograd.graph.increment_version(w)
 
 
 def synth_update(x: torch.Tensor, grad_in: torch.Tensor, active: torch.Tensor,

@@ -105,11 +105,29 @@ def test_cpp_kernel_matches_reference(monkeypatch):
             ref = [w.clone() for w in ws]
             reference.lowrank_update_(exact, lefts, rights, 0.5)
             reference.lowrank_update_(ref, lefts, rights, 0.5)
+            versions = [w._version for w in ws]
             dispatch.lowrank_update_(ws, lefts, rights, 0.5)
+            assert all(w._version > v for w, v in zip(ws, versions))     # the write is seen
             for w, e, r in zip(ws, exact, ref):
                 err = float((w.float() - e).abs().max())
                 bound = float((r.float() - e).abs().max())
                 assert err <= 2 * bound + 1e-5 * float(e.abs().max())
+
+
+def test_kernel_write_under_a_saved_graph_is_refused_by_backward(monkeypatch):
+    """A weight a graph saved for backward and a kernel then wrote: backward raises, as after any in-place
+    op, instead of computing gradients from the new values."""
+    if _cpp.load() is None:
+        pytest.skip("no C++ toolchain")
+    monkeypatch.setenv("CLIPFORGET_BACKEND", "cpp")
+    w = torch.randn(6, 4, requires_grad=True)
+    x = torch.randn(3, 6, requires_grad=True)
+    with torch.no_grad():
+        weight = w.detach()                 # shares storage and version counter with w
+    y = (x @ w).sum()                       # saves w for x's gradient
+    dispatch.lowrank_update_([weight], [torch.randn(6, 1)], [torch.randn(4, 1)], 1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
 
 
 def test_explicit_triton_on_cpu_with_interpreter_runs_kernels():
@@ -125,9 +143,12 @@ def test_explicit_triton_on_cpu_with_interpreter_runs_kernels():
         rs = [torch.randn(14, 2), torch.randn(5, 2)]
         want = [w.clone() for w in ws]
         reference.lowrank_update_(want, ls, rs, 0.3)
+        versions = [w._version for w in ws]
         dispatch.lowrank_update_(ws, ls, rs, 0.3)
         for w, v in zip(ws, want):
             torch.testing.assert_close(w, v, rtol=1e-5, atol=1e-5)
+        # the kernel's write counts in the version counters, as an in-place op's does
+        assert all(w._version > v for w, v in zip(ws, versions)), [w._version for w in ws]
         # weights with strided columns (a transposed view, and one row of it) take the reference
         views = [torch.randn(6, 9).t(), torch.randn(6, 9).t()[2:3]]
         ls, rs = [torch.randn(9, 2), torch.randn(1, 2)], [torch.randn(6, 2), torch.randn(6, 2)]
