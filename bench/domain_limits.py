@@ -1105,20 +1105,20 @@ def _restored(obj, name: str):
 @contextlib.contextmanager
 def _translations_once():
     """Within it, forget() translates the prototypes of a bank for a request and a number of steps once
-    and reuses them (a sweep of the gate's own constants does not change them). The key holds the cells
-    in their order: two requests with the same forgotten domains list their cells (forgotten first) in
-    different orders, and translation's batches, made up otherwise, give other translations in the last
-    bits, which twenty steps of ascent carry into the gate (a point on some requests at 100 renders a cell)."""
+    and reuses them (a sweep of the gate's own constants does not change them), whatever bank it is
+    handed (the library keeps them only on a caller's bank, and the last few). The key holds the cells in
+    their order: the same prototypes listed otherwise are another request's, kept apart."""
     from clipforget_fast import pipeline as module
     saved, memo = module._translated, {}
 
     def translated(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config, classes,
-                   world=None):
+                   world=None, bank=None, amp=None):
         key = (tuple(cells), float(images.double().sum()), tuple(forgotten_domains), config.gate_translate_steps)
-        if key not in memo:
+        hit = key in memo
+        if not hit:
             memo[key] = saved(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config,
-                              classes, world)
-        return memo[key]
+                              classes, world, None, amp)[0]
+        return memo[key], hit
 
     module._translated = translated
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,36 @@ def image_tower_fingerprint(model: nn.Module) -> dict:
         sample = flat[::max(1, flat.numel() // _FINGERPRINT_SAMPLES)].float().cpu().contiguous()
         weights.update(sample.numpy().tobytes())
     return {"architecture": arch.hexdigest(), "weights": weights.hexdigest()}
+
+
+_DIGESTS: dict[int, tuple] = {}     # id(tensor) -> (weakref to it, data_ptr, version counter, digest)
+
+
+def _content_digest(t: torch.Tensor) -> str:
+    """``patch.tensor_hash`` of ``t`` (all its bytes), computed again only when its storage or version
+    counter moved since the last time: a write through ``.data`` or a raw pointer is not seen."""
+    from .patch import tensor_hash
+
+    got = _DIGESTS.get(id(t))
+    if got is not None and got[0]() is t and got[1:3] == (t.data_ptr(), t._version):
+        return got[3]
+    digest = tensor_hash(t)
+    key = id(t)
+    _DIGESTS[key] = (weakref.ref(t, lambda _, k=key: _DIGESTS.pop(k, None)), t.data_ptr(), t._version, digest)
+    return digest
+
+
+def image_tower_digest(model: nn.Module) -> str:
+    """SHA-256 of the image tower's parameter names, shapes, dtypes and every byte of its weights: what
+    the tower computes, as a key for results derived from it. A weight is hashed again only after its
+    storage or version counter moved (the library's kernels count their writes there), so a second call
+    on an unchanged tower costs little; a weight written through ``.data`` or a raw pointer since is not
+    seen."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if name.startswith(IMAGE_PREFIXES):
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{_content_digest(p)};".encode())
+    return h.hexdigest()
 
 
 # the editable weights in both families (open_clip template, its layout, Hugging Face template; every HF

@@ -9,6 +9,7 @@ are kept orthogonal to theirs, so earlier forgetting is not undone (DESIGN §2.6
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -24,12 +25,13 @@ from .evaluate import AccuracyMatrix
 from .gate import ImageRows, gate_entries, rewired_units, site_read
 from .images import check_images, image_source
 from .layers import (Layer, context_length, encode_image, find_layers, gate_site, image_geometry,
-                     image_tower_fingerprint)
+                     image_tower_digest, image_tower_fingerprint)
 from .nullspace import forget_basis
-from .patch import Patch, PatchEntry, applied_patches
+from .patch import Patch, PatchEntry, applied_patches, tensor_hash
 from .redirect import class_shifts, class_targets, pseudo_images, redirect_entry
 from .spec import ForgetSpec
-from .synthesis import SYNTHESIS_FIELDS, PrototypeBank, autocast_dtype, frozen, synthesize, translate
+from .synthesis import (SYNTHESIS_FIELDS, TRANSLATIONS_KEPT, PrototypeBank, autocast_dtype, frozen, logit_scale,
+                        synthesize, translate)
 from .text import class_embeddings, encode_tokens, ensemble, tokenize
 
 log = logging.getLogger(__name__)
@@ -290,25 +292,67 @@ def _find_gate_site(model):
 
 def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_text: torch.Tensor,
                 forgotten_domains: list, domains: list, config: ForgetConfig, classes: list,
-                world: World | None = None):
-    """(images, domain index, class index) for the domain gate's detectors: the prototypes of every cell
-    moved into the same class's cell of each forgotten domain, and those of the forgotten domains moved
-    into every other domain (``synthesis.translate``, ``config.gate_translate_steps`` steps), each labelled
-    by the domain it was moved into and its class (indices into ``domains`` and ``classes``). The batches
-    are shared by the ranks of ``world``."""
+                world: World | None = None, bank: PrototypeBank | None = None, amp: torch.dtype | None = None):
+    """((images, domain index, class index), whether they came from ``bank.translations``) for the domain
+    gate's detectors: the prototypes of every cell moved into the same class's cell of each forgotten
+    domain, and those of the forgotten domains moved into every other domain (``synthesis.translate``,
+    ``config.gate_translate_steps`` steps), each labelled by the domain it was moved into and its class
+    (indices into ``domains`` and ``classes``), in the order of the pairs of cells by their indices in
+    ``cells``. The batches are shared by the ranks of ``world``.
+
+    The images are moved in the vocabulary's order of the cells (class by class, domain by domain), not
+    the request's: every request over the vocabulary with the same forgotten domains moves the same
+    images in the same batches. With ``bank`` (the caller's, handed to later requests) one process keeps
+    them there, keyed by everything they are computed from (``_translation_key``), the last
+    TRANSLATIONS_KEPT; several processes compute them each time, so that every rank joins the same
+    collectives."""
+    order = {cell: i for i, cell in enumerate((c, d) for c in classes for d in domains)}
+    canon = sorted(range(len(cells)), key=lambda i: order[cells[i]])   # vocabulary position -> index in cells
+    at = {i: k for k, i in enumerate(canon)}
     index = {c: i for i, c in enumerate(cells)}         # a request given cell by cell may lack some targets
     pairs = sorted({(index[(c, d)], index[(c, f)]) for c, d in cells for f in forgotten_domains
                     if d != f and (c, f) in index}
                    | {(index[(c, d)], index[(c, e)]) for c, d in cells if d in forgotten_domains
                       for e in domains if e != d and (c, e) in index})
     if not pairs:
-        return images[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    src = torch.cat([torch.arange(i * per_cell, (i + 1) * per_cell) for i, _ in pairs])
-    tgt = torch.tensor([j for _, j in pairs]).repeat_interleave(per_cell)
-    moved = translate(model, images[src.to(images.device)], cell_text, tgt, config.gate_translate_steps, config,
-                      world)
-    return moved, torch.tensor([domains.index(cells[j][1]) for j in tgt.tolist()]), \
-        torch.tensor([classes.index(cells[j][0]) for j in tgt.tolist()])
+        return (images[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)), False
+    moved_order = sorted(range(len(pairs)), key=lambda p: (at[pairs[p][0]], at[pairs[p][1]]))
+    src = torch.cat([torch.arange(pairs[p][0] * per_cell, (pairs[p][0] + 1) * per_cell) for p in moved_order])
+    tgt = torch.tensor([at[pairs[p][1]] for p in moved_order]).repeat_interleave(per_cell)
+    text = cell_text[torch.tensor(canon, device=cell_text.device)]
+    x = images[src.to(images.device)]
+    keep = bank is not None and not (world is not None and world.on)
+    key = _translation_key(model, x, text, tgt, per_cell, config, amp) if keep else None
+    moved = bank.translations.pop(key, None) if keep else None
+    hit = moved is not None
+    if not hit:
+        moved = translate(model, x, text, tgt, config.gate_translate_steps, config, world)
+    if keep:
+        bank.translations[key] = moved                   # the newest last
+        while len(bank.translations) > TRANSLATIONS_KEPT:
+            bank.translations.pop(next(iter(bank.translations)))
+    # back to the order of the pairs (the detectors' fit reads its examples in it)
+    back = torch.tensor(moved_order).argsort()
+    rows = (back[:, None] * per_cell + torch.arange(per_cell)).reshape(-1)
+    moved = moved[rows.to(moved.device)]
+    tgt_cells = [pairs[p][1] for p in range(len(pairs))]
+    dom = torch.tensor([domains.index(cells[j][1]) for j in tgt_cells]).repeat_interleave(per_cell)
+    cls = torch.tensor([classes.index(cells[j][0]) for j in tgt_cells]).repeat_interleave(per_cell)
+    return (moved, dom, cls), hit
+
+
+def _translation_key(model, images: torch.Tensor, cell_text: torch.Tensor, target: torch.Tensor,
+                     per_cell: int, config: ForgetConfig, amp: torch.dtype | None) -> str:
+    """A digest of everything ``synthesis.translate`` computes from: the image tower (every byte of its
+    weights: ``layers.image_tower_digest``; its pixel statistics), the logit scale, the images, the
+    classifier and the targets (their bytes), and the steps' settings."""
+    _, mean, std = image_geometry(model)
+    h = hashlib.sha256(repr((image_tower_digest(model), mean.tolist(), std.tolist(), logit_scale(model), per_cell,
+                             config.gate_translate_steps, config.step_size, config.batch_size, str(amp),
+                             str(images.device))).encode())
+    for t in (images, cell_text, target):
+        h.update(tensor_hash(t).encode())
+    return h.hexdigest()
 
 
 def _domain_examples(examples, spec: ForgetSpec, model: nn.Module):
@@ -377,6 +421,7 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         cell_text = ensemble(per_prompt, sizes)
         class_emb = _class_rows(per_prompt, cells, sizes, classes)
         timings["prompts"] = time.perf_counter() - t
+        given = bank
         bank = _prototypes(model, cells, cell_text, config, device, bank, info, timings, world)
         images = torch.cat([bank.images[c][:P].to(device) for c in cells])
         forgotten = torch.tensor([d in gated[1] for _, d in cells]).repeat_interleave(P)   # the gate's domains
@@ -385,8 +430,9 @@ def _forget_domain_gate(model, tokenizer, spec: ForgetSpec, config: ForgetConfig
         t = time.perf_counter()
         entries, gate, extra = [], None, None
         if config.gate_translate_steps:           # every rank moves its share of the prototypes
-            extra = _translated(model, images, cells, P, cell_text, gated[1], list(spec.domains), config,
-                                classes, world)
+            extra, reused = _translated(model, images, cells, P, cell_text, gated[1], list(spec.domains), config,
+                                        classes, world, bank if bank is given else None, amp)
+            info["translations_reused"] = reused
             timings["translate"] = time.perf_counter() - t
             t = time.perf_counter()
         if examples is not None:                  # every rank reads its share of the real examples

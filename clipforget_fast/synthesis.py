@@ -61,16 +61,32 @@ SYNTHESIS_FIELDS = ("prototypes_per_cell", "steps", "step_size", "pixel_decay", 
                     "accept_prob", "min_steps", "batch_size", "seed", "dtype")
 
 
+# translations of a bank's prototypes kept in memory for the domain gate: the last this many (each set of
+# forgotten domains over a vocabulary is one; prototypes × (cells of the kept domains + cells of the
+# forgotten ones × kept domains) images)
+TRANSLATIONS_KEPT = 4
+
+
 @dataclass
 class PrototypeBank:
     """Synthesized prototypes by cell, reusable across requests on the same model (every request
     over the same vocabulary synthesizes the same cells against the same classifier), in memory or
-    through ``save`` / ``load``."""
+    through ``save`` / ``load``.
+
+    In memory, a bank handed to ``forget`` also keeps the domain gate's translations of its prototypes
+    (``translations``: the last TRANSLATIONS_KEPT sets of forgotten domains), keyed by everything they
+    are computed from: the prototypes, the classifier, the image tower's weights (a sampled fingerprint,
+    their version counters and the patches applied to them), the translation's settings. A later request
+    with the same forgotten domains over the same vocabulary reuses them, bit for bit what it would
+    compute, and skips most of the gate's time. ``translations.clear()`` frees them; they are not saved,
+    and not kept with several processes (``distributed.World``)."""
     images: dict          # {(class, domain): [P, 3, H, W] fp32}
     accepted: dict        # {(class, domain): [P] bool}
     stats: dict           # SynthesisResult.stats() of the run that made it
     source: dict = field(default_factory=dict)   # {"image_tower": layers.image_tower_fingerprint of the
                                                  # model, "synthesis": the SYNTHESIS_FIELDS of the config}
+    translations: dict = field(default_factory=dict, repr=False, compare=False)   # {key: (images, domains,
+                                                 # classes)}, oldest first (pipeline._translated)
 
     def __contains__(self, cell) -> bool:
         return cell in self.images

@@ -15,9 +15,9 @@ def test_translation_memo_keys_on_the_cells_in_order(monkeypatch):
     calls = []
 
     def translated(model, images, cells, per_cell, cell_text, forgotten_domains, domains, config, classes,
-                   world=None):
+                   world=None, bank=None, amp=None):
         calls.append(list(cells))
-        return images + len(calls), torch.zeros(len(images), dtype=torch.long), None
+        return (images + len(calls), torch.zeros(len(images), dtype=torch.long), None), False
 
     monkeypatch.setattr(pipeline, "_translated", translated)
     images = torch.arange(12.0).view(3, 4)
@@ -30,5 +30,5 @@ def test_translation_memo_keys_on_the_cells_in_order(monkeypatch):
         b = pipeline._translated(None, images[[1, 0, 2]], other, 1, None, ["sketch"], ["photo", "sketch"],
                                  config, [])
     assert calls == [first, other]            # reused for the same request, computed for the other order
-    assert again[0] is a[0] and not torch.equal(b[0], a[0])
+    assert again[0][0] is a[0][0] and not torch.equal(b[0][0], a[0][0])
     assert pipeline._translated is translated   # restored on exit

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforget_fast import ForgetConfig, ForgetSpec, Patch, forget
-from clipforget_fast import gate
+from clipforget_fast import ForgetConfig, ForgetSpec, Patch, PrototypeBank, forget, synthesize_prototypes
+from clipforget_fast import gate, pipeline
 from clipforget_fast.gate import gate_entries, neutral_shift, rewired_units
 from clipforget_fast.layers import encode_image, gate_site
 from clipforget_fast.pipeline import _domain_examples
@@ -352,6 +352,77 @@ def test_forget_with_the_gate_saves_reloads_and_refuses(tmp_path, tokenizer, voc
     model.visual.transformer.resblocks[-1].mlp.gelu = nn.Tanh()
     with pytest.raises(ValueError, match="about 0 far below 0.*Tanh"):
         forget(model, tokenizer, spec, cfg)
+
+
+def test_a_bank_keeps_the_gates_translations_for_the_next_request(tokenizer, vocab, monkeypatch):
+    """A bank handed to forget keeps the gate's translations of its prototypes: a request with the same
+    forgotten domains reuses them, and its patch is the one computed afresh, bit for bit; other domains,
+    a patch applied to the image tower (and reverted), or a weight written in place compute them again."""
+    model = make_tiny_clip()
+    cfg = ForgetConfig(prototypes_per_cell=2, steps=8, edit="domain-gate")
+    bank = synthesize_prototypes(model, tokenizer, ForgetSpec(*vocab, forget_domains=["sketch"]), cfg)
+    calls = []
+    real = pipeline.translate
+    monkeypatch.setattr(pipeline, "translate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+
+    def run(classes, domains, prototypes=bank):
+        patch = forget(model, tokenizer, ForgetSpec(*vocab, forget_classes=classes, forget_domains=domains), cfg,
+                       prototypes=prototypes)
+        return patch, patch.info["translations_reused"]
+
+    first, reused = run(["dog", "cat"], ["sketch"])
+    assert not reused and len(calls) == 1 and len(bank.translations) == 1
+    again, reused = run(["car", "tree"], ["sketch"])          # other classes, the same forgotten domain
+    assert reused and len(calls) == 1
+    fresh, reused = run(["car", "tree"], ["sketch"], PrototypeBank(bank.images, bank.accepted, bank.stats, bank.source))
+    assert not reused and len(calls) == 2
+    assert [e.name for e in again.entries] == [e.name for e in fresh.entries]
+    for a, b in zip(again.entries, fresh.entries):
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+    assert run(["dog"], ["pixel_art"])[1] is False and len(bank.translations) == 2
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    first.apply(model)                                         # the image tower holds a patch
+    assert run(["dog", "cat"], ["sketch"])[1] is False
+    first.revert(model)                                        # back, up to rounding
+    exact = all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert run(["dog", "cat"], ["sketch"])[1] is exact        # reused only where the revert was exact
+    assert run(["dog", "cat"], ["sketch"])[1] is True
+    with torch.no_grad():
+        model.visual.transformer.resblocks[0].mlp.c_fc.weight.add_(1e-3)
+    assert run(["dog", "cat"], ["sketch"])[1] is False
+    with torch.no_grad():
+        model.logit_scale.add_(0.1)                            # the translation's loss reads it
+    assert run(["dog", "cat"], ["sketch"])[1] is False
+    monkeypatch.setattr(pipeline, "TRANSLATIONS_KEPT", 2)      # the oldest go first
+    run(["dog", "cat"], ["photo"])
+    assert len(bank.translations) == 2
+    assert run(["dog", "cat"], ["sketch"])[1] is True and run(["dog"], ["pixel_art"])[1] is False
+
+
+def test_translations_run_in_the_vocabularys_order_and_come_back_in_the_requests(vocab):
+    """``_translated`` moves the images in the vocabulary's order of the cells and returns them in the
+    order of the request's pairs of cells, each with its own labels: the same, up to rounding, as moving
+    them in the request's order."""
+    model = make_tiny_clip()
+    classes, domains = vocab
+    cells = [("cat", "sketch"), ("dog", "sketch"), ("tree", "photo"), ("dog", "photo"), ("cat", "photo"),
+             ("tree", "sketch")]                                  # the request's order, some cells left out
+    P = 2
+    torch.manual_seed(3)
+    images, text = torch.randn(len(cells) * P, 3, 32, 32), F.normalize(torch.randn(len(cells), 32), dim=-1)
+    cfg = ForgetConfig(gate_translate_steps=3)
+    (moved, dom, cls), hit = pipeline._translated(model, images, cells, P, text, ["sketch"], domains, cfg, classes)
+    assert not hit
+    index = {c: i for i, c in enumerate(cells)}
+    pairs = sorted({(index[(c, d)], index[(c, "sketch")]) for c, d in cells if d != "sketch" and (c, "sketch") in index}
+                   | {(index[(c, "sketch")], index[(c, e)]) for c, d in cells if d == "sketch"
+                      for e in domains if e != "sketch" and (c, e) in index})
+    src = torch.cat([torch.arange(i * P, (i + 1) * P) for i, _ in pairs])
+    tgt = torch.tensor([j for _, j in pairs]).repeat_interleave(P)
+    want = pipeline.translate(model, images[src], text, tgt, 3, cfg)
+    torch.testing.assert_close(moved, want, atol=1e-5, rtol=1e-5)
+    assert dom.tolist() == [domains.index(cells[j][1]) for _, j in pairs for _ in range(P)]
+    assert cls.tolist() == [classes.index(cells[j][0]) for _, j in pairs for _ in range(P)]
 
 
 def test_a_second_gate_takes_other_units_and_both_revert(tokenizer, vocab):
