@@ -82,20 +82,44 @@ def image_tower_fingerprint(model: nn.Module) -> dict:
     return {"architecture": arch.hexdigest(), "weights": weights.hexdigest()}
 
 
-_DIGESTS: dict[int, tuple] = {}     # id(tensor) -> (weakref to it, data_ptr, version counter, digest)
+class TensorMemo:
+    """Values attached to tensors in this process, each valid while its tensor's storage and version
+    counter stay as they were when it was set: any write through torch (an in-place op,
+    ``load_state_dict``, ``.to``, the library's kernels, which count their writes) makes it stale; a
+    write through ``.data`` or a raw pointer does not. A value goes with its tensor when it is freed."""
+
+    def __init__(self):
+        self._held: dict[int, tuple] = {}     # id(tensor) -> (weakref to it, data_ptr, version, value)
+
+    def get(self, t: torch.Tensor):
+        """The value set on ``t``, None if none or stale."""
+        got = self._held.get(id(t))
+        if got is None or got[0]() is not t or got[1:3] != (t.data_ptr(), t._version):
+            return None
+        return got[3]
+
+    def set(self, t: torch.Tensor, value) -> None:
+        """Attach ``value`` to ``t`` as it is now (None: drop what it had)."""
+        key = id(t)
+        if value is None:
+            self._held.pop(key, None)
+            return
+        self._held[key] = (weakref.ref(t, lambda _, k=key: self._held.pop(k, None)), t.data_ptr(), t._version,
+                           value)
+
+
+_DIGESTS = TensorMemo()      # weight -> patch.tensor_hash of its bytes
 
 
 def _content_digest(t: torch.Tensor) -> str:
-    """``patch.tensor_hash`` of ``t`` (all its bytes), computed again only when its storage or version
-    counter moved since the last time: a write through ``.data`` or a raw pointer is not seen."""
+    """``patch.tensor_hash`` of ``t`` (all its bytes), computed again only when it went stale
+    (``TensorMemo``)."""
     from .patch import tensor_hash
 
-    got = _DIGESTS.get(id(t))
-    if got is not None and got[0]() is t and got[1:3] == (t.data_ptr(), t._version):
-        return got[3]
-    digest = tensor_hash(t)
-    key = id(t)
-    _DIGESTS[key] = (weakref.ref(t, lambda _, k=key: _DIGESTS.pop(k, None)), t.data_ptr(), t._version, digest)
+    digest = _DIGESTS.get(t)
+    if digest is None:
+        digest = tensor_hash(t)
+        _DIGESTS.set(t, digest)
     return digest
 
 

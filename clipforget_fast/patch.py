@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import tempfile
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +34,7 @@ from torch import nn
 
 from . import dispatch
 from ._version import __version__
-from .layers import IMAGE_PREFIXES, hf_names, is_hf_clip, open_clip_name
+from .layers import IMAGE_PREFIXES, TensorMemo, hf_names, is_hf_clip, open_clip_name
 
 _STACK_ATTR = "_clipforget_stack"    # on the model: applied patches, oldest first
 _FORMAT = "clipforget_fast.patch/1"
@@ -71,29 +70,19 @@ class Mark(NamedTuple):
     ``root`` with the patches ``chain`` (their keys, oldest first) added, up to rounding."""
     root: str
     chain: tuple
-    ptr: int          # the tensor's storage and version counter when the mark was made: any other write
-    version: int      # to it (load_state_dict, an in-place op, ``.to``) makes the mark stale
 
 
-_MARKS: dict[int, tuple] = {}       # id(weight) -> (weakref to it, Mark)
+# weight -> Mark, made stale by any other write to it (load_state_dict, an in-place op, ``.to``)
+_MARKS = TensorMemo()
 
 
 def mark_of(weight: torch.Tensor) -> Mark | None:
     """The mark the patches applied in this process left on ``weight``, None if none or stale."""
-    got = _MARKS.get(id(weight))
-    if got is None or got[0]() is not weight:
-        return None
-    m = got[1]
-    return m if (m.ptr, m.version) == (weight.data_ptr(), weight._version) else None
+    return _MARKS.get(weight)
 
 
 def _set_mark(weight: torch.Tensor, root: str | None, chain: tuple) -> None:
-    key = id(weight)
-    if root is None:
-        _MARKS.pop(key, None)
-        return
-    _MARKS[key] = (weakref.ref(weight, lambda _, k=key: _MARKS.pop(k, None)),
-                   Mark(root, tuple(chain), weight.data_ptr(), weight._version))
+    _MARKS.set(weight, None if root is None else Mark(root, tuple(chain)))
 
 
 @dataclass(eq=False)

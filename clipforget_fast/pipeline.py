@@ -335,9 +335,8 @@ def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_te
     back = torch.tensor(moved_order).argsort()
     rows = (back[:, None] * per_cell + torch.arange(per_cell)).reshape(-1)
     moved = moved[rows.to(moved.device)]
-    tgt_cells = [pairs[p][1] for p in range(len(pairs))]
-    dom = torch.tensor([domains.index(cells[j][1]) for j in tgt_cells]).repeat_interleave(per_cell)
-    cls = torch.tensor([classes.index(cells[j][0]) for j in tgt_cells]).repeat_interleave(per_cell)
+    dom = torch.tensor([domains.index(cells[j][1]) for _, j in pairs]).repeat_interleave(per_cell)
+    cls = torch.tensor([classes.index(cells[j][0]) for _, j in pairs]).repeat_interleave(per_cell)
     return (moved, dom, cls), hit
 
 
