@@ -44,7 +44,7 @@ class GramCapture:
     """
 
     def __init__(self, model: nn.Module, layers: list[Layer], token_policy: str = "pooled",
-                 device: torch.device | None = None, keep_forget_rows: tuple[str, ...] = ()):
+                 device: torch.device | None = None, keep_rows: tuple[str, ...] = ()):
         self.model = model
         self.layers = layers
         self.policy = token_policy
@@ -52,8 +52,9 @@ class GramCapture:
         self.grams = {l.name: {g: torch.zeros(l.d_in, l.d_in, device=dev, dtype=torch.float32)
                                for g in GROUPS} for l in layers}
         self.counts = {l.name: {g: 0 for g in GROUPS} for l in layers}
-        # the F rows themselves, for the layers named (the class redirect needs them)
-        self.forget_rows = {name: [] for name in keep_forget_rows}
+        # the rows themselves, per group in the order of the passes, for the layers named (the class
+        # redirect needs the text projection's F rows; the self-check re-projects its inputs)
+        self.rows = {name: {g: [] for g in GROUPS} for name in keep_rows}
         self._group = None
         self._eot = None            # [B] EOT positions of the current text batch
         self._handles = []
@@ -97,15 +98,15 @@ class GramCapture:
 
     def _fold(self, layer: Layer, rows: torch.Tensor) -> None:
         rows = rows.float()
-        if self._group == "F" and layer.name in self.forget_rows:
-            self.forget_rows[layer.name].append(rows.detach().clone())
+        if layer.name in self.rows:
+            self.rows[layer.name][self._group].append(rows.detach().clone())
         self.grams[layer.name][self._group].addmm_(rows.t(), rows)
         self.counts[layer.name][self._group] += rows.shape[0]
 
     def gather(self, world) -> None:
         """Combine the ranks' captures (``distributed.World``): every rank ends with the Grams and
-        counts summed over the ranks and the forget rows of every rank, in rank order (each rank took
-        a contiguous share of the prompts, so that is the order of the prompts)."""
+        counts summed over the ranks and the kept rows of every rank, in rank order (each rank took
+        a contiguous share of each group's prompts, so that is the order of the prompts)."""
         if not world.on:
             return
         for name, g in self.grams.items():
@@ -114,10 +115,11 @@ class GramCapture:
             n = torch.tensor([self.counts[name][grp] for grp in GROUPS], dtype=torch.float64)
             world.sum_(n)
             self.counts[name] = {grp: int(v) for grp, v in zip(GROUPS, n.tolist())}
-        for name, rows in self.forget_rows.items():
-            mine = torch.cat(rows) if rows else None
+        for name, groups in self.rows.items():
             dev = next(iter(self.grams[name].values())).device
-            self.forget_rows[name] = [world.cat(mine, dev)]
+            for grp, rows in groups.items():
+                if self.counts[name][grp]:                  # summed above: every rank takes the same branch
+                    groups[grp] = [world.cat(torch.cat(rows) if rows else None, dev)]
 
     # ---- passes -------------------------------------------------------------------------------
     def _raw_proj(self, tower: str) -> Layer | None:

@@ -211,7 +211,7 @@ def _class_rows(prompt_emb: torch.Tensor, cells: list, sizes: list[int], classes
 @torch.no_grad()
 def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.Tensor, cells: list,
                 per_cell: int, prompt_emb: torch.Tensor, sizes: list[int], towers: set, config: ForgetConfig,
-                autocast: dict, world: World) -> dict:
+                autocast: dict, world: World, text_rows: tuple | None = None) -> dict:
     """Zero-shot accuracy (the spec's prompts, domain-agnostic: what ``evaluate`` computes) of the
     prototypes of each group of cells, without and with the patch (``Patch.applied``: the weights come
     back bit for bit), and warnings when the forgotten cells stay recognized or the others lose ground.
@@ -219,7 +219,9 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
     a miss. ``prompt_emb`` [Σ sizes, D]: the prompts stage's embeddings of the cells' prompts (``sizes``
     per cell), reused as the classifier before the patch; each tower ("text", "visual") runs again under
     the patch only if it is in ``towers``, the ones the patch edits; each rank encodes its share of
-    the prototypes."""
+    the prototypes. ``text_rows`` (layer, [Σ sizes, d_in]): when the patch edits no text layer but the
+    text projection, that layer and its inputs from the prompts stage; the prompts' embeddings under
+    the patch are then those rows through the patched weight, without the text tower."""
     classes, domains = list(spec.classes), list(spec.domains)
     ci = torch.tensor([classes.index(c) for c, _ in cells]).repeat_interleave(per_cell)
     di = torch.tensor([domains.index(d) for _, d in cells]).repeat_interleave(per_cell)
@@ -237,16 +239,25 @@ def _self_check(model, tokenizer, spec: ForgetSpec, patch: Patch, images: torch.
         pred = (emb @ clf.t()).argmax(-1).cpu()
         return AccuracyMatrix.from_predictions(pred, ci, di, classes, domains), pred == ci
 
+    every = {(c, d) for c in classes for d in domains} <= set(cells)   # every cell's prompts were embedded
+
+    def classifier_after():
+        if "text" not in towers:
+            return clf0
+        if not (every and text_rows is not None and len(text_rows[1]) == sum(sizes)):
+            return classifier()
+        layer, rows = text_rows
+        w = layer.weight_out_in()
+        emb = rows.to(w.device, w.dtype) @ w.t()       # the rows were the weight's dtype before the capture's fp32
+        bias = getattr(layer.tap, "bias", None) if layer.layout == "linear" else None
+        return _class_rows(emb if bias is None else emb + bias, cells, sizes, classes)
+
     with torch.autocast(**autocast):
-        if {(c, d) for c in classes for d in domains} <= set(cells):   # every cell's prompts were embedded
-            clf0 = _class_rows(prompt_emb, cells, sizes, classes)
-        else:
-            clf0 = classifier()
+        clf0 = _class_rows(prompt_emb, cells, sizes, classes) if every else classifier()
         emb0 = image_emb()
         before, hit0 = score(clf0, emb0)
         with patch.applied(model, force=True):
-            after, hit1 = score(classifier() if "text" in towers else clf0,
-                                image_emb() if "visual" in towers else emb0)
+            after, hit1 = score(classifier_after(), image_emb() if "visual" in towers else emb0)
     cell_of = [c for c in cells for _ in range(per_cell)]
     forgotten = {c for c, _ in spec.forget_cells}
     # the domain mode's own group: the forgotten classes where they are kept
@@ -583,7 +594,8 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     amp = autocast_dtype(config, device)
     autocast = dict(device_type=device.type, dtype=amp, enabled=amp != torch.float32)
 
-    keep_rows = tuple(l.name for l in layers) if redirect else ()
+    # the text projection's inputs: the redirect's keys, and the self-check's prompts under the patch
+    keep_rows = tuple(l.name for l in layers if l.kind == "proj" and l.tower == "text")
     with frozen(model), GramCapture(model, layers, config.token_policy, device, keep_rows) as cap:
         # 1. prompt bank; one text-tower pass gives both the cells' text embeddings and the text
         #    layers' Grams (F prompts first, then R, as the cells are ordered)
@@ -655,7 +667,7 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
                 linfo.update(samples_F=cap.counts[layer.name]["F"], samples_R=cap.counts[layer.name]["R"])
                 info["layers"][layer.name] = linfo
                 if U.shape[1] and redirect:
-                    keys = torch.cat(cap.forget_rows[layer.name])
+                    keys = torch.cat(cap.rows[layer.name]["F"])
                     row_classes = [cell[0] for cell, n in zip(cells[:n_f], sizes[:n_f]) for _ in range(n)]
                     out = keys.float() @ layer.weight_out_in().detach().float().t()
                     targets = torch.empty_like(out)
@@ -693,9 +705,13 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     if config.self_check and entries and (edits_images or partial):
         t = time.perf_counter()
         with frozen(model):
-            edited = {l.tower for l in layers if l.name in {e.name for e in entries}}
+            edited = [l for l in layers if l.name in {e.name for e in entries}]
+            text = [l for l in edited if l.tower == "text"]
+            rows = None
+            if len(text) == 1 and text[0].name in cap.rows:   # the text projection alone: its inputs suffice
+                rows = (text[0], torch.cat(cap.rows[text[0].name]["F"] + cap.rows[text[0].name]["R"]))
             info["self_check"] = _self_check(model, tokenizer, spec, patch, images, cells, P, torch.cat(emb),
-                                             sizes, edited, config, autocast, world)
+                                             sizes, {l.tower for l in edited}, config, autocast, world, rows)
         sync()
         timings["self_check"] = time.perf_counter() - t
     return patch

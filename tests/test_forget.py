@@ -173,6 +173,43 @@ def test_self_check_scores_the_patch_on_its_prototypes(tiny_clip, tokenizer, voc
     assert off.info["self_check"] is None and "self_check" not in off.timings
 
 
+@pytest.mark.parametrize("kw, edit", [(dict(forget_classes=["dog"], forget_domains=["sketch"]), "project"),
+                                      (dict(forget_classes=["dog"], forget_domains=["sketch"]), "class-redirect")])
+def test_self_check_reprojects_the_prompts_when_only_the_text_projection_moves(tiny_clip, tokenizer, vocab,
+                                                                              monkeypatch, kw, edit):
+    # the prompts' embeddings under a patch that edits no text layer but the projection are the
+    # prompts stage's inputs to it through the patched weight: the same scores as evaluate() gives,
+    # without running the text tower again
+    from clipforget_fast import evaluate, pipeline, synthesize_prototypes
+
+    classes, domains = vocab
+    spec = ForgetSpec(*vocab, **kw)
+    cfg = FAST.replace(steps=30, targets="proj", edit=edit)
+
+    def no_text_tower(*a, **k):
+        raise AssertionError("the self-check ran the text tower again")
+
+    monkeypatch.setattr(pipeline, "class_embeddings", no_text_tower)
+    patch = forget(tiny_clip, tokenizer, spec, cfg)
+    monkeypatch.undo()
+    assert "text_projection" in {e.name for e in patch.entries}
+    check = patch.info["self_check"]
+    bank = synthesize_prototypes(tiny_clip, tokenizer, spec, cfg)
+    cells = spec.cells
+    images = torch.cat([bank.images[c] for c in cells])
+    ci = torch.tensor([classes.index(c) for c, _ in cells]).repeat_interleave(cfg.prototypes_per_cell)
+    di = torch.tensor([domains.index(d) for _, d in cells]).repeat_interleave(cfg.prototypes_per_cell)
+    before = evaluate(tiny_clip, tokenizer, images, ci, di, classes, domains, templates=spec.templates)
+    with patch.applied(tiny_clip):
+        after = evaluate(tiny_clip, tokenizer, images, ci, di, classes, domains, templates=spec.templates)
+    same = {x for x in spec.retain_cells if x[0] == "dog"}
+    for name, group in (("forgotten", spec.forget_cells), ("same_class_other_domains", same),
+                        ("kept", spec.retain_cells - same)):
+        assert check[name] == {"before": round(before.cell_mean(group), 4), "after": round(after.cell_mean(group), 4)}
+    if edit == "class-redirect":            # it moves the forgotten prompts: the scores see the patch
+        assert check["forgotten"]["after"] < check["forgotten"]["before"]
+
+
 def test_self_check_thresholds():
     from clipforget_fast import pipeline as fg
 
