@@ -6,7 +6,7 @@
 """
 from ._version import __version__
 from .config import ForgetConfig
-from .evaluate import AccuracyMatrix, evaluate
+from .evaluate import AccuracyMatrix, evaluate, evaluate_patches
 from .images import ImageFiles, read_images
 from .pipeline import forget, synthesize_prototypes
 from .patch import Patch, PatchEntry
@@ -14,4 +14,4 @@ from .spec import ForgetSpec
 from .synthesis import PrototypeBank
 
 __all__ = ["ForgetConfig", "ForgetSpec", "Patch", "PatchEntry", "PrototypeBank", "AccuracyMatrix", "forget",
-           "evaluate", "synthesize_prototypes", "ImageFiles", "read_images", "__version__"]
+           "evaluate", "evaluate_patches", "synthesize_prototypes", "ImageFiles", "read_images", "__version__"]

@@ -366,8 +366,13 @@ def apply_all(model, files, patches, force: bool) -> None:
         try:
             p.apply(model, force=force)
         except ValueError as e:
-            raise UsageError(f"--patch {f}: {e} (here: --force); a patch applies to the weights it was "
-                             "computed on, so give --checkpoint the weights it was computed from") from e
+            raise UsageError(patch_error(f, e)) from e
+
+
+def patch_error(file, e: ValueError) -> str:
+    """The message for a patch file that does not apply to the model given."""
+    return (f"--patch {file}: {e} (here: --force); a patch applies to the weights it was computed on, so give "
+            "--checkpoint the weights it was computed from")
 
 
 def cmd_apply(args) -> int:
@@ -497,7 +502,7 @@ def pixel_dtype(model) -> torch.dtype:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate
+    from .evaluate import PatchNotApplied, evaluate, evaluate_patches
 
     if args.per_cell is not None and args.per_cell < 1:
         raise UsageError(f"--per-cell {args.per_cell}: must be ≥ 1")
@@ -528,13 +533,17 @@ def cmd_evaluate(args) -> int:
                                                                    if k in domains} or None,
                  class_phrases={k: v for k, v in vocab.get("class_phrases", {}).items() if k in classes} or None,
                  templates=args.templates)
-    before = evaluate(model, tokenizer, images, ci, di, **words)
+    if patches:                                # every file decoded once, scored before and after
+        try:
+            before, after = evaluate_patches(model, tokenizer, patches, images, ci, di, force=args.force, **words)
+        except PatchNotApplied as e:
+            raise UsageError(patch_error(args.patch[e.index], e)) from e
+    else:
+        before = evaluate(model, tokenizer, images, ci, di, **words)
     result = {"images": len(ci), "classes": classes, "domains": domains, "before": _matrix(before)}
     lines = [f"{len(ci)} images in {len(cells)} cells; chance {100 * before.chance:.1f}%",
              "before:" if patches else "accuracy (%):", before.table()]
     if patches:
-        apply_all(model, args.patch, patches, args.force)
-        after = evaluate(model, tokenizer, images, ci, di, **words)
         forgotten = sorted({tuple(c) for p in patches for c in p.spec.get("forget_cells", [])})
         kept = [(c, d) for c in classes for d in domains if (c, d) not in set(forgotten)]
         result["after"] = _matrix(after)
@@ -596,7 +605,8 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(run=cmd_prototypes)
     a = sub.add_parser("apply", help="merge patches into the model's weights and save them")
     add_model_args(a)
-    a.add_argument("--patch", nargs="+", required=True, help="patch files, applied in this order")
+    a.add_argument("--patch", nargs="+", action="extend", required=True,
+                   help="patch files, applied in this order (--patch a b, or --patch a --patch b)")
     a.add_argument("--out", required=True, help=".safetensors state dict (open_clip), or a new folder (--hf)")
     a.add_argument("--force", action="store_true",
                    help="apply even where a weight differs from the one a patch was computed on")
@@ -605,8 +615,9 @@ def parser() -> argparse.ArgumentParser:
                                         "before and after patches")
     add_model_args(e)
     e.add_argument("--images", required=True, help="folder laid out as <domain>/<class>/<image>")
-    e.add_argument("--patch", nargs="+", help="patches to apply, in this order (the last one's vocabulary "
-                                              "and phrases are used)")
+    e.add_argument("--patch", nargs="+", action="extend", help="patches to apply, in this order (--patch a b, or "
+                                                               "--patch a --patch b; the last one's vocabulary "
+                                                               "and phrases are used)")
     e.add_argument("--classes", help="the classifier's classes (default: the patch's, else the folders')")
     e.add_argument("--domains", help="the domains (default: the patch's, else the folders')")
     e.add_argument("--templates", nargs="+", help="prompt templates with {cls} and optionally {domain}, no "

@@ -8,6 +8,7 @@ domain d is scored against the prompts of domain d only.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -117,46 +118,134 @@ def evaluate(model: nn.Module, tokenizer, images: torch.Tensor, class_idx: torch
     distributed, group: as for ``forget``: under torchrun each rank scores its share of the images and
                 every rank gets the whole matrix (every rank must make the same call).
     """
-    classes, domains = tuple(classes), tuple(domains)
-    if prompts not in ("agnostic", "domain_aware"):
-        raise ValueError(f"prompts={prompts!r} must be 'agnostic' or 'domain_aware'")
-    if not isinstance(images, torch.Tensor):
-        (H, W), _, _ = image_geometry(model)
-        images = image_source(images, "images", H, W)
-    n = len(images)
-    if (isinstance(images, torch.Tensor) and images.dim() != 4) or class_idx.shape != (n,) or domain_idx.shape != (n,):
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else f"{n} images"
-        raise ValueError(f"images must be [N, 3, H, W] with class_idx and domain_idx [N]; got "
-                         f"{shape}, {tuple(class_idx.shape)}, {tuple(domain_idx.shape)}")
-    if n and (int(class_idx.max()) >= len(classes) or int(domain_idx.max()) >= len(domains)
-              or int(class_idx.min()) < 0 or int(domain_idx.min()) < 0):
-        raise ValueError("class_idx / domain_idx hold an index outside classes / domains")
-    templates = check_templates(templates or None)
-    phrases = phrases_for(domains, domain_phrases, "domain", DOMAIN_PHRASES)
-    cph = phrases_for(classes, class_phrases, "class", {})
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    return _Scorer(model, tokenizer, images, class_idx, domain_idx, classes, domains, templates, prompts,
+                   domain_phrases, class_phrases, batch_size, World(distributed, group)).run([None])[0]
+
+
+@torch.no_grad()
+def evaluate_patches(model: nn.Module, tokenizer, patches, images: torch.Tensor, class_idx: torch.Tensor,
+                     domain_idx: torch.Tensor, classes, domains, templates=None, prompts: str = "agnostic",
+                     domain_phrases: dict | None = None, class_phrases: dict | None = None,
+                     batch_size: int = 256, force: bool = False, *, distributed: bool | None = None,
+                     group=None) -> tuple[AccuracyMatrix, AccuracyMatrix]:
+    """(before, after): ``evaluate`` of ``model`` as it is and with ``patches`` (a ``Patch`` or a list,
+    applied in order, checked as ``Patch.apply`` checks them unless ``force``), with each batch of
+    ``images`` read once and scored in both states. From an ``ImageFiles`` source that decodes every file
+    once instead of twice. The targeted weights are restored bit for bit afterwards, whatever happens
+    (``Patch.applied``); a patch that does not apply raises ``PatchNotApplied`` (a ValueError) with its
+    index. The other arguments are ``evaluate``'s."""
+    scorer = _Scorer(model, tokenizer, images, class_idx, domain_idx, classes, domains, templates, prompts,
+                     domain_phrases, class_phrases, batch_size, World(distributed, group))
+    with patched_states(model, patches, force) as states:
+        return tuple(scorer.run(states))
+
+
+class PatchNotApplied(ValueError):
+    """``patched_states`` could not apply the patch at ``index`` (the message says why)."""
+
+    def __init__(self, index: int, error: ValueError):
+        super().__init__(str(error))
+        self.index = index
+
+
+@contextlib.contextmanager
+def patched_states(model: nn.Module, patches, force: bool = False):
+    """``patches`` (a ``Patch`` or a list) applied in order for the duration of the block (``Patch.applied``:
+    checked unless ``force``; restored bit for bit afterwards, whatever happens). Yields [before, after]:
+    callables that load the targeted weights as they were and as the patches leave them (a copy of each
+    targeted weight in each state, so switching costs one copy of those weights, not an apply)."""
+    from .patch import Patch
+
+    patches = [patches] if isinstance(patches, Patch) else list(patches) if isinstance(patches, (list, tuple)) else None
+    if not patches or not all(isinstance(p, Patch) for p in patches):
+        raise ValueError(f"patches: expected a Patch or a non-empty list of them, got {patches!r}")
+    params = dict(model.named_parameters())
+    names = list(dict.fromkeys(e.name for patch in patches for e in patch.entries))
+    targeted = [params[n] for n in names if n in params]     # a missing name fails in apply, named
+    base = [p.detach().clone() for p in targeted]
+    with contextlib.ExitStack() as stack:
+        for k, patch in enumerate(patches):
+            try:
+                stack.enter_context(patch.applied(model, force))
+            except ValueError as e:
+                raise PatchNotApplied(k, e) from e
+        edited = [p.detach().clone() for p in targeted]
+
+        def state(weights):
+            @torch.no_grad()
+            def load():
+                for p, w in zip(targeted, weights):
+                    p.copy_(w)
+            return load
+
+        yield [state(base), state(edited)]
+
+
+class _Scorer:
+    """The checked inputs of one evaluation, scored in one or more states of the model's weights."""
+
+    def __init__(self, model, tokenizer, images, class_idx, domain_idx, classes, domains, templates, prompts,
+                 domain_phrases, class_phrases, batch_size, world: World):
+        classes, domains = tuple(classes), tuple(domains)
+        if prompts not in ("agnostic", "domain_aware"):
+            raise ValueError(f"prompts={prompts!r} must be 'agnostic' or 'domain_aware'")
+        if not isinstance(images, torch.Tensor):
+            (H, W), _, _ = image_geometry(model)
+            images = image_source(images, "images", H, W)
+        n = len(images)
+        if (isinstance(images, torch.Tensor) and images.dim() != 4) or class_idx.shape != (n,) or domain_idx.shape != (n,):
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else f"{n} images"
+            raise ValueError(f"images must be [N, 3, H, W] with class_idx and domain_idx [N]; got "
+                             f"{shape}, {tuple(class_idx.shape)}, {tuple(domain_idx.shape)}")
+        if n and (int(class_idx.max()) >= len(classes) or int(domain_idx.max()) >= len(domains)
+                  or int(class_idx.min()) < 0 or int(domain_idx.min()) < 0):
+            raise ValueError("class_idx / domain_idx hold an index outside classes / domains")
+        templates = check_templates(templates or None)
+        phrases = phrases_for(domains, domain_phrases, "domain", DOMAIN_PHRASES)
+        cph = phrases_for(classes, class_phrases, "class", {})
         if prompts == "agnostic":
-            sets = [[t.format(cls=cph[c], domain=phrases[d]) for d in domains for t in templates] for c in classes]
-            clf = class_embeddings(model, tokenizer, sets, device, batch_size)[None]           # [1, C, D]
+            self.sets = [[t.format(cls=cph[c], domain=phrases[d]) for d in domains for t in templates] for c in classes]
         else:
-            sets = [[t.format(cls=cph[c], domain=phrases[d]) for t in templates] for d in domains for c in classes]
-            clf = class_embeddings(model, tokenizer, sets, device, batch_size).view(len(domains), len(classes), -1)
-        world = World(distributed, group)
-        lo, hi = world.share(n)
-        preds = []
-        for i in range(lo, hi, batch_size):
-            f = torch.nn.functional.normalize(encode_image(model, images[i:min(hi, i + batch_size)].to(device)).float(),
-                                              dim=-1)
-            w = clf[0] if prompts == "agnostic" else None
-            if w is not None:
-                preds.append((f @ w.t()).argmax(-1).cpu())
-            else:
-                dj = domain_idx[i:min(hi, i + batch_size)].to(device)
-                preds.append(torch.einsum("nd,ncd->nc", f, clf[dj]).argmax(-1).cpu())
-        pred = world.cat(torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long))
-    finally:
-        model.train(was_training)
-    return AccuracyMatrix.from_predictions(pred, class_idx, domain_idx, classes, domains)
+            self.sets = [[t.format(cls=cph[c], domain=phrases[d]) for t in templates] for d in domains for c in classes]
+        self.model, self.tokenizer, self.images, self.batch_size, self.world = model, tokenizer, images, batch_size, world
+        self.class_idx, self.domain_idx, self.classes, self.domains, self.prompts = (class_idx, domain_idx, classes,
+                                                                                     domains, prompts)
+
+    def _classifier(self, device) -> torch.Tensor:
+        clf = class_embeddings(self.model, self.tokenizer, self.sets, device, self.batch_size)
+        return clf[None] if self.prompts == "agnostic" else clf.view(len(self.domains), len(self.classes), -1)
+
+    def run(self, states: list) -> list[AccuracyMatrix]:
+        """One matrix per state: a callable that loads it into the model's weights (None: as they are).
+        Every batch of images is read once and scored in every state, in order."""
+        model = self.model
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            clfs = []
+            for load in states:
+                if load is not None:
+                    load()
+                clfs.append(self._classifier(device))
+            lo, hi = self.world.share(len(self.images))
+            preds = [[] for _ in states]
+            for i in range(lo, hi, self.batch_size):
+                x = self.images[i:min(hi, i + self.batch_size)].to(device)
+                dj = self.domain_idx[i:min(hi, i + self.batch_size)].to(device)
+                for k, (load, clf) in enumerate(zip(states, clfs)):
+                    if load is not None and len(states) > 1:
+                        load()
+                    f = torch.nn.functional.normalize(encode_image(model, x).float(), dim=-1)
+                    if self.prompts == "agnostic":
+                        preds[k].append((f @ clf[0].t()).argmax(-1).cpu())
+                    else:
+                        preds[k].append(torch.einsum("nd,ncd->nc", f, clf[dj]).argmax(-1).cpu())
+            out = []
+            for p in preds:
+                pred = self.world.cat(torch.cat(p) if p else torch.zeros(0, dtype=torch.long))
+                out.append(AccuracyMatrix.from_predictions(pred, self.class_idx, self.domain_idx, self.classes,
+                                                           self.domains))
+            return out
+        finally:
+            model.train(was_training)

@@ -1,7 +1,7 @@
 """Image files read as the model reads them.
 
     images = read_images(files, preprocess)                 # [n, 3, H, W], decoded now
-    source = ImageFiles(files, preprocess, torch.float16)   # decoded a slice at a time
+    source = ImageFiles(files, preprocess, torch.float16)   # decoded a slice at a time, by a few threads
     patch = forget(model, tokenizer, spec, domain_examples={"sketch": source})
 
 ``preprocess`` is the model's own (open_clip's ``create_model_and_transforms``, or a Hugging Face image
@@ -11,7 +11,10 @@ memory of one batch.
 """
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,32 +40,71 @@ def read_image(path, preprocess, what: str = "images") -> torch.Tensor:
     return x
 
 
-def read_images(files, preprocess, what: str = "images", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def default_workers() -> int:
+    """Threads that decode image files: the cores this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                   # no affinity on this platform
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def read_images(files, preprocess, what: str = "images", dtype: torch.dtype = torch.float32,
+                workers: int | None = None) -> torch.Tensor:
     """[n, 3, H, W] ``dtype``: the images ``files``, preprocessed, written into one tensor as they are read
-    (no list of them held beside it). The image tower's dtype holds them as the model will read them, in
-    half the memory for a half-precision model. A file that preprocesses to another shape than the ones
-    before it is named in a ValueError (``what`` starts every message)."""
+    (no list of them held beside it: at most a few per thread are decoded ahead). The image tower's dtype
+    holds them as the model will read them, in half the memory for a half-precision model. A file that
+    preprocesses to another shape than the ones before it is named in a ValueError (``what`` starts every
+    message); with several bad files, the first in order. ``workers`` threads decode the files (None:
+    ``default_workers()``; 1: in this thread): decoding and the usual preprocessing release the GIL, and
+    ``preprocess`` must be safe to call from several threads at once (a stateless transform is)."""
     files = list(files)
     if not files:
         raise ValueError(f"{what}: no files")
+    workers = default_workers() if workers is None else workers
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"{what}: workers must be an int ≥ 1, got {workers!r}")
     out = None
-    for k, f in enumerate(files):
-        x = read_image(f, preprocess, what)
+
+    def put(k, f, x):
+        nonlocal out
         if out is None:
             out = torch.empty(len(files), *x.shape, dtype=dtype)
         elif x.shape != out.shape[1:]:
             raise ValueError(f"{what}: {str(f)!r} preprocesses to {tuple(x.shape)}, the images before it to "
                              f"{tuple(out.shape[1:])}")
         out[k] = x
+
+    if workers == 1 or len(files) == 1:
+        for k, f in enumerate(files):
+            put(k, f, read_image(f, preprocess, what))
+        return out
+    ahead = 2 * workers                      # decoded images waiting to be written: a bounded window
+    with ThreadPoolExecutor(max_workers=min(workers, len(files))) as pool:
+        pending = deque()
+        try:
+            for k, f in enumerate(files):
+                pending.append((k, f, pool.submit(read_image, f, preprocess, what)))
+                if len(pending) >= ahead:
+                    j, g, fut = pending.popleft()
+                    put(j, g, fut.result())
+            while pending:
+                j, g, fut = pending.popleft()
+                put(j, g, fut.result())
+        finally:
+            for _, _, fut in pending:        # an error: the files not yet started are not read
+                fut.cancel()
     return out
 
 
 class ImageFiles:
     """Image files as a sequence of preprocessed images that decodes only the slice asked for:
-    ``source[lo:hi]`` is ``read_images(files[lo:hi], preprocess, what, dtype)``. ``forget`` takes one as a
-    ``domain_examples`` value and reads it a batch at a time."""
+    ``source[lo:hi]`` is ``read_images(files[lo:hi], preprocess, what, dtype, workers)``. ``forget`` takes
+    one as a ``domain_examples`` value and reads it a batch at a time; so do ``evaluate`` and
+    ``evaluate_patches``."""
 
-    def __init__(self, files, preprocess, dtype: torch.dtype = torch.float32, what: str = "images"):
+    def __init__(self, files, preprocess, dtype: torch.dtype = torch.float32, what: str = "images",
+                 workers: int | None = None):
         self.files = [Path(f) for f in files]
         if not self.files:
             raise ValueError(f"{what}: no files")
@@ -71,7 +113,9 @@ class ImageFiles:
                             f"{type(preprocess).__name__}")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"{what}: dtype must be a floating torch.dtype, got {dtype!r}")
-        self.preprocess, self.dtype, self.what = preprocess, dtype, what
+        if workers is not None and not (isinstance(workers, int) and workers >= 1):
+            raise ValueError(f"{what}: workers must be an int ≥ 1 or None, got {workers!r}")
+        self.preprocess, self.dtype, self.what, self.workers = preprocess, dtype, what, workers
         self._shape = None
 
     def __len__(self) -> int:
@@ -85,7 +129,7 @@ class ImageFiles:
             if self._shape is None:
                 self._shape = tuple(read_image(self.files[0], self.preprocess, self.what).shape)
             return torch.empty(0, *self._shape, dtype=self.dtype)
-        out = read_images(files, self.preprocess, self.what, self.dtype)
+        out = read_images(files, self.preprocess, self.what, self.dtype, self.workers)
         self._shape = tuple(out.shape[1:])
         return out
 

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_tiny_clip  # noqa: E402
 from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
 
-from clipforget_fast import ForgetConfig, ForgetSpec, evaluate, forget, synthesize_prototypes  # noqa: E402
+from clipforget_fast import (ForgetConfig, ForgetSpec, Patch, evaluate, evaluate_patches, forget,  # noqa: E402
+                             synthesize_prototypes)
 from clipforget_fast.distributed import World  # noqa: E402
 from clipforget_fast.synthesis import translate  # noqa: E402
 
@@ -82,9 +83,16 @@ def main(out: Path) -> None:
     ci, di = torch.randint(0, 4, (23,), generator=g), torch.randint(0, 3, (23,), generator=g)
     kw = dict(templates=["a {domain} of a {cls}."], batch_size=5)
     acc = evaluate(model, tok, images, ci, di, CLASSES, DOMAINS, **kw)
+    # and evaluate_patches(): both states per share, both matrices on every rank
+    redirect = Patch.load(out / f"redirect_global.rank{rank}.safetensors")
+    both = evaluate_patches(model, tok, redirect, images, ci, di, CLASSES, DOMAINS, **kw)
+    with redirect.applied(model):
+        after = evaluate(model, tok, images, ci, di, CLASSES, DOMAINS, distributed=False, **kw)
     (out / f"evaluate.rank{rank}.json").write_text(json.dumps(
         {"sharded": acc.correct.tolist(), "total": acc.total.tolist(),
-         "local": evaluate(model, tok, images, ci, di, CLASSES, DOMAINS, distributed=False, **kw).correct.tolist()}))
+         "local": evaluate(model, tok, images, ci, di, CLASSES, DOMAINS, distributed=False, **kw).correct.tolist(),
+         "patches_sharded": [m.correct.tolist() for m in both], "patches_total": both[1].total.tolist(),
+         "patches_local_after": after.correct.tolist()}))
     # translate(): 23 images in batches of 7 (4 batches, 2 per rank), each rank moves its own batches and
     # every rank gets every image, the same as one process moves them
     g = torch.Generator().manual_seed(5)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -109,6 +110,9 @@ def test_open_clip_loader_and_a_second_request_on_the_merged_weights(capsys, tmp
     first, second = Patch.load(p1), Patch.load(p2)
     with first.applied(base), second.applied(base):
         assert torch.equal(edited.text_projection, base.text_projection)
+    m3 = tmp_path / "m3.safetensors"                     # the flag repeated adds the files, in order
+    run(capsys, "apply", *oc, "--checkpoint", WEIGHTS_PATH, "--patch", p1, "--patch", p2, "--out", m3)
+    assert torch.equal(pg.load(weights=m3)[0].text_projection, edited.text_projection)
 
 
 def test_evaluate_on_an_image_folder(capsys, tmp_path, base):
@@ -135,6 +139,13 @@ def test_evaluate_on_an_image_folder(capsys, tmp_path, base):
     assert got["before"] == before.accuracy.tolist() and got["after"] == after.accuracy.tolist()
     assert got["forgotten"]["after"] == 0.0 and got["kept"]["after"] == after.cell_mean(
         [(c, d) for c in classes[1:] for d in domains])
+    # a patch that does not apply where it stands in the list is named, as apply names it
+    again = tmp_path / "fish_again.safetensors"
+    again.write_bytes(p.read_bytes())
+    err = fails(capsys, "evaluate", "--model", "proving-ground", "--images", root, "--patch", p, again)
+    assert "--patch " + str(again) in err and "hash mismatch" in err and "--force" in err
+    err = fails(capsys, "evaluate", "--model", "proving-ground", "--images", root, "--patch", p, "--patch", again)
+    assert "--patch " + str(again) in err and "hash mismatch" in err      # a repeated flag adds, as apply's does
     # without a patch the vocabulary is the folders' (sorted), and a cell can be left out
     (root / "photo" / "fish").rename(tmp_path / "fish_photo")
     got = json.loads(run(capsys, "evaluate", "--model", "proving-ground", "--images", root, "--json"))
@@ -257,9 +268,43 @@ def test_read_images_fills_one_tensor_in_the_towers_dtype(tmp_path):
     with pytest.raises(ValueError, match=r"preprocess gave a dict for '.*0.png', not one image \[3, H, W\] \(a Hugging"):
         read_images(files, lambda im: {"pixel_values": preprocess(im)[None]})
     for args, error, message in ((([], preprocess), ValueError, "no files"), ((files, None), TypeError, "callable"),
-                                 ((files, preprocess, torch.long), ValueError, "floating")):
+                                 ((files, preprocess, torch.long), ValueError, "floating"),
+                                 ((files, preprocess, torch.float32, "images", 0), ValueError, "workers")):
         with pytest.raises(error, match=message):
             ImageFiles(*args)
+
+
+def test_read_images_in_threads_keeps_the_order_and_names_the_first_bad_file(tmp_path):
+    from PIL import Image
+
+    from clipforget_fast import ImageFiles, read_images
+
+    raw, _, _, _ = pg.render_raw(["fish", "house", "star"], ["photo", "sketch"], 3, seed=5_000_011)
+    files = []
+    for k, img in enumerate(raw):
+        files.append(tmp_path / f"{k:02d}.png")
+        Image.fromarray(img).save(files[-1])
+    seen = set()
+
+    def preprocess(im):
+        seen.add(threading.get_ident())
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+
+    serial = read_images(files, preprocess, workers=1)
+    assert len(seen) == 1
+    for workers in (2, 3, 7):                 # windows shorter and longer than the 18 files
+        assert torch.equal(read_images(files, preprocess, workers=workers), serial)
+    assert len(seen) > 1                      # the threads decoded some
+    assert torch.equal(ImageFiles(files, preprocess, workers=3)[5:16], serial[5:16])
+    # two bad files: the first in the files' order is named, whichever thread finished first
+    (tmp_path / "a_bad.png").write_bytes(b"not an image")
+    Image.fromarray(raw[0][:20]).save(tmp_path / "b_short.png")
+    mixed = files[:4] + [tmp_path / "b_short.png"] + files[4:9] + [tmp_path / "a_bad.png"]
+    for workers in (1, 4):
+        with pytest.raises(ValueError, match=r"b_short.png' preprocesses to \(3, 20, 48\)"):
+            read_images(mixed, preprocess, "--images", workers=workers)
+    with pytest.raises(ValueError, match="workers must be an int"):
+        read_images(files, preprocess, workers=0)
 
 
 def test_bad_input_is_named_and_writes_nothing(capsys, tmp_path):

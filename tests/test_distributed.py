@@ -104,6 +104,9 @@ def test_sharded_evaluate_equals_local(run):
         assert got["sharded"] == got["local"]
         assert sum(map(sum, got["total"])) == 23                 # every image counted once
         assert sum(map(sum, got["local"])) > 0                   # some right, so the comparison means something
+        before, after = got["patches_sharded"]                    # evaluate_patches: both states, sharded
+        assert before == got["local"] and after == got["patches_local_after"] and after != before
+        assert sum(map(sum, got["patches_total"])) == 23
 
 
 def test_sharded_prototypes_equal_local(run):

@@ -100,3 +100,52 @@ def test_a_source_of_images_is_read_a_batch_at_a_time(tokenizer):
         evaluate(model, tokenizer, Rows(bad), ci, di, CLASSES, DOMAINS, batch_size=3)
     with pytest.raises(ValueError, match="got a list"):
         evaluate(model, tokenizer, list(x), ci, di, CLASSES, DOMAINS)
+
+
+def test_evaluate_patches_reads_each_batch_once_and_restores_the_weights(tokenizer):
+    """Before and after a stack of patches, each batch of images read once: the same matrices as
+    evaluate() without and with the patches applied, the weights bit for bit as before, and a patch
+    that does not apply named by its index."""
+    from conftest import Rows, make_tiny_clip
+
+    from clipforget_fast import ForgetConfig, evaluate_patches, forget
+    from clipforget_fast.evaluate import PatchNotApplied
+
+    model = make_tiny_clip()
+    spec = ForgetSpec(CLASSES, DOMAINS, forget_classes=["dog"])
+    first = forget(model, tokenizer, spec, ForgetConfig(edit="class-redirect"))
+    with first.applied(model):
+        second = forget(model, tokenizer, ForgetSpec(CLASSES, DOMAINS, forget_classes=["car"]),
+                        ForgetConfig(edit="class-redirect"))
+    x = torch.randn(11, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ci = torch.tensor([0, 1, 2] * 3 + [0, 2])
+    di = torch.tensor([0] * 6 + [1] * 5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for prompts in ("agnostic", "domain_aware"):
+        kw = dict(batch_size=4, prompts=prompts)
+        want_before = evaluate(model, tokenizer, x, ci, di, CLASSES, DOMAINS, **kw)
+        with first.applied(model), second.applied(model):
+            want_after = evaluate(model, tokenizer, x, ci, di, CLASSES, DOMAINS, **kw)
+        source = Rows(x)
+        before, after = evaluate_patches(model, tokenizer, [first, second], source, ci, di, CLASSES, DOMAINS, **kw)
+        assert source.reads == [(0, 4), (4, 8), (8, 11)]                  # each batch once
+        assert torch.equal(before.correct, want_before.correct) and torch.equal(after.correct, want_after.correct)
+        assert not torch.equal(before.correct, after.correct)             # the patches move these images
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k]), k
+    # one patch alone; the second alone is computed on weights the first leaves, and is refused by index
+    b1, a1 = evaluate_patches(model, tokenizer, first, x, ci, di, CLASSES, DOMAINS)
+    with first.applied(model):
+        assert torch.equal(a1.correct, evaluate(model, tokenizer, x, ci, di, CLASSES, DOMAINS).correct)
+    with pytest.raises(PatchNotApplied, match="hash mismatch") as e:
+        evaluate_patches(model, tokenizer, [second, first], x, ci, di, CLASSES, DOMAINS)
+    assert e.value.index == 0
+    with pytest.raises(ValueError, match="expected a Patch or a non-empty list"):
+        evaluate_patches(model, tokenizer, [], x, ci, di, CLASSES, DOMAINS)
+    # a batch that fails midway leaves the weights as they were
+    bad = x.clone()
+    bad[9] = float("nan")
+    with pytest.raises(ValueError, match=r"images rows 8:11: images with NaN"):
+        evaluate_patches(model, tokenizer, [first, second], Rows(bad), ci, di, CLASSES, DOMAINS, batch_size=4)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
