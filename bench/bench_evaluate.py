@@ -30,6 +30,7 @@ from common import append_results  # noqa: E402
 
 from clipforget_fast import ForgetConfig, ForgetSpec, ImageFiles, evaluate, evaluate_patches, forget  # noqa: E402
 from clipforget_fast.images import default_workers  # noqa: E402
+from clipforget_fast.layers import image_geometry  # noqa: E402
 
 CLASSES = ["fish", "house", "star", "crescent_moon"]
 DOMAINS = ["photo", "sketch"]
@@ -76,6 +77,63 @@ def timed(fns: list, reps: int) -> list[tuple[float, object]]:
     return [(statistics.median(ts), out) for ts, out in zip(times, outs)]
 
 
+def geometry_preprocess(model):
+    """A preprocess for a model without its own: resize the short side, center-crop to the tower's input
+    size, normalize by its pixel statistics (``layers.image_geometry``)."""
+    from torchvision import transforms
+
+    (H, W), mean, std = image_geometry(model)
+    return transforms.Compose([transforms.Resize(min(H, W)), transforms.CenterCrop((H, W)), transforms.ToTensor(),
+                               transforms.Normalize(mean.tolist(), std.tolist())])
+
+
+def compare(model, tokenizer, preprocess, n_files: int, batch_size: int, reps: int, device) -> dict:
+    """The rows of the table (name, median seconds), the default decoding threads, and whether the three
+    ways gave the same matrices: ``n_files`` JPEG files written to a temporary folder, a class-redirect
+    patch computed on ``model``."""
+    spec = ForgetSpec(CLASSES, DOMAINS, forget_classes=["fish"])
+    patch = forget(model, tokenizer, spec, ForgetConfig(edit="class-redirect", device=str(device)))
+    ci = torch.arange(n_files) % len(CLASSES)
+    di = (torch.arange(n_files) // len(CLASSES)) % len(DOMAINS)
+    kw = dict(classes=CLASSES, domains=DOMAINS, batch_size=batch_size)
+    workers = default_workers()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_files(Path(tmp), n_files)
+        serial, threaded = ImageFiles(files, preprocess, workers=1), ImageFiles(files, preprocess)
+
+        def decode(images):
+            def run():
+                for i in range(0, len(images), batch_size):
+                    images[i:i + batch_size]
+            return run
+
+        def two_passes(images):
+            def run():
+                before = evaluate(model, tokenizer, images, ci, di, **kw)
+                with patch.applied(model):
+                    after = evaluate(model, tokenizer, images, ci, di, **kw)
+                return before, after
+            return run
+
+        def one_pass(images):
+            return lambda: evaluate_patches(model, tokenizer, patch, images, ci, di, **kw)
+
+        rows = [("decoding alone, 1 thread", decode(serial)),
+                (f"decoding alone, {workers} threads (`ImageFiles` default)", decode(threaded)),
+                ("`evaluate` before and under `patch.applied` (decodes twice), 1 decoding thread", two_passes(serial)),
+                ("`evaluate_patches` (decodes once), 1 decoding thread", one_pass(serial)),
+                (f"`evaluate_patches`, {workers} decoding threads (the command line's `evaluate --patch`)",
+                 one_pass(threaded))]
+        got = timed([fn for _, fn in rows], reps)
+    results = [out for _, out in got[2:]]
+    same = all(torch.equal(r[0].correct, results[0][0].correct) and torch.equal(r[1].correct, results[0][1].correct)
+               for r in results)
+    t = [sec for sec, _ in got]
+    return {"rows": [(name, sec) for (name, _), sec in zip(rows, t)], "workers": workers, "same": same,
+            "decode_threads_x": t[0] / t[1], "one_pass_x": t[2] / t[3], "one_pass_threads_x": t[2] / t[4],
+            "decode_share": t[0] / t[2]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-32", help="an open_clip architecture (random weights) or proving-ground")
@@ -90,57 +148,20 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.ERROR)
     torch.manual_seed(0)
     model, tokenizer, preprocess = load(args.model, args.device)
-    spec = ForgetSpec(CLASSES, DOMAINS, forget_classes=["fish"])
-    patch = forget(model, tokenizer, spec, ForgetConfig(edit="class-redirect", device=args.device))
-    ci = torch.arange(args.files) % len(CLASSES)
-    di = (torch.arange(args.files) // len(CLASSES)) % len(DOMAINS)
-    kw = dict(classes=CLASSES, domains=DOMAINS, batch_size=args.batch_size)
-    workers = default_workers()
-    with tempfile.TemporaryDirectory() as tmp:
-        files = write_files(Path(tmp), args.files)
-        serial, threaded = ImageFiles(files, preprocess, workers=1), ImageFiles(files, preprocess)
-
-        def decode(images):
-            def run():
-                for i in range(0, len(images), args.batch_size):
-                    images[i:i + args.batch_size]
-            return run
-
-        def two_passes(images):
-            def run():
-                before = evaluate(model, tokenizer, images, ci, di, **kw)
-                with patch.applied(model):
-                    after = evaluate(model, tokenizer, images, ci, di, **kw)
-                return before, after
-            return run
-
-        def one_pass(images):
-            return lambda: evaluate_patches(model, tokenizer, patch, images, ci, di, **kw)
-
-        rows = [(f"decoding alone, 1 thread", decode(serial)),
-                (f"decoding alone, {workers} threads (`ImageFiles` default)", decode(threaded)),
-                ("`evaluate` before and under `patch.applied` (decodes twice), 1 decoding thread", two_passes(serial)),
-                ("`evaluate_patches` (decodes once), 1 decoding thread", one_pass(serial)),
-                (f"`evaluate_patches`, {workers} decoding threads (the command line's `evaluate --patch`)",
-                 one_pass(threaded))]
-        got = timed([fn for _, fn in rows], args.reps)
-    results = [out for _, out in got[2:]]
-    same = all(torch.equal(r[0].correct, results[0][0].correct) and torch.equal(r[1].correct, results[0][1].correct)
-               for r in results)
-    t = [sec for sec, _ in got]
+    r = compare(model, tokenizer, preprocess, args.files, args.batch_size, args.reps, args.device)
     lines = [f"{args.model}, {args.files} JPEG files (320×256) over {len(CLASSES)} classes × {len(DOMAINS)} domains, "
              f"batch {args.batch_size}, a class-redirect patch, device {args.device}, "
              f"{torch.get_num_threads()} torch threads; median of {args.reps}, taken in turn", "",
              "| pass | seconds | images/s |", "|---|---|---|"]
-    lines += [f"| {name} | {sec:.2f} | {args.files / sec:.0f} |" for (name, _), sec in zip(rows, t)]
-    lines += ["", f"decoding, {workers} threads against 1: **{t[0] / t[1]:.2f}×**; before and after, the two passes "
-              f"against `evaluate_patches`: **{t[2] / t[3]:.2f}×** with 1 decoding thread, **{t[2] / t[4]:.2f}×** "
-              f"with {workers}; one pass of decoding (1 thread) is {100 * t[0] / t[2]:.0f} % of the two passes' time; "
-              f"the three give the same matrices: {same}"]
+    lines += [f"| {name} | {sec:.2f} | {args.files / sec:.0f} |" for name, sec in r["rows"]]
+    lines += ["", f"decoding, {r['workers']} threads against 1: **{r['decode_threads_x']:.2f}×**; before and after, "
+              f"the two passes against `evaluate_patches`: **{r['one_pass_x']:.2f}×** with 1 decoding thread, "
+              f"**{r['one_pass_threads_x']:.2f}×** with {r['workers']}; one pass of decoding (1 thread) is "
+              f"{100 * r['decode_share']:.0f} % of the two passes' time; the three give the same matrices: {r['same']}"]
     print("\n".join(lines))
     if not args.no_record:
         append_results(f"bench_evaluate {args.model}", lines)
-    return 0 if same else 1
+    return 0 if r["same"] else 1
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ recorded as skipped with its reason; one that fails is recorded with its traceba
              (force=True, half an apply+revert pair, wall) beside the copy time of the patched weights.
 6. gate      the domain gate (every class @ sketch) on ViT-B-32, open_clip and transformers, with 128
              random images of two domains as ``domain_examples`` held on the CPU: the same figures.
+7. evaluate  checking a patch on 512 JPEG files with ViT-B-32 (bench_evaluate.py's table): two
+             ``evaluate`` passes with one decoding thread against ``evaluate_patches`` (each file decoded
+             once), with one thread and with ``ImageFiles``' default threads.
 
 Writes ``device_check.json`` to ``$OUT`` (or ``--out``) after every section and prints a table.
 ``--quick`` runs the same logic at toy sizes on CPU (Triton under its interpreter, a tiny CLIP, few
@@ -473,6 +476,21 @@ def check_edit(dev, quick: bool, name: str, steps: int | None, peak_tflops: floa
     return out
 
 
+def check_evaluate(dev, quick: bool) -> dict:
+    """bench_evaluate.compare on ViT-B-32 (the toy CLIP when quick), the model's input size and pixel
+    statistics as its preprocess."""
+    need("torchvision", "torchvision")
+    from bench_evaluate import compare, geometry_preprocess
+
+    model, tokenizer = build_model("toy" if quick else "ViT-B-32", dev)
+    out = compare(model, tokenizer, geometry_preprocess(model), 24 if quick else 512, 8 if quick else 128,
+                  1 if quick else 3, dev)
+    out["rows"] = {name: sec for name, sec in out["rows"]}
+    if not out["same"]:
+        raise AssertionError("evaluate_patches and two evaluate passes gave different matrices")
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 def run_section(results: dict, key: str, fn) -> None:
     t0 = time.perf_counter()
@@ -576,6 +594,7 @@ def main(argv=None) -> dict:
         sections.append((f"edit_{name}", lambda name=name: check_edit(dev, quick, name, args.steps, peak())))
     for name in (["toy", "hf:toy"] if quick else [m for m in args.gate_models.split(",") if m]):
         sections.append((f"gate_{name}", lambda name=name: check_edit(dev, quick, name, args.steps, peak(), True)))
+    sections.append(("evaluate", lambda: check_evaluate(dev, quick)))
     for key, fn in sections:
         if key.split("_")[0] not in skip and key not in skip:
             run_section(res, key, fn)

@@ -53,7 +53,7 @@ def test_device_check_quick_runs_every_section(tmp_path):
     pytest.importorskip("open_clip")
     res, stdout = run_quick(tmp_path)
     assert res["setup"]["preflight"] == {"backend": "triton", "ok": True}, res["setup"]
-    for key in ("matmul_tflops", "kernels", "apply", "synth", "nullspace", "edit_toy", "gate_toy"):
+    for key in ("matmul_tflops", "kernels", "apply", "synth", "nullspace", "edit_toy", "gate_toy", "evaluate"):
         assert key in res and "error" not in res[key] and "skipped" not in res[key], (key, res.get(key))
         assert f"== {key}" in stdout
     assert res["matmul_tflops"]["spread"] >= 0
@@ -79,6 +79,10 @@ def test_device_check_quick_runs_every_section(tmp_path):
     for key in ("edit_toy", "gate_toy"):
         assert res[key]["apply"]["restored_max_err"] < 1e-5
         assert res[key]["apply"]["apply_ms"] > 0 and res[key]["apply"]["apply_spread"] >= 0
+    # checking a patch on files: the three ways agree, each timed
+    ev = res["evaluate"]
+    assert ev["same"] and len(ev["rows"]) == 5 and all(sec > 0 for sec in ev["rows"].values())
+    assert ev["workers"] >= 1 and ev["one_pass_x"] > 0
     # the domain gate on open_clip, as the full run does without transformers
     assert res["gate_toy"]["edit"] == "domain-gate" and res["gate_toy"]["examples"] == {"photo": 5, "sketch": 5}
     # the same network as a transformers CLIPModel: the projection edit and the domain gate
@@ -107,11 +111,12 @@ def test_device_check_quick_from_a_bare_checkout_without_open_clip(tmp_path):
     models = {k: v for k, v in res.items() if k.startswith(("edit_", "gate_"))}
     assert set(models) == {"edit_toy", "edit_hf:toy", "gate_toy", "gate_hf:toy"}
     assert all("open_clip_torch" in v["skipped"] for v in models.values()), models
+    assert "open_clip_torch" in res["evaluate"]["skipped"]
     assert "== nullspace" in stdout and "wrote" in stdout
 
 
 def test_device_check_quick_without_triton_says_so_and_runs_the_rest(tmp_path):
-    res, stdout = run_quick(tmp_path, "--skip", "edit,gate", absent="triton")
+    res, stdout = run_quick(tmp_path, "--skip", "edit,gate,evaluate", absent="triton")
     pre = res["setup"]["preflight"]
     assert not pre["ok"] and "triton" in pre["error"], pre
     assert "THE TRITON KERNELS DO NOT RUN HERE" in stdout and "warning" in res["setup"]
