@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import re
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -123,16 +124,24 @@ def _content_digest(t: torch.Tensor) -> str:
     return digest
 
 
-def image_tower_digest(model: nn.Module) -> str:
+def image_tower_digest(model: nn.Module, workers: int | None = None) -> str:
     """SHA-256 of the image tower's parameter names, shapes, dtypes and every byte of its weights: what
     the tower computes, as a key for results derived from it. A weight is hashed again only after its
     storage or version counter moved (the library's kernels count their writes there), so a second call
     on an unchanged tower costs little; a weight written through ``.data`` or a raw pointer since is not
-    seen."""
+    seen. The weights to hash are hashed by ``workers`` threads (None: the cores this process may use,
+    at most 8; hashlib releases the GIL over large buffers)."""
+    from .images import default_workers
+
+    tower = [(name, p) for name, p in model.named_parameters() if name.startswith(IMAGE_PREFIXES)]
+    stale = [p for _, p in tower if _DIGESTS.get(p) is None]
+    workers = default_workers() if workers is None else workers
+    if len(stale) > 1 and workers > 1:
+        with ThreadPoolExecutor(max_workers=min(workers, len(stale))) as pool:
+            list(pool.map(_content_digest, stale))      # each sets its memo
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if name.startswith(IMAGE_PREFIXES):
-            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{_content_digest(p)};".encode())
+    for name, p in tower:
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{_content_digest(p)};".encode())
     return h.hexdigest()
 
 

@@ -45,8 +45,9 @@ def tensor_hash(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes."""
     t = t.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    # flat first: a size-1 dimension may keep any stride in a "contiguous" tensor, which view() refuses
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    # flat first: a size-1 dimension may keep any stride in a "contiguous" tensor, which view() refuses;
+    # the array's own buffer, not a copy of it (hashlib reads it with the GIL released)
+    h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -399,6 +399,28 @@ def test_a_bank_keeps_the_gates_translations_for_the_next_request(tokenizer, voc
     assert run(["dog", "cat"], ["sketch"])[1] is True and run(["dog"], ["pixel_art"])[1] is False
 
 
+def test_image_tower_digest_hashes_each_stale_weight_once_in_threads(monkeypatch):
+    """The tower's digest is the same whatever the threads; a second call hashes nothing, and a weight
+    written in place is the only one hashed again."""
+    from clipforget_fast import layers, patch as patch_module
+
+    model = make_tiny_clip()
+    hashed = []
+    real = patch_module.tensor_hash
+    monkeypatch.setattr(patch_module, "tensor_hash", lambda t: hashed.append(t.shape) or real(t))
+    one = layers.image_tower_digest(model, workers=1)
+    tower = [p for n, p in model.named_parameters() if n.startswith(layers.IMAGE_PREFIXES)]
+    assert len(hashed) == len(tower) > 10
+    layers._DIGESTS._held.clear()
+    assert layers.image_tower_digest(model, workers=4) == one and len(hashed) == 2 * len(tower)
+    assert layers.image_tower_digest(model) == one and len(hashed) == 2 * len(tower)     # memoized
+    w = model.visual.transformer.resblocks[0].mlp.c_fc.weight
+    with torch.no_grad():
+        w.mul_(2)
+    assert layers.image_tower_digest(model, workers=4) != one and hashed[-1] == w.shape
+    assert len(hashed) == 2 * len(tower) + 1
+
+
 def test_translations_run_in_the_vocabularys_order_and_come_back_in_the_requests(vocab):
     """``_translated`` moves the images in the vocabulary's order of the cells and returns them in the
     order of the request's pairs of cells, each with its own labels: the same, up to rounding, as moving
