@@ -27,7 +27,9 @@ recorded as skipped with its reason; one that fails is recorded with its traceba
 4. nullspace randomized vs exact eigensolver at d_in 1280 and 5120 on a known spectrum: time ratio
              and largest principal angle on the kept rank.
 5. edit      the whole ``forget`` on ViT-L-14, ViT-H-14 and ViT-B-32 as a transformers CLIPModel
-             (random weights, 10 classes × 5 domains): seconds per stage (``patch.timings``), synthesis
+             (random weights, 10 classes × 5 domains): seconds per stage (``patch.timings``), the image
+             tower's digest (the key of a bank's kept translations: weights copied to the host and
+             hashed in threads), cold and memoized, synthesis
              TFLOP/s against the matrix rate (FLOPs of one real step per image, counted by
              torch.utils.flop_counter: the forward with the input requiring grad, under the same
              autocast, then the input gradient; × the image-steps run), and the latency of an apply
@@ -455,6 +457,14 @@ def check_edit(dev, quick: bool, name: str, steps: int | None, peak_tflops: floa
         out["synthesis"] = dict(syn, forward_gflops=fwd / 1e9, step_gflops=(fwd + bwd) / 1e9,
                                 image_steps=image_steps, tflops=tflops,
                                 fraction_of_matmul=tflops / peak_tflops if peak_tflops else None)
+    from clipforget_fast import layers      # the key of a bank's kept translations: cold, then memoized
+    layers._DIGESTS._held.clear()
+    t0 = time.perf_counter()
+    layers.image_tower_digest(model)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    layers.image_tower_digest(model)
+    out["tower_digest"] = {"cold_s": cold, "memoized_s": time.perf_counter() - t0}
     params = dict(model.named_parameters())
     ws = [params[e.name].data for e in patch.entries]
     if ws:

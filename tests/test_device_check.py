@@ -77,6 +77,7 @@ def test_device_check_quick_runs_every_section(tmp_path):
     assert syn["tflops"] == pytest.approx(syn["step_gflops"] * syn["image_steps"] / syn["seconds"] / 1e3)
     assert set(res["edit_toy"]["timings"]) >= {"synthesis", "capture", "nullspace"}
     for key in ("edit_toy", "gate_toy"):
+        assert res[key]["tower_digest"]["cold_s"] > res[key]["tower_digest"]["memoized_s"] >= 0
         assert res[key]["apply"]["restored_max_err"] < 1e-5
         assert res[key]["apply"]["apply_ms"] > 0 and res[key]["apply"]["apply_spread"] >= 0
     # checking a patch on files: the three ways agree, each timed
