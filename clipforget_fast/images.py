@@ -41,12 +41,17 @@ def read_image(path, preprocess, what: str = "images") -> torch.Tensor:
 
 
 def default_workers() -> int:
-    """Threads that decode image files: the cores this process may use, at most 8."""
+    """Threads that decode image files (and hash weights): the cores this process may use, shared with the
+    other processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), at most 8."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:                   # no affinity on this platform
         cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(8, cores // local))
 
 
 def read_images(files, preprocess, what: str = "images", dtype: torch.dtype = torch.float32,

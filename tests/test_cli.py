@@ -307,6 +307,20 @@ def test_read_images_in_threads_keeps_the_order_and_names_the_first_bad_file(tmp
         read_images(files, preprocess, workers=0)
 
 
+def test_default_workers_share_the_cores_with_the_local_ranks(monkeypatch):
+    from clipforget_fast.images import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 8                       # at most 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers() == 4                       # 16 cores over 4 processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_workers() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
+    assert default_workers() == 8
+
+
 def test_bad_input_is_named_and_writes_nothing(capsys, tmp_path):
     out = tmp_path / "p.safetensors"
     pgm = ["--model", "proving-ground"]
