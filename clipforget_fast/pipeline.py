@@ -354,8 +354,9 @@ def _translated(model, images: torch.Tensor, cells: list, per_cell: int, cell_te
 def _translation_key(model, images: torch.Tensor, cell_text: torch.Tensor, target: torch.Tensor,
                      per_cell: int, config: ForgetConfig, amp: torch.dtype | None) -> str:
     """A digest of everything ``synthesis.translate`` computes from: the image tower (every byte of its
-    weights: ``layers.image_tower_digest``; its pixel statistics), the logit scale, the images, the
-    classifier and the targets (their bytes), and the steps' settings."""
+    weights: ``layers.image_tower_digest``; its pixel statistics), the logit scale, the images (as they
+    are moved: in the vocabulary's order, whatever the request's), the classifier and the targets (their
+    bytes), and the steps' settings."""
     _, mean, std = image_geometry(model)
     h = hashlib.sha256(repr((image_tower_digest(model), mean.tolist(), std.tolist(), logit_scale(model), per_cell,
                              config.gate_translate_steps, config.step_size, config.batch_size, str(amp),
@@ -595,7 +596,8 @@ def forget(model: nn.Module, tokenizer, spec: ForgetSpec, config: ForgetConfig =
     autocast = dict(device_type=device.type, dtype=amp, enabled=amp != torch.float32)
 
     # the text projection's inputs: the redirect's keys, and the self-check's prompts under the patch
-    keep_rows = tuple(l.name for l in layers if l.kind == "proj" and l.tower == "text")
+    keep_rows = (tuple(l.name for l in layers if l.kind == "proj" and l.tower == "text")
+                 if redirect or config.self_check else ())
     with frozen(model), GramCapture(model, layers, config.token_policy, device, keep_rows) as cap:
         # 1. prompt bank; one text-tower pass gives both the cells' text embeddings and the text
         #    layers' Grams (F prompts first, then R, as the cells are ordered)

@@ -75,8 +75,8 @@ class PrototypeBank:
 
     In memory, a bank handed to ``forget`` also keeps the domain gate's translations of its prototypes
     (``translations``: the last TRANSLATIONS_KEPT sets of forgotten domains), keyed by everything they
-    are computed from: the prototypes, the classifier, the image tower's weights (a sampled fingerprint,
-    their version counters and the patches applied to them), the translation's settings. A later request
+    are computed from: the prototypes and which of them move where, the classifier, every byte of the
+    image tower's weights (``layers.image_tower_digest``), the translation's settings. A later request
     with the same forgotten domains over the same vocabulary reuses them, bit for bit what it would
     compute, and skips most of the gate's time. ``translations.clear()`` frees them; they are not saved,
     and not kept with several processes (``distributed.World``)."""
@@ -85,8 +85,8 @@ class PrototypeBank:
     stats: dict           # SynthesisResult.stats() of the run that made it
     source: dict = field(default_factory=dict)   # {"image_tower": layers.image_tower_fingerprint of the
                                                  # model, "synthesis": the SYNTHESIS_FIELDS of the config}
-    translations: dict = field(default_factory=dict, repr=False, compare=False)   # {key: (images, domains,
-                                                 # classes)}, oldest first (pipeline._translated)
+    translations: dict = field(default_factory=dict, repr=False, compare=False)   # {key: the moved images
+                                                 # in the vocabulary's order}, oldest first (pipeline._translated)
 
     def __contains__(self, cell) -> bool:
         return cell in self.images
